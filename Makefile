@@ -1,0 +1,53 @@
+# Two commands set everything up on a fresh machine: `make train` and `make test`.
+# Every `key=value` given to make reaches Hydra unchanged, e.g. `make train model=conv3d loss=dicefocal`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+
+# make lists command-line variables last-first; reverse them so Hydra sees the user's order.
+reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
+OVERRIDES := $(foreach o,$(call reverse,$(MAKEOVERRIDES)),'$(o)')
+
+.PHONY: install train infer sweep evaluate test test-slow bench mlflow-ui data clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, at its exact pin: a looser spec would pull a multi-GB CUDA build.
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+data: $(STAMP)
+	$(BIN)/python -m pipeline.data.phantom
+
+train: $(STAMP)
+	$(BIN)/python -m pipeline.train $(OVERRIDES)
+
+sweep: $(STAMP)
+	$(BIN)/python -m pipeline.train --multirun $(OVERRIDES)
+
+infer: $(STAMP)
+	$(BIN)/python -m pipeline.infer $(OVERRIDES)
+
+evaluate: $(STAMP)
+	$(BIN)/python -m pipeline.evaluate $(OVERRIDES)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(OVERRIDES)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow $(OVERRIDES)
+
+bench: $(STAMP)
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# The UI binds to loopback only; put a reverse proxy with auth in front to share it.
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf outputs data/phantom

@@ -1,0 +1,1 @@
+"""Where cases come from (sources), how they are prepared (transforms), and the embedded demo set (phantom)."""

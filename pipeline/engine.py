@@ -1,0 +1,118 @@
+"""The training and validation loop: plain torch, readable top to bottom. It reports to a Tracker, never to MLflow."""
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from tqdm.auto import tqdm
+
+from pipeline import checkpoint
+from pipeline.metrics import SegmentationScores
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def amp_dtype(amp, device: torch.device) -> torch.dtype | None:
+    """auto/true: fp16 on CUDA (with a GradScaler), bf16 on CPU; false: fp32 (None)."""
+    if amp in (False, None, "false", "fp32"):
+        return None
+    if amp in ("auto", True, "true"):
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@torch.no_grad()
+def predict(model, image: torch.Tensor, inferer, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Float32 logits for whole volumes, by the (sliding-window) inferer."""
+    model.eval()
+    with autocast(device, dtype):
+        return inferer(image.to(device), model).float()
+
+
+def validate(model, loader, inferer, scores: SegmentationScores, device, dtype) -> dict[str, float]:
+    for batch in loader:
+        logits = predict(model, batch["image"], inferer, device, dtype)
+        scores.update(logits.argmax(1, keepdim=True), batch["label"].to(device))
+    return scores.compute()
+
+
+def fit(
+    trainer: DictConfig,
+    model: torch.nn.Module,
+    loss_fn,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    train_loader,
+    val_loader,
+    inferer,
+    class_names: list[str],
+    tracker,
+    ckpt_dir: str | Path,
+    config: dict,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> dict:
+    """Train for trainer.max_epochs; validate every trainer.val_every epochs; keep best.pt and last.pt in ckpt_dir."""
+    ckpt_dir = Path(ckpt_dir)
+    model.to(device)
+    scores = SegmentationScores(class_names)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 has fp32's range: no scaling
+    best = {"val_dice_mean": -math.inf, "epoch": 0}
+    step_losses = []
+
+    epochs = tqdm(range(1, trainer.max_epochs + 1), desc="epochs", unit="epoch")
+    for epoch in epochs:
+        model.train()
+        start, losses = time.perf_counter(), []
+        for batch in tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False):
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            with autocast(device, dtype):
+                logits = model(image)
+            loss = loss_fn(logits.float(), label)  # losses in fp32: softmax/log of bf16 logits loses precision
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch}: loss is {loss.item()}; lower optimizer.lr or set trainer.amp=false")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if trainer.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+        step_losses += losses
+        log = {
+            "train_loss": sum(losses) / len(losses),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+
+        if epoch % trainer.val_every == 0 or epoch == trainer.max_epochs:
+            log.update(validate(model, val_loader, inferer, scores, device, dtype))
+            per_class = ", ".join(f"{n} {log[f'val_dice_{n}']:.3f}" for n in class_names[1:])
+            tqdm.write(f"epoch {epoch:3d}  loss {log['train_loss']:.4f}  val dice {log['val_dice_mean']:.3f} ({per_class})  iou {log['val_iou_mean']:.3f}")
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(log["val_dice_mean"])
+            if log["val_dice_mean"] > best["val_dice_mean"]:
+                best = {k: v for k, v in log.items() if k.startswith("val_")} | {"epoch": epoch}
+                checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best)
+        if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
+            scheduler.step()
+        log["epoch_time"] = time.perf_counter() - start
+
+        tracker.log_metrics(log, step=epoch)
+        epochs.set_postfix(loss=f"{log['train_loss']:.4f}", best_dice=f"{best['val_dice_mean']:.3f}")
+        # last.pt carries what a resume needs; best.pt only what inference needs.
+        checkpoint.save(
+            ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best,
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
+        )
+    return {"best": best, "step_losses": step_losses}

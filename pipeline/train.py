@@ -1,0 +1,61 @@
+"""Training entry point: `python -m pipeline.train [key=value ...]` (also `--multirun` for sweeps)."""
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from monai.utils import set_determinism
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import engine
+from pipeline.data.sources import resolve_data, split
+from pipeline.data.transforms import loaders
+
+
+def run_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> str:
+    """`<Model>_<Optimizer>_<Loss>`, e.g. UNet_Adam_DiceLoss."""
+    model_name = getattr(model, "run_name", type(model).__name__)
+    return f"{model_name}_{type(optimizer).__name__}_{type(loss_fn).__name__}"
+
+
+def train(cfg: DictConfig) -> dict:
+    """Build every component from the config, train, and return {"best": metrics, "step_losses": [...], ...}."""
+    dataset = resolve_data(cfg)  # fills data.num_classes etc., which the other groups interpolate
+    set_determinism(seed=cfg.seed)
+    train_cases, val_cases = split(dataset.cases, cfg.data.val_fraction, cfg.data.split_seed)
+    train_loader, val_loader = loaders(cfg, train_cases, val_cases)
+
+    model = instantiate(cfg.model)
+    loss_fn = instantiate(cfg.loss)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.scheduler else None
+    device = engine.pick_device(cfg.trainer.device)
+    dtype = engine.amp_dtype(cfg.trainer.amp, device)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    name = run_name(model, optimizer, loss_fn)
+    tracker = instantiate(cfg.tracking)
+    tracker.start(name, config, tags={"seed": cfg.seed, "device": str(device), "amp": str(dtype).removeprefix("torch.") if dtype else "fp32"})
+    print(f"{name}: {len(train_cases)} train / {len(val_cases)} val cases from {cfg.data.root} on {device}, amp {dtype}")
+    status = "FAILED"
+    try:
+        result = engine.fit(
+            cfg.trainer, model, loss_fn, optimizer, scheduler, train_loader, val_loader, instantiate(cfg.trainer.inferer),
+            cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, dtype,
+        )
+        for ckpt in ("best.pt", "last.pt"):
+            tracker.log_artifact(f"{cfg.paths.run_dir}/checkpoints/{ckpt}")
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+    print(f"best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']}; checkpoints in {cfg.paths.run_dir}/checkpoints")
+    return result | {"run_name": name, "run_id": tracker.run_id}
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    # The return value is what Hydra sweepers (e.g. Optuna) optimise.
+    return train(cfg)["best"]["val_dice_mean"]
+
+
+if __name__ == "__main__":
+    main()
