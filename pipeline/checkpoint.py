@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import InputError
+
 
 def save(path: str | Path, model: torch.nn.Module, config: dict, **extra) -> Path:
     """Write atomically (temp file + rename): an interrupted save never leaves a half-written checkpoint."""
@@ -22,11 +24,11 @@ def load(path: str | Path) -> dict:
     """Load with weights_only=True: a checkpoint cannot run code."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise InputError(f"{path}: checkpoint not found")
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+        raise InputError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
     if not isinstance(bundle, dict) or not {"state_dict", "config"} <= bundle.keys():
-        raise ValueError(f"{path}: not a pipeline checkpoint (no state_dict/config)")
+        raise InputError(f"{path}: not a pipeline checkpoint (no state_dict/config)")
     return bundle

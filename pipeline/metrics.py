@@ -11,8 +11,10 @@ class SegmentationScores:
     def __init__(self, class_names: list[str]):
         self.names = list(class_names)[1:]
         self.num_classes = len(class_names)
-        self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
-        self.iou = MeanIoU(include_background=False, reduction="mean_batch", ignore_empty=True)
+        # Per-volume scores (reduction "none"), averaged here with nanmean: MONAI's "mean_batch" turns a class absent
+        # from every reference volume into 0, which would drag the mean down for a class that was never there.
+        self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+        self.iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
         """pred, label: integer label maps shaped (B, 1, *spatial)."""
@@ -22,10 +24,10 @@ class SegmentationScores:
 
     def compute(self, prefix: str = "val_") -> dict[str, float]:
         out = {}
-        for metric, values in (("dice", self.dice.aggregate()), ("iou", self.iou.aggregate())):
+        for metric, per_volume in (("dice", self.dice.aggregate()), ("iou", self.iou.aggregate())):
+            values = torch.nanmean(per_volume.float(), dim=0)
             for name, v in zip(self.names, values.tolist()):
                 out[f"{prefix}{metric}_{name}"] = v
-            # nanmean: a class absent from every reference volume has no score (ignore_empty) and no vote
             out[f"{prefix}{metric}_mean"] = float(torch.nanmean(values))
         self.dice.reset()
         self.iou.reset()

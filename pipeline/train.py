@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import engine
 from pipeline.data.sources import resolve_data, split
 from pipeline.data.transforms import loaders
+from pipeline.errors import exit_on_input_error
 
 
 def run_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> str:
@@ -52,6 +53,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@exit_on_input_error
 def main(cfg: DictConfig) -> float:
     # The return value is what Hydra sweepers (e.g. Optuna) optimise.
     return train(cfg)["best"]["val_dice_mean"]

@@ -7,9 +7,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
-
-class DataError(ValueError):
-    """A dataset or input file that cannot be used; the message names the file and the problem."""
+from pipeline.errors import InputError
 
 
 @dataclass
@@ -26,22 +24,22 @@ def read_msd(root: str | Path) -> MSDDataset:
     root = Path(root)
     spec = root / "dataset.json"
     if not spec.is_file():
-        raise DataError(f"{spec}: not found; data.root must be a folder in MSD layout (dataset.json, imagesTr/, labelsTr/)")
+        raise InputError(f"{spec}: not found; data.root must be a folder in MSD layout (dataset.json, imagesTr/, labelsTr/)")
     try:
         meta = json.loads(spec.read_text())
         labels = {int(k): str(v) for k, v in meta["labels"].items()}
         modalities = [str(v) for _, v in sorted(meta["modality"].items(), key=lambda kv: int(kv[0]))]
         cases = [{"image": str((root / c["image"]).resolve()), "label": str((root / c["label"]).resolve())} for c in meta["training"]]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{spec}: not a valid MSD dataset.json ({type(err).__name__}: {err})") from None
+        raise InputError(f"{spec}: not a valid MSD dataset.json ({type(err).__name__}: {err})") from None
     if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
-        raise DataError(f"{spec}: labels must be 0..N-1 with background 0, got {sorted(labels)}")
+        raise InputError(f"{spec}: labels must be 0..N-1 with background 0, got {sorted(labels)}")
     for case in cases:
         for key in ("image", "label"):
             if not Path(case[key]).is_file():
-                raise DataError(f"{case[key]}: listed in {spec} but missing")
+                raise InputError(f"{case[key]}: listed in {spec} but missing")
     if not cases:
-        raise DataError(f"{spec}: lists no training cases")
+        raise InputError(f"{spec}: lists no training cases")
     return MSDDataset(root, str(meta.get("name") or root.name), labels, modalities, cases)
 
 

@@ -1,0 +1,21 @@
+"""One error type for bad inputs, so entry points can print its one-line message and exit non-zero."""
+
+import sys
+from functools import wraps
+
+
+class InputError(ValueError):
+    """A file or setting that cannot be used; the message names the file (or key) and the problem."""
+
+
+def exit_on_input_error(fn):
+    """Wrap an entry point: an InputError becomes `error: <message>` on stderr and exit status 1, no traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as err:
+            sys.exit(f"error: {err}")
+
+    return wrapper

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny phantom set, a throwaway MLflow store, config composition, and the real shared data."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from pipeline import project_root
+from pipeline.data.phantom import synthesize
+
+CONF = project_root() / "conf"
+# The one setting that locates the real datasets (README of ../shared/data); CI=true turns "missing" into a failure.
+SHARED_DATA = Path(os.environ.get("PIPELINE_SHARED_DATA", project_root().parent / "shared" / "data"))
+
+# Small but real: two resolution levels, small patches, so a CPU epoch takes seconds.
+TINY = [
+    "data.patch_size=[32,32,16]",
+    "data.batch_size=1",
+    "data.val_fraction=0.25",
+    "trainer.max_epochs=1",
+    "trainer.val_every=1",
+    "trainer.inferer.sw_batch_size=2",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory) -> str:
+    """Every test tracks into one throwaway sqlite store (created once: MLflow's schema migration is slow)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory) -> Path:
+    """Eight phantom cases in MSD layout (6 train / 2 val)."""
+    return synthesize(tmp_path_factory.mktemp("data") / "phantom", num_cases=8, seed=1)
+
+
+def compose_config(name: str = "train", overrides: list[str] = (), run_dir: Path | None = None) -> DictConfig:
+    """Compose a config as the entry point would, with this run's folder set (no Hydra runtime in tests)."""
+    extra = [f"paths.run_dir={run_dir}"] if run_dir else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=[*overrides, *extra])
+
+
+# Per model: three levels of 8/16/32 channels.
+TINY_MODEL = {
+    "unet3d": ["model.channels=[8,16,32]", "model.strides=[2,2]"],
+    "unet2d": ["model.net.channels=[8,16,32]", "model.net.strides=[2,2]"],
+    "conv3d": ["model.channels=[8,16,32]"],
+}
+
+
+def tiny_config(phantom: Path, run_dir: Path, model: str = "unet3d", overrides: list[str] = ()) -> DictConfig:
+    return compose_config("train", [f"data.root={phantom}", f"model={model}", *TINY, *TINY_MODEL[model], *overrides], run_dir)
+
+
+def shared_dataset(name: str) -> Path:
+    """A dataset from ../shared/data: skipped where absent, a failure under CI."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        message = f"{path} missing (set PIPELINE_SHARED_DATA)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

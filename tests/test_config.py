@@ -1,0 +1,119 @@
+"""Every option of every config group composes and instantiates into a working component."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from monai.transforms import Compose
+
+from pipeline.data.sources import resolve_data, split
+from pipeline.data.transforms import preprocess, train_transforms
+from tests.conftest import CONF, TINY_MODEL, compose_config, shared_dataset, tiny_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_options():
+    for group in ["data", "transforms", "transforms/normalize", "model", "loss", "optimizer", "scheduler", "trainer", "tracking", "experiment"]:
+        assert options(group), group
+
+
+def test_defaults_compose_to_the_documented_choices(tmp_path):
+    cfg = compose_config("train", run_dir=tmp_path)
+    assert cfg.model._target_ == "monai.networks.nets.UNet" and cfg.model.spatial_dims == 3
+    assert cfg.loss._target_ == "monai.losses.DiceLoss"
+    assert cfg.optimizer._target_ == "torch.optim.Adam"
+    assert cfg.trainer.amp == "auto" and cfg.trainer.device == "auto"
+    assert cfg.tracking.uri.startswith("sqlite:///")
+    assert Path(cfg.paths.outputs).is_absolute()
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_options_build_and_segment_a_volume(model, tiny_phantom, tmp_path):
+    cfg = tiny_config(tiny_phantom, tmp_path, model)
+    resolve_data(cfg)
+    net = instantiate(cfg.model)
+    out = net(torch.randn(2, 1, 32, 32, 16))
+    assert out.shape == (2, 3, 32, 32, 16)
+    out.mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("loss", options("loss"))
+def test_loss_options_score_a_perfect_prediction_below_a_wrong_one(loss, tmp_path):
+    cfg = compose_config("train", [f"loss={loss}"], tmp_path)
+    loss_fn = instantiate(cfg.loss)
+    label = torch.zeros(1, 1, 8, 8, 8)
+    label[..., 2:6, 2:6, 2:6] = 1
+    right = torch.cat([1 - label, label], 1) * 20 - 10  # confident logits, correct class
+    wrong = -right
+    assert loss_fn(right, label) < loss_fn(wrong, label)
+
+
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+@pytest.mark.parametrize("scheduler", options("scheduler"))
+def test_optimizer_and_scheduler_options_build(optimizer, scheduler, tmp_path):
+    cfg = compose_config("train", [f"optimizer={optimizer}", f"scheduler={scheduler}"], tmp_path)
+    opt = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.ones(3))])
+    assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
+    if optimizer == "sgd":
+        assert opt.param_groups[0]["momentum"] == 0.99 and opt.param_groups[0]["nesterov"]
+    sched = instantiate(cfg.scheduler)(opt) if cfg.scheduler else None
+    assert (sched is None) == (scheduler == "none")
+
+
+@pytest.mark.parametrize("normalize", options("transforms/normalize"))
+def test_normalize_options_preprocess_a_case(normalize, tiny_phantom, tmp_path):
+    cfg = tiny_config(tiny_phantom, tmp_path, overrides=[f"transforms/normalize={normalize}"])
+    dataset = resolve_data(cfg)
+    case = Compose(preprocess(cfg))(dataset.cases[0])
+    image = case["image"]
+    if normalize == "zscore":
+        assert abs(float(image.mean())) < 1e-3 and abs(float(image.std()) - 1) < 1e-2
+    elif normalize == "zscore_fg":
+        fg = image[image != 0]
+        assert abs(float(fg.mean())) < 1e-3
+    else:
+        assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+
+
+def test_training_transforms_give_patches_of_the_configured_size(tiny_phantom, tmp_path):
+    cfg = tiny_config(tiny_phantom, tmp_path)
+    dataset = resolve_data(cfg)
+    train_cases, _ = split(dataset.cases, cfg.data.val_fraction, cfg.data.split_seed)
+    patches = train_transforms(cfg)(train_cases[0])
+    assert len(patches) == cfg.transforms.patch.num_samples
+    for p in patches:
+        assert p["image"].shape == p["label"].shape == (1, 32, 32, 16)
+        assert set(p["label"].unique().tolist()) <= {0.0, 1.0, 2.0}
+
+
+def test_augmentations_switch_off_one_by_one(tiny_phantom, tmp_path):
+    cfg = tiny_config(tiny_phantom, tmp_path, overrides=["transforms.augment.noise=null", "transforms.augment.affine=null"])
+    resolve_data(cfg)
+    names = [type(t).__name__ for t in train_transforms(cfg).transforms]
+    assert "RandGaussianNoised" not in names and "RandAffined" not in names and "RandFlipd" in names
+
+
+@pytest.mark.parametrize("tracking", options("tracking"))
+def test_tracking_options_build(tracking, tmp_path):
+    cfg = compose_config("train", [f"tracking={tracking}"], tmp_path)
+    tracker = instantiate(cfg.tracking)
+    assert hasattr(tracker, "log_metrics") and hasattr(tracker, "finish")
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_options_compose_and_build(experiment, tmp_path):
+    cfg = compose_config("train", [f"experiment={experiment}", f"data.root={shared_dataset('msd_hippocampus')}"], tmp_path)
+    resolve_data(cfg)
+    net = instantiate(cfg.model)
+    patch = list(cfg.data.patch_size)
+    assert net(torch.randn(1, cfg.data.in_channels, *patch)).shape == (1, cfg.data.num_classes, *patch)
+
+
+def test_infer_config_composes(tmp_path):
+    cfg = compose_config("infer", ["ckpt=a.pt", "input=b.nii.gz"])
+    assert cfg.amp == "auto" and Path(cfg.output).is_absolute()

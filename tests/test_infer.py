@@ -1,0 +1,128 @@
+"""Inference lands on the input's exact grid, whatever its orientation, and never overwrites its input."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline import checkpoint, project_root
+from pipeline.data.sources import resolve_data
+from pipeline.errors import InputError
+from pipeline.infer import infer
+from pipeline.train import train
+from tests.conftest import shared_dataset, tiny_config
+
+
+def oblique_affine() -> np.ndarray:
+    """Non-RAS, non-identity: axes permuted and flipped, rotated 30 degrees, anisotropic, shifted origin."""
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    rotation = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    permute_flip = np.array([[0, -1, 0], [1, 0, 0], [0, 0, -1]])  # voxel i -> world y, j -> -x, k -> -z
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ permute_flip @ np.diag([0.8, 1.2, 3.0])
+    affine[:3, 3] = [12.5, -30.25, 7.0]
+    return affine
+
+
+def write_volume(path, shape=(21, 26, 11), seed=0) -> nib.Nifti1Image:
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=shape).astype(np.float32)
+    data[5:15, 3:10, 2:8] += 4.0  # a bright block makes the volume asymmetric in every axis
+    image = nib.Nifti1Image(data, oblique_affine())
+    nib.save(image, path)
+    return nib.load(path)
+
+
+@pytest.fixture
+def threshold_ckpt(tiny_phantom, tmp_path):
+    """A checkpoint whose 'network' is a 1x1x1 conv with logits (-x, x): it labels voxels above the volume mean."""
+
+    def make(overrides=()):
+        cfg = tiny_config(tiny_phantom, tmp_path, overrides=list(overrides))
+        resolve_data(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config["model"] = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
+        net = torch.nn.Conv3d(1, 2, 1)
+        with torch.no_grad():
+            net.weight.copy_(torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1, 1))
+            net.bias.zero_()
+        return checkpoint.save(tmp_path / "threshold.pt", net, config)
+
+    return make
+
+
+def test_label_map_keeps_an_oblique_affine_and_every_voxel_in_place(threshold_ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    src = write_volume(tmp_path / "in" / "case.nii.gz")
+    [out] = infer(threshold_ckpt(), tmp_path / "in", tmp_path / "out", amp=False)
+    pred = nib.load(out)
+    assert pred.shape == src.shape
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-6)
+    assert pred.get_data_dtype() == np.uint8
+    expected = src.get_fdata() > src.get_fdata().mean()  # what the threshold net sees after z-scoring
+    np.testing.assert_array_equal(np.asarray(pred.dataobj), expected.astype(np.uint8))
+
+
+def test_resampling_is_inverted_onto_the_input_grid(threshold_ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    src = write_volume(tmp_path / "in" / "case.nii")
+    [out] = infer(threshold_ckpt(["data.spacing=[1.5,1.5,1.5]"]), tmp_path / "in" / "case.nii", tmp_path / "out", amp=False)
+    pred = nib.load(out)
+    assert pred.shape == src.shape
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-6)
+    expected = src.get_fdata() > src.get_fdata().mean()
+    block = np.zeros(src.shape, bool)
+    block[6:14, 4:9, 3:7] = True  # the bright block's interior survives resampling there and back
+    assert np.asarray(pred.dataobj)[block].all() and (np.asarray(pred.dataobj) == expected).mean() > 0.7
+
+
+def test_refuses_to_overwrite_its_input(threshold_ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    write_volume(tmp_path / "in" / "case.nii.gz")
+    before = (tmp_path / "in" / "case.nii.gz").read_bytes()
+    with pytest.raises(InputError, match="overwrite the input"):
+        infer(threshold_ckpt(), tmp_path / "in", tmp_path / "in")
+    assert (tmp_path / "in" / "case.nii.gz").read_bytes() == before
+
+
+def run_infer_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.infer", *args], capture_output=True, text=True, cwd=project_root())
+
+
+def test_cli_on_a_trained_checkpoint_and_on_a_missing_one(tiny_phantom, tmp_path):
+    train(tiny_config(tiny_phantom, tmp_path, overrides=["tracking=none"]))
+    images = tiny_phantom / "imagesTr"
+    done = run_infer_cli(f"ckpt={tmp_path}/checkpoints/best.pt", f"input={images}", f"output={tmp_path}/pred")
+    assert done.returncode == 0, done.stderr
+    for src in sorted(images.iterdir()):
+        pred, ref = nib.load(tmp_path / "pred" / src.name), nib.load(src)
+        assert pred.shape == ref.shape and np.abs(pred.affine - ref.affine).max() < 1e-6
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+    failed = run_infer_cli(f"ckpt={tmp_path}/nope.pt", f"input={images}", f"output={tmp_path}/pred2")
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/nope.pt: checkpoint not found"
+    assert not (tmp_path / "pred2").exists()
+
+
+def test_hippocampus_checkpoint_predicts_on_the_input_grid(tmp_path):
+    """The issue's acceptance path on real MRI: train via data.root on MSD hippocampus, infer, same affine."""
+    root = shared_dataset("msd_hippocampus")
+    meta = json.loads((root / "dataset.json").read_text())
+    subset = tmp_path / "hippo"
+    subset.mkdir()  # eight real cases, listed by absolute path, keep the test fast
+    cases = [{k: str((root / v).resolve()) for k, v in c.items()} for c in meta["training"][:8]]
+    (subset / "dataset.json").write_text(json.dumps(meta | {"training": cases, "numTraining": 8}))
+
+    cfg = tiny_config(subset, tmp_path, overrides=["experiment=hippocampus", "tracking=none", "trainer.max_epochs=1", "data.batch_size=2"])
+    train(cfg)
+    image = cases[-1]["image"]
+    [out] = infer(tmp_path / "checkpoints" / "best.pt", image, tmp_path / "pred")
+    pred, ref = nib.load(out), nib.load(image)
+    assert pred.shape == ref.shape
+    np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-6)
