@@ -1,5 +1,7 @@
 """Training entry point: `python -m pipeline.train [key=value ...]` (also `--multirun` for sweeps)."""
 
+import time
+
 import hydra
 import torch
 from hydra.utils import instantiate
@@ -37,7 +39,7 @@ def train(cfg: DictConfig) -> dict:
     tracker = instantiate(cfg.tracking)
     tracker.start(name, config, tags={"seed": cfg.seed, "device": str(device), "amp": str(dtype).removeprefix("torch.") if dtype else "fp32"})
     print(f"{name}: {len(train_cases)} train / {len(val_cases)} val cases from {cfg.data.root} on {device}, amp {dtype}")
-    status = "FAILED"
+    status, start = "FAILED", time.perf_counter()
     try:
         result = engine.fit(
             cfg.trainer, model, loss_fn, optimizer, scheduler, train_loader, val_loader, instantiate(cfg.trainer.inferer),
@@ -48,7 +50,9 @@ def train(cfg: DictConfig) -> dict:
         status = "FINISHED"
     finally:
         tracker.finish(status)
-    print(f"best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']}; checkpoints in {cfg.paths.run_dir}/checkpoints")
+    minutes = (time.perf_counter() - start) / 60
+    print(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
+          f"({cfg.trainer.max_epochs} epochs in {minutes:.1f} min); checkpoints in {cfg.paths.run_dir}/checkpoints")
     return result | {"run_name": name, "run_id": tracker.run_id}
 
 
