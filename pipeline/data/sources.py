@@ -57,7 +57,8 @@ def resolve_data(cfg: DictConfig) -> MSDDataset:
     """
     root = Path(cfg.data.root).expanduser().resolve()
     synth = cfg.data.get("synthesize")
-    if synth and not (root / "dataset.json").exists():
+    # Only the demo folder is ever generated: a mistyped data.root must fail, not fill up with phantoms.
+    if synth and Path(synth.folder).resolve() == root and not (root / "dataset.json").exists():
         from pipeline.data.phantom import synthesize
 
         print(f"generating the demo dataset in {root} ({synth.num_cases} cases, seed {synth.seed})")

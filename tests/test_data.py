@@ -1,0 +1,70 @@
+"""The demo phantoms and MSD case lists."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipeline import project_root
+from pipeline.data.phantom import make_case
+from pipeline.data.sources import read_msd, resolve_data, split
+from pipeline.errors import InputError
+from tests.conftest import compose_config
+
+
+def test_phantoms_are_deterministic_varied_anisotropic_and_two_class():
+    image, label, affine = make_case(0, 3)
+    again = make_case(0, 3)
+    np.testing.assert_array_equal(image, again[0])
+    np.testing.assert_array_equal(label, again[1])
+    shapes = {make_case(0, i)[0].shape for i in range(6)}
+    assert len(shapes) == 6  # every case has its own extent
+    zooms = np.abs(np.diag(affine)[:3])
+    assert zooms[2] > 2 * zooms[0]  # coarse through-plane spacing
+    for i in range(6):
+        _, lab, _ = make_case(0, i)
+        counts = np.bincount(lab.ravel(), minlength=3)
+        assert counts[1] > counts[2] > 0  # a large organ and smaller lesions in every case
+
+
+def test_phantom_set_is_a_valid_msd_dataset(tiny_phantom):
+    dataset = read_msd(tiny_phantom)
+    assert dataset.labels == {0: "background", 1: "organ", 2: "lesion"} and dataset.modalities == ["MRI"]
+    assert len(dataset.cases) == 8
+    image, label = nib.load(dataset.cases[0]["image"]), nib.load(dataset.cases[0]["label"])
+    assert image.shape == label.shape and np.allclose(image.affine, label.affine)
+    assert nib.aff2axcodes(image.affine) == ("L", "P", "S")  # not RAS: preprocessing must reorient
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    cases = [{"image": str(i)} for i in range(10)]
+    train, val = split(cases, 0.2, seed=0)
+    assert split(cases, 0.2, seed=0) == (train, val)
+    assert len(val) == 2 and len(train) == 8
+    assert sorted(c["image"] for c in train + val) == sorted(c["image"] for c in cases)
+
+
+def test_a_missing_data_root_is_an_error_and_nothing_is_generated(tmp_path):
+    cfg = compose_config("train", [f"data.root={tmp_path}/typo"], tmp_path)
+    with pytest.raises(InputError, match="typo/dataset.json: not found"):
+        resolve_data(cfg)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_listed_but_missing_file_is_named(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "labels": {"0": "background", "1": "x"}, "modality": {"0": "CT"},
+        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}],
+    }))
+    with pytest.raises(InputError, match="imagesTr/a.nii.gz: listed in .* but missing"):
+        read_msd(tmp_path)
+
+
+def test_train_cli_reports_a_bad_data_root_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", f"data.root={tmp_path}/nowhere", "tracking=none"],
+                          capture_output=True, text=True, cwd=project_root())
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}/nowhere/dataset.json: not found")
