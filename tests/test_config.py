@@ -9,6 +9,7 @@ from monai.transforms import Compose
 
 from pipeline.data.sources import resolve_data, split
 from pipeline.data.transforms import preprocess, train_transforms
+from pipeline.errors import InputError
 from tests.conftest import CONF, TINY_MODEL, compose_config, shared_dataset, tiny_config
 
 
@@ -117,3 +118,10 @@ def test_experiment_options_compose_and_build(experiment, tmp_path):
 def test_infer_config_composes(tmp_path):
     cfg = compose_config("infer", ["ckpt=a.pt", "input=b.nii.gz"])
     assert cfg.amp == "auto" and Path(cfg.output).is_absolute()
+
+
+def test_rotate90_on_a_non_square_patch_is_a_config_error(tiny_phantom, tmp_path):
+    cfg = tiny_config(tiny_phantom, tmp_path, overrides=["data.patch_size=[32,48,16]"])
+    resolve_data(cfg)
+    with pytest.raises(InputError, match="transforms.augment.rotate90"):
+        train_transforms(cfg)

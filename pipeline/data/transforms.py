@@ -5,6 +5,8 @@ from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose, EnsureTyped
 from omegaconf import DictConfig
 
+from pipeline.errors import InputError
+
 
 def preprocess(cfg: DictConfig) -> list:
     """Load -> orient -> (resample) -> normalize: deterministic, shared by training, validation and inference."""
@@ -19,6 +21,10 @@ def preprocess(cfg: DictConfig) -> list:
 def train_transforms(cfg: DictConfig) -> Compose:
     """Preprocess, then pad to the patch size, sample patches by label class and augment image and label together."""
     t = cfg.transforms
+    rot = t.augment.get("rotate90")
+    if rot is not None and len({cfg.data.patch_size[a] for a in rot.spatial_axes}) > 1:
+        raise InputError(f"transforms.augment.rotate90: patch size {list(cfg.data.patch_size)} differs on axes "
+                         f"{list(rot.spatial_axes)}, so rotated patches could not be batched; set it to null")
     augment = [instantiate(a) for a in t.augment.values() if a is not None]
     return Compose([*preprocess(cfg), instantiate(t.pad), instantiate(t.patch), *augment, EnsureTyped(keys=["image", "label"], track_meta=False)])
 
