@@ -1,5 +1,6 @@
 """The command line as users type it: make passes overrides to Hydra unchanged; a multirun gives one MLflow run per job."""
 
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,10 @@ from tests.conftest import TINY, TINY_MODEL
 
 def test_make_passes_every_override_to_hydra_unchanged_and_in_order():
     overrides = ["model=unet3d", "loss=dicefocal", "optimizer=sgd", "trainer.max_epochs=3", "+extra.list=[1,2]"]
-    dry = subprocess.run(["make", "-n", "train", *overrides], capture_output=True, text=True, cwd=project_root(), check=True)
+    # A clean environment: under `make test` the parent make's MAKEFLAGS would otherwise reach this make too.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "train", *overrides],
+                         capture_output=True, text=True, cwd=project_root(), env=env, check=True)
     command = dry.stdout.strip().splitlines()[-1]
     assert command.endswith("-m pipeline.train " + " ".join(f"'{o}'" for o in overrides)), command
 
