@@ -36,7 +36,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_artifact(self, path: str | Path) -> None:
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -69,8 +69,8 @@ class MLflowTracker(NullTracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(metrics, step=step)
 
-    def log_artifact(self, path: str | Path) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path="checkpoints")
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.mlflow.log_artifact(str(path), artifact_path=folder)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

@@ -1,6 +1,8 @@
 """Training entry point: `python -m pipeline.train [key=value ...]` (also `--multirun` for sweeps)."""
 
+import json
 import time
+from pathlib import Path
 
 import hydra
 import torch
@@ -9,7 +11,7 @@ from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import engine
-from pipeline.data.sources import resolve_data, split
+from pipeline.data.sources import case_id, resolve_data, split
 from pipeline.data.transforms import loaders
 from pipeline.errors import exit_on_input_error
 
@@ -20,11 +22,21 @@ def run_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) 
     return f"{model_name}_{type(optimizer).__name__}_{type(loss_fn).__name__}"
 
 
+def save_splits(splits: dict[str, list[dict]], run_dir: str) -> Path:
+    """splits.json: case ids per split, so a run's test set can be re-scored later."""
+    path = Path(run_dir) / "splits.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: [case_id(c) for c in v] for k, v in splits.items()}, indent=1))
+    return path
+
+
 def train(cfg: DictConfig) -> dict:
     """Build every component from the config, train, and return {"best": metrics, "step_losses": [...], ...}."""
     dataset = resolve_data(cfg)  # fills data.num_classes etc., which the other groups interpolate
     set_determinism(seed=cfg.seed)
-    train_cases, val_cases = split(dataset.cases, cfg.data.val_fraction, cfg.data.split_seed)
+    s = cfg.data.split
+    splits = split(dataset.cases, s.val, s.test, s.seed, s.folds, cfg.data.fold)
+    train_cases, val_cases = splits["train"], splits["val"]
     train_loader, val_loader = loaders(cfg, train_cases, val_cases)
 
     model = instantiate(cfg.model)
@@ -38,7 +50,9 @@ def train(cfg: DictConfig) -> dict:
     name = run_name(model, optimizer, loss_fn)
     tracker = instantiate(cfg.tracking)
     tracker.start(name, config, tags={"seed": cfg.seed, "device": str(device), "amp": str(dtype).removeprefix("torch.") if dtype else "fp32"})
-    print(f"{name}: {len(train_cases)} train / {len(val_cases)} val cases from {cfg.data.root} on {device}, amp {dtype}")
+    splits_file = save_splits(splits, cfg.paths.run_dir)
+    tracker.log_artifact(splits_file)
+    print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases from {cfg.data.root} on {device}, amp {dtype}")
     status, start = "FAILED", time.perf_counter()
     try:
         result = engine.fit(
@@ -46,7 +60,7 @@ def train(cfg: DictConfig) -> dict:
             cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, dtype,
         )
         for ckpt in ("best.pt", "last.pt"):
-            tracker.log_artifact(f"{cfg.paths.run_dir}/checkpoints/{ckpt}")
+            tracker.log_artifact(f"{cfg.paths.run_dir}/checkpoints/{ckpt}", "checkpoints")
         status = "FINISHED"
     finally:
         tracker.finish(status)

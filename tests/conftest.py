@@ -18,7 +18,6 @@ SHARED_DATA = Path(os.environ.get("PIPELINE_SHARED_DATA", project_root().parent 
 TINY = [
     "data.patch_size=[32,32,16]",
     "data.batch_size=1",
-    "data.val_fraction=0.25",
     "trainer.max_epochs=1",
     "trainer.val_every=1",
     "trainer.inferer.sw_batch_size=2",
@@ -35,7 +34,7 @@ def mlflow_store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory) -> Path:
-    """Eight phantom cases in MSD layout (6 train / 2 val)."""
+    """Eight phantom cases in MSD layout (6 train / 1 val / 1 test)."""
     return synthesize(tmp_path_factory.mktemp("data") / "phantom", num_cases=8, seed=1)
 
 

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from monai.transforms import Compose
 
-from pipeline.data.sources import resolve_data, split
+from pipeline.data.sources import resolve_data
 from pipeline.data.transforms import preprocess, train_transforms
 from pipeline.errors import InputError
 from tests.conftest import CONF, TINY_MODEL, compose_config, shared_dataset, tiny_config
@@ -84,8 +84,7 @@ def test_normalize_options_preprocess_a_case(normalize, tiny_phantom, tmp_path):
 def test_training_transforms_give_patches_of_the_configured_size(tiny_phantom, tmp_path):
     cfg = tiny_config(tiny_phantom, tmp_path)
     dataset = resolve_data(cfg)
-    train_cases, _ = split(dataset.cases, cfg.data.val_fraction, cfg.data.split_seed)
-    patches = train_transforms(cfg)(train_cases[0])
+    patches = train_transforms(cfg)(dataset.cases[0])
     assert len(patches) == cfg.transforms.patch.num_samples
     for p in patches:
         assert p["image"].shape == p["label"].shape == (1, 32, 32, 16)

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import project_root
 from pipeline.data.phantom import make_case
-from pipeline.data.sources import read_msd, resolve_data, split
+from pipeline.data.sources import case_id, read_msd, resolve_data, split
 from pipeline.errors import InputError
 from tests.conftest import compose_config
 
@@ -40,11 +40,40 @@ def test_phantom_set_is_a_valid_msd_dataset(tiny_phantom):
 
 
 def test_split_is_deterministic_disjoint_and_complete():
-    cases = [{"image": str(i)} for i in range(10)]
-    train, val = split(cases, 0.2, seed=0)
-    assert split(cases, 0.2, seed=0) == (train, val)
-    assert len(val) == 2 and len(train) == 8
-    assert sorted(c["image"] for c in train + val) == sorted(c["image"] for c in cases)
+    cases = [{"image": str(i)} for i in range(20)]
+    parts = split(cases, val=0.15, test=0.15, seed=0)
+    assert split(cases, val=0.15, test=0.15, seed=0) == parts
+    assert split(cases, val=0.15, test=0.15, seed=1) != parts
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [14, 3, 3]
+    ids = [c["image"] for k in ("train", "val", "test") for c in parts[k]]
+    assert sorted(ids) == sorted(c["image"] for c in cases)  # every case once: disjoint and complete
+
+
+def test_folds_share_the_test_split_and_validate_every_other_case_once():
+    cases = [{"image": str(i)} for i in range(23)]
+    folds = [split(cases, val=0.15, test=0.15, seed=0, folds=5, fold=k) for k in range(5)]
+    test = folds[0]["test"]
+    assert all(f["test"] == test for f in folds)
+    validated = [c["image"] for f in folds for c in f["val"]]
+    assert sorted(validated) == sorted(c["image"] for c in cases if c not in test)  # each non-test case exactly once
+    for f in folds:
+        assert not {c["image"] for c in f["train"]} & {c["image"] for c in f["val"] + f["test"]}
+    with pytest.raises(InputError, match="data.fold=5"):
+        split(cases, 0.15, 0.15, 0, folds=5, fold=5)
+
+
+def test_folder_pairs_are_read_by_matching_names(tiny_phantom, tmp_path):
+    (tmp_path / "images").mkdir(), (tmp_path / "labels").mkdir()
+    for name in ("phantom_000.nii.gz", "phantom_001.nii.gz"):
+        (tmp_path / "images" / name).symlink_to(tiny_phantom / "imagesTr" / name)
+        (tmp_path / "labels" / name).symlink_to(tiny_phantom / "labelsTr" / name)
+    cfg = compose_config("train", ["data=folders", f"data.root={tmp_path}", "data.class_names=[background,organ,lesion]"], tmp_path)
+    dataset = resolve_data(cfg)
+    assert [case_id(c) for c in dataset.cases] == ["phantom_000", "phantom_001"]
+    assert cfg.data.num_classes == 3 and cfg.data.in_channels == 1
+    (tmp_path / "labels" / "phantom_001.nii.gz").unlink()
+    with pytest.raises(InputError, match="phantom_001.nii.gz: no label with the same name"):
+        resolve_data(compose_config("train", ["data=folders", f"data.root={tmp_path}", "data.class_names=[a,b,c]"], tmp_path))
 
 
 def test_a_missing_data_root_is_an_error_and_nothing_is_generated(tmp_path):

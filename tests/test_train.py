@@ -1,5 +1,6 @@
 """One-epoch training runs on a tiny phantom set, checked through the checkpoint and the MLflow store."""
 
+import json
 import math
 
 import mlflow
@@ -46,7 +47,9 @@ def test_one_epoch_trains_checkpoints_and_tracks(model, loss, tiny_phantom, tmp_
     assert run.data.tags["amp"] == "bfloat16"  # trainer.amp=auto on CPU
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoints")}
     assert artifacts == {"checkpoints/best.pt", "checkpoints/last.pt"}
-    assert "config.yaml" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "splits.json"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [6, 1, 1]
 
 
 def test_tracking_none_still_trains(tiny_phantom, tmp_path):

@@ -1,4 +1,4 @@
-"""Case lists: read a dataset in Medical Segmentation Decathlon layout and split it into train and validation."""
+"""Case lists: read a dataset (MSD `dataset.json` or plain folder pairs) and split it into train, val and test."""
 
 import json
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ from pipeline.errors import InputError
 
 
 @dataclass
-class MSDDataset:
+class Dataset:
     root: Path
     name: str
     labels: dict[int, str]  # class index -> name, background included
@@ -19,7 +19,7 @@ class MSDDataset:
     cases: list[dict]  # {"image": abs path, "label": abs path}
 
 
-def read_msd(root: str | Path) -> MSDDataset:
+def read_msd(root: str | Path) -> Dataset:
     """Parse `<root>/dataset.json` and check every listed file exists."""
     root = Path(root)
     spec = root / "dataset.json"
@@ -40,17 +40,56 @@ def read_msd(root: str | Path) -> MSDDataset:
                 raise InputError(f"{case[key]}: listed in {spec} but missing")
     if not cases:
         raise InputError(f"{spec}: lists no training cases")
-    return MSDDataset(root, str(meta.get("name") or root.name), labels, modalities, cases)
+    return Dataset(root, str(meta.get("name") or root.name), labels, modalities, cases)
 
 
-def split(cases: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A deterministic shuffled split; at least one case on each side."""
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = min(max(1, round(len(cases) * val_fraction)), len(cases) - 1)
-    return [cases[i] for i in order[n_val:]], [cases[i] for i in order[:n_val]]
+def read_folders(root: str | Path, images: str, labels: str, class_names: list[str] | None) -> Dataset:
+    """Plain folder pairs: `<root>/<images>/x.nii.gz` with `<root>/<labels>/x.nii.gz` (same file names)."""
+    root = Path(root)
+    if not class_names:
+        raise InputError(f"{root}: data.class_names must list the classes (background first) for a folders layout")
+    image_dir, label_dir = root / images, root / labels
+    for d in (image_dir, label_dir):
+        if not d.is_dir():
+            raise InputError(f"{d}: folder not found (data.layout=folders expects {images}/ and {labels}/ under data.root)")
+    cases = []
+    for image in sorted(p for p in image_dir.iterdir() if p.name.endswith((".nii", ".nii.gz"))):
+        label = label_dir / image.name
+        if not label.is_file():
+            raise InputError(f"{image}: no label with the same name in {label_dir}")
+        cases.append({"image": str(image.resolve()), "label": str(label.resolve())})
+    if not cases:
+        raise InputError(f"{image_dir}: holds no .nii or .nii.gz images")
+    return Dataset(root, root.name, dict(enumerate(class_names)), ["image"], cases)
 
 
-def resolve_data(cfg: DictConfig) -> MSDDataset:
+def case_id(case: dict) -> str:
+    return Path(case["image"]).name.removesuffix(".gz").removesuffix(".nii")
+
+
+def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5, fold: int | None = None) -> dict[str, list[dict]]:
+    """Deterministic train/val/test split from a seed.
+
+    The test cases are held out first; the rest is split by the `val` fraction, or, when `fold` is given, into
+    `folds` nnU-Net-style cross-validation folds of which fold `fold` validates. No case is in two splits.
+    """
+    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
+    n_test = round(len(cases) * test)
+    held_out, rest = order[:n_test], order[n_test:]
+    if fold is None:
+        n_val = min(max(1, round(len(cases) * val)), len(rest) - 1)
+        parts = {"train": rest[n_val:], "val": rest[:n_val]}
+    else:
+        if not 0 <= fold < folds:
+            raise InputError(f"data.fold={fold}: must be in 0..{folds - 1}")
+        chunks = np.array_split(np.arange(len(rest)), folds)
+        parts = {"train": [rest[i] for k, c in enumerate(chunks) if k != fold for i in c], "val": [rest[i] for i in chunks[fold]]}
+    if not parts["train"] or not parts["val"]:
+        raise InputError(f"{len(cases)} cases are too few for split val={val}, test={test}, folds={folds}")
+    return parts | {"test": held_out}
+
+
+def resolve_data(cfg: DictConfig) -> Dataset:
     """Find (or synthesize) the dataset and fill what the config leaves to it: root, name, classes, channels.
 
     Other config nodes interpolate `${data.num_classes}` and friends, so this runs before anything is instantiated.
@@ -63,7 +102,8 @@ def resolve_data(cfg: DictConfig) -> MSDDataset:
 
         print(f"generating the demo dataset in {root} ({synth.num_cases} cases, seed {synth.seed})")
         synthesize(root, synth.num_cases, synth.seed)
-    dataset = read_msd(root)
+    d = cfg.data
+    dataset = read_msd(root) if d.layout == "msd" else read_folders(root, d.images, d.labels, d.get("class_names"))
     with open_dict(cfg):
         cfg.data.root = str(root)
         cfg.data.name = cfg.data.name or dataset.name

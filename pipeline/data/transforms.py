@@ -1,11 +1,19 @@
-"""Build the MONAI transform chains and loaders from the `transforms` and `data` config groups."""
+"""Build the MONAI transform chains, datasets and loaders from the `transforms` and `data` config groups."""
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
 from hydra.utils import instantiate
-from monai.data import CacheDataset, DataLoader
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
 from monai.transforms import Compose, EnsureTyped
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import InputError
+
+KEYS = ["image", "label"]
 
 
 def preprocess(cfg: DictConfig) -> list:
@@ -19,26 +27,60 @@ def preprocess(cfg: DictConfig) -> list:
 
 
 def train_transforms(cfg: DictConfig) -> Compose:
-    """Preprocess, then pad to the patch size, sample patches by label class and augment image and label together."""
+    """Preprocess, then pad to the patch size, sample patches by label class and augment image and label together.
+
+    Metadata tracking stops after preprocessing: the random transforms run on plain tensors, which is faster.
+    """
     t = cfg.transforms
     rot = t.augment.get("rotate90")
     if rot is not None and len({cfg.data.patch_size[a] for a in rot.spatial_axes}) > 1:
         raise InputError(f"transforms.augment.rotate90: patch size {list(cfg.data.patch_size)} differs on axes "
                          f"{list(rot.spatial_axes)}, so rotated patches could not be batched; set it to null")
     augment = [instantiate(a) for a in t.augment.values() if a is not None]
-    return Compose([*preprocess(cfg), instantiate(t.pad), instantiate(t.patch), *augment, EnsureTyped(keys=["image", "label"], track_meta=False)])
+    return Compose([*preprocess(cfg), EnsureTyped(keys=KEYS, track_meta=False), instantiate(t.pad), instantiate(t.patch), *augment])
 
 
 def val_transforms(cfg: DictConfig) -> Compose:
-    return Compose([*preprocess(cfg), EnsureTyped(keys=["image", "label"], track_meta=False)])
+    return Compose([*preprocess(cfg), EnsureTyped(keys=KEYS, track_meta=False)])
 
 
-def loaders(cfg: DictConfig, train_cases: list[dict], val_cases: list[dict]) -> tuple[DataLoader, DataLoader]:
-    """CacheDataset keeps everything up to the first random transform in memory, so preprocessing runs once."""
+def cache_mode(cfg: DictConfig, cases: list[dict]) -> str:
+    """`auto`: keep preprocessed cases in memory when they take under a quarter of RAM, else on disk."""
+    if cfg.data.cache != "auto":
+        return cfg.data.cache
+    # float32 image channels + label, from the headers only (no voxel data is read)
+    need = sum(4 * (cfg.data.in_channels + 1) * _voxels(c["image"]) for c in cases)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return "memory" if need < ram / 4 else "disk"
+
+
+def _voxels(path: str) -> int:
+    shape = nib.load(path).header.get_data_shape()
+    return int(shape[0] * shape[1] * shape[2])
+
+
+def dataset(cfg: DictConfig, cases: list[dict], transform: Compose, mode: str):
+    """Deterministic transforms run once (memory or disk cache); the random ones after the cache, every epoch."""
+    if mode == "memory":
+        return CacheDataset(cases, transform, num_workers=None, progress=False)
+    if mode == "disk":
+        # The cache folder is keyed by the preprocessing config, so a changed pipeline never reads stale tensors.
+        stages = {k: cfg.transforms[k] for k in ("load", "orient", "resample", "normalize")} | {"spacing": cfg.data.spacing}
+        key = hashlib.sha1(json.dumps(OmegaConf.to_container(OmegaConf.create(stages), resolve=True), sort_keys=True).encode()).hexdigest()[:16]
+        return PersistentDataset(cases, transform, cache_dir=Path(cfg.paths.outputs) / "cache" / key)
+    if mode == "none":
+        return Dataset(cases, transform)
+    raise InputError(f"data.cache={mode}: must be auto, memory, disk or none")
+
+
+def loaders(cfg: DictConfig, train_cases: list[dict], val_cases: list[dict]):
     d = cfg.data
-    train = CacheDataset(train_cases, train_transforms(cfg), cache_rate=d.cache_rate, num_workers=None, progress=False)
-    val = CacheDataset(val_cases, val_transforms(cfg), cache_rate=d.cache_rate, num_workers=None, progress=False)
-    return (
-        DataLoader(train, batch_size=d.batch_size, shuffle=True, num_workers=d.num_workers, drop_last=len(train) > d.batch_size),
-        DataLoader(val, batch_size=1, num_workers=d.num_workers),  # whole volumes differ in shape
-    )
+    mode = cache_mode(cfg, train_cases + val_cases)
+    train = dataset(cfg, train_cases, train_transforms(cfg), mode)
+    val = dataset(cfg, val_cases, val_transforms(cfg), mode)
+    drop_last = len(train_cases) > d.batch_size
+    if d.loader == "thread":  # augmentation in a thread overlaps the (GIL-releasing) model step
+        train_loader = ThreadDataLoader(train, batch_size=d.batch_size, shuffle=True, drop_last=drop_last, num_workers=0)
+    else:
+        train_loader = DataLoader(train, batch_size=d.batch_size, shuffle=True, drop_last=drop_last, num_workers=d.num_workers)
+    return train_loader, DataLoader(val, batch_size=1, num_workers=0)  # whole volumes differ in shape
