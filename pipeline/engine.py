@@ -62,13 +62,14 @@ def fit(
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> dict:
-    """Train for trainer.max_epochs; validate every trainer.val_every epochs; keep best.pt and last.pt in ckpt_dir."""
+    """Train for trainer.max_epochs (or until trainer.max_minutes of training); validate every trainer.val_every
+    epochs and after the last; keep best.pt and last.pt in ckpt_dir."""
     ckpt_dir = Path(ckpt_dir)
     model.to(device)
     scores = SegmentationScores(class_names)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 has fp32's range: no scaling
     best = {"val_dice_mean": -math.inf, "epoch": 0}
-    step_losses = []
+    step_losses, train_seconds = [], 0.0
 
     epochs = tqdm(range(1, trainer.max_epochs + 1), desc="epochs", unit="epoch")
     for epoch in epochs:
@@ -90,12 +91,15 @@ def fit(
             scaler.update()
             losses.append(loss.item())
         step_losses += losses
+        train_seconds += time.perf_counter() - start
+        out_of_time = trainer.get("max_minutes") is not None and train_seconds >= 60 * trainer.max_minutes
         log = {
             "train_loss": sum(losses) / len(losses),
             "lr": optimizer.param_groups[0]["lr"],
+            "train_minutes": train_seconds / 60,  # training only, validation excluded
         }
 
-        if epoch % trainer.val_every == 0 or epoch == trainer.max_epochs:
+        if epoch % trainer.val_every == 0 or epoch == trainer.max_epochs or out_of_time:
             log.update(validate(model, val_loader, inferer, scores, device, dtype))
             per_class = ", ".join(f"{n} {log[f'val_dice_{n}']:.3f}" for n in class_names[1:])
             tqdm.write(f"epoch {epoch:3d}  loss {log['train_loss']:.4f}  val dice {log['val_dice_mean']:.3f} ({per_class})  iou {log['val_iou_mean']:.3f}")
@@ -115,4 +119,7 @@ def fit(
             ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best,
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
         )
-    return {"best": best, "step_losses": step_losses}
+        if out_of_time:
+            tqdm.write(f"stopping after epoch {epoch}: trainer.max_minutes={trainer.max_minutes} of training reached")
+            break
+    return {"best": best, "step_losses": step_losses, "epochs": epoch, "train_minutes": train_seconds / 60}

@@ -3,6 +3,8 @@
 import sys
 from functools import wraps
 
+from omegaconf.errors import MissingMandatoryValue
+
 
 class InputError(ValueError):
     """A file or setting that cannot be used; the message names the file (or key) and the problem."""
@@ -17,5 +19,7 @@ def exit_on_input_error(fn):
             return fn(*args, **kwargs)
         except InputError as err:
             sys.exit(f"error: {err}")
+        except MissingMandatoryValue as err:
+            sys.exit(f"error: {err.full_key}: required but not set; add {err.full_key}=... to the command")
 
     return wrapper

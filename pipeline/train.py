@@ -3,6 +3,7 @@
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import torch
@@ -14,6 +15,7 @@ from pipeline import engine
 from pipeline.data.sources import case_id, resolve_data, split
 from pipeline.data.transforms import loaders
 from pipeline.errors import exit_on_input_error
+from pipeline.planning import apply_plan
 
 
 def run_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> str:
@@ -30,21 +32,34 @@ def save_splits(splits: dict[str, list[dict]], run_dir: str) -> Path:
     return path
 
 
-def train(cfg: DictConfig) -> dict:
-    """Build every component from the config, train, and return {"best": metrics, "step_losses": [...], ...}."""
+def setup(cfg: DictConfig) -> SimpleNamespace:
+    """Data, split, plan and every component, built from the config (shared by `train` and the benchmarks)."""
     dataset = resolve_data(cfg)  # fills data.num_classes etc., which the other groups interpolate
     set_determinism(seed=cfg.seed)
     s = cfg.data.split
     splits = split(dataset.cases, s.val, s.test, s.seed, s.folds, cfg.data.fold)
+    apply_plan(cfg, dataset.modalities, splits["train"])  # fills values set to `auto` (plan=auto)
+    model = instantiate(cfg.model)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    device = engine.pick_device(cfg.trainer.device)
+    return SimpleNamespace(
+        splits=splits,
+        model=model,
+        loss_fn=instantiate(cfg.loss),
+        optimizer=optimizer,
+        scheduler=instantiate(cfg.scheduler)(optimizer) if cfg.scheduler else None,
+        inferer=instantiate(cfg.trainer.inferer),
+        device=device,
+        dtype=engine.amp_dtype(cfg.trainer.amp, device),
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    """Build every component from the config, train, and return {"best": metrics, "step_losses": [...], ...}."""
+    run = setup(cfg)
+    splits, model, optimizer, loss_fn, device, dtype = run.splits, run.model, run.optimizer, run.loss_fn, run.device, run.dtype
     train_cases, val_cases = splits["train"], splits["val"]
     train_loader, val_loader = loaders(cfg, train_cases, val_cases)
-
-    model = instantiate(cfg.model)
-    loss_fn = instantiate(cfg.loss)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.scheduler else None
-    device = engine.pick_device(cfg.trainer.device)
-    dtype = engine.amp_dtype(cfg.trainer.amp, device)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     name = run_name(model, optimizer, loss_fn)
@@ -56,7 +71,7 @@ def train(cfg: DictConfig) -> dict:
     status, start = "FAILED", time.perf_counter()
     try:
         result = engine.fit(
-            cfg.trainer, model, loss_fn, optimizer, scheduler, train_loader, val_loader, instantiate(cfg.trainer.inferer),
+            cfg.trainer, model, loss_fn, optimizer, run.scheduler, train_loader, val_loader, run.inferer,
             cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, dtype,
         )
         for ckpt in ("best.pt", "last.pt"):
@@ -66,7 +81,7 @@ def train(cfg: DictConfig) -> dict:
         tracker.finish(status)
     minutes = (time.perf_counter() - start) / 60
     print(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
-          f"({cfg.trainer.max_epochs} epochs in {minutes:.1f} min); checkpoints in {cfg.paths.run_dir}/checkpoints")
+          f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {cfg.paths.run_dir}/checkpoints")
     return result | {"run_name": name, "run_id": tracker.run_id}
 
 

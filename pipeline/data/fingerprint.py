@@ -1,0 +1,74 @@
+"""Dataset fingerprint: one pass over the training cases, cached by the file list with sizes and mtimes.
+
+Geometry is reported in RAS axis order (what the network sees after `Orientationd`), intensities from foreground
+voxels only (nnU-Net's choice: background statistics say nothing about the structures to segment).
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import io_orientation
+from tqdm.auto import tqdm
+
+from pipeline.errors import InputError
+
+SAMPLES_PER_CASE = 10_000
+
+
+def cache_key(cases: list[dict]) -> str:
+    """Changes when any file is added, removed, resized or touched."""
+    stats = []
+    for case in cases:
+        for key in ("image", "label"):
+            st = os.stat(case[key])
+            stats.append((case[key], st.st_size, st.st_mtime_ns))
+    return hashlib.sha1(json.dumps(sorted(stats)).encode()).hexdigest()[:16]
+
+
+def measure_case(case: dict, rng: np.random.Generator) -> dict:
+    image, label = nib.load(case["image"]), nib.load(case["label"])
+    if image.shape[:3] != label.shape[:3]:
+        raise InputError(f"{case['label']}: shape {label.shape[:3]} differs from its image's {image.shape[:3]}")
+    axes = io_orientation(image.affine)[:, 0].astype(int)  # voxel axis i runs along RAS axis axes[i]
+    shape, spacing = np.empty(3, int), np.empty(3)
+    shape[axes], spacing[axes] = image.shape[:3], image.header.get_zooms()[:3]
+    data = np.asarray(image.dataobj, dtype=np.float32).reshape(*image.shape[:3], -1)  # channels last
+    lab = np.asarray(label.dataobj).astype(np.int64)
+    fg = data[lab > 0]
+    if len(fg) > SAMPLES_PER_CASE:
+        fg = fg[rng.choice(len(fg), SAMPLES_PER_CASE, replace=False)]
+    return {"shape": shape.tolist(), "spacing": spacing.tolist(), "counts": np.bincount(lab.ravel()).tolist(), "fg": fg}
+
+
+def fingerprint(cases: list[dict], cache_dir: str | Path) -> dict:
+    """Shapes, spacings, foreground intensity statistics per channel and class voxel frequencies."""
+    path = Path(cache_dir) / f"{cache_key(cases)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    rng = np.random.default_rng(0)
+    rows = [measure_case(c, rng) for c in tqdm(cases, desc="fingerprint", unit="case")]
+    fg = np.concatenate([r["fg"] for r in rows])
+    counts = np.zeros(max(len(r["counts"]) for r in rows))
+    for r in rows:
+        counts[: len(r["counts"])] += r["counts"]
+    fp = {
+        "num_cases": len(rows),
+        "shapes": [r["shape"] for r in rows],
+        "spacings": [r["spacing"] for r in rows],
+        "median_shape": np.median([r["shape"] for r in rows], axis=0).tolist(),
+        "median_spacing": np.median([r["spacing"] for r in rows], axis=0).tolist(),
+        "intensity": [  # per channel, foreground only
+            {"mean": float(c.mean()), "std": float(c.std()), **{f"p{q}": float(np.percentile(c, q)) for q in (0.5, 50, 99.5)}}
+            for c in fg.T
+        ],
+        "class_frequency": (counts / counts.sum()).tolist(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(fp, indent=1))
+    os.replace(tmp, path)
+    return fp

@@ -1,0 +1,79 @@
+"""nnU-Net-style planning: derive spacing, patch size, batch size and normalization from the dataset fingerprint.
+
+Any config value set to `auto` (what `plan=auto` does) is replaced by the planned one; values given explicitly,
+e.g. on the command line, are kept. MONAI has no planner, hence this module.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from pipeline import project_root
+from pipeline.data.fingerprint import fingerprint
+
+PLANNED = ("data.spacing", "data.patch_size", "data.batch_size", "transforms.normalize")
+
+
+def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2, divisor: int = 8) -> dict:
+    """The plan for one dataset.
+
+    budget_voxels: patch voxels x batch size per step, the knob for activation memory and step time.
+    divisor: patch sides are multiples of it (2 ** number of down-sampling stages of the network).
+    """
+    spacings = np.array(fp["spacings"])
+    target = np.median(spacings, axis=0)
+    if target.max() / target.min() > 3:  # strongly anisotropic: keep more through-plane resolution (nnU-Net)
+        axis = int(target.argmax())
+        target[axis] = np.percentile(spacings[:, axis], 10)
+    shapes = np.array(fp["shapes"]) * spacings / target  # case sizes after resampling
+    median_shape = np.median(shapes, axis=0)
+
+    patch = np.ceil(median_shape / divisor).astype(int) * divisor  # cover the median case whole
+    while patch.prod() * min_batch > budget_voxels and patch.max() > divisor:
+        # shrink the side that is largest relative to the median case, as nnU-Net does
+        axis = int(np.argmax(patch / median_shape))
+        patch[axis] -= divisor
+    batch = max(min_batch, budget_voxels // int(patch.prod()))
+    # nnU-Net's cap: one step sees at most 5 percent of the dataset's voxels
+    batch = int(min(batch, max(min_batch, 0.05 * shapes.prod(axis=1).sum() // patch.prod())))
+
+    if any(m.upper() == "CT" for m in modalities):
+        i = fp["intensity"][0]  # clip to the foreground's 0.5-99.5 percentiles, then scale
+        normalize = {"name": "ct", "a_min": i["p0.5"], "a_max": i["p99.5"]}
+    else:
+        normalize = {"name": "zscore"}
+    same_grid = np.allclose(spacings, target, atol=1e-3)
+    return {
+        "spacing": None if same_grid else [round(float(s), 4) for s in target],  # no resampling when all match
+        "patch_size": patch.tolist(),
+        "batch_size": batch,
+        "normalize": normalize,
+    }
+
+
+def _is_auto(value) -> bool:
+    return value == "auto" or (isinstance(value, DictConfig) and value.get("name") == "auto")
+
+
+def apply_plan(cfg: DictConfig, modalities: list[str], train_cases: list[dict]) -> dict | None:
+    """Fill every `auto` value in cfg from the fingerprint of the training cases; returns the plan (None if no auto)."""
+    if not any(_is_auto(OmegaConf.select(cfg, key)) for key in PLANNED):
+        return None
+    settings = cfg.get("plan") or {}
+    fp = fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")
+    p = plan(fp, modalities, settings.get("budget_voxels", 2**19), settings.get("min_batch", 2))
+    with open_dict(cfg):
+        for key in ("spacing", "patch_size", "batch_size"):
+            if _is_auto(cfg.data[key]):
+                cfg.data[key] = p[key]
+        if _is_auto(cfg.transforms.normalize):
+            norm = dict(p["normalize"])
+            option = OmegaConf.load(project_root() / "conf" / "transforms" / "normalize" / f"{norm.pop('name')}.yaml")
+            cfg.transforms.normalize = OmegaConf.merge(option, norm)
+    print(
+        f"plan from {fp['num_cases']} training cases (median shape {[round(s) for s in fp['median_shape']]}, "
+        f"spacing {fp['median_spacing']}): spacing {cfg.data.spacing or 'native'}, patch {list(cfg.data.patch_size)}, "
+        f"batch {cfg.data.batch_size}, normalize {cfg.transforms.normalize._target_.rsplit('.', 1)[-1]}"
+    )
+    return p
