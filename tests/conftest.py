@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny phantom set, a throwaway MLflow store, config composition, and the real shared data."""
 
+import json
 import os
 from pathlib import Path
 
@@ -66,3 +67,13 @@ def shared_dataset(name: str) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def hippocampus_subset(folder: Path, n: int) -> Path:
+    """The first n real MSD hippocampus cases, listed by absolute path in a dataset.json of their own (fast tests)."""
+    root = shared_dataset("msd_hippocampus")
+    meta = json.loads((root / "dataset.json").read_text())
+    cases = [{k: str((root / v).resolve()) for k, v in c.items()} for c in meta["training"][:n]]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset.json").write_text(json.dumps(meta | {"training": cases, "numTraining": n}))
+    return folder

@@ -9,7 +9,7 @@ from monai.transforms import Compose
 
 from pipeline.data.sources import resolve_data
 from pipeline.data.transforms import preprocess, train_transforms
-from pipeline.errors import InputError
+from pipeline.planning import apply_plan
 from tests.conftest import CONF, TINY_MODEL, compose_config, shared_dataset, tiny_config
 
 
@@ -68,11 +68,13 @@ def test_optimizer_and_scheduler_options_build(optimizer, scheduler, tmp_path):
 
 @pytest.mark.parametrize("normalize", options("transforms/normalize"))
 def test_normalize_options_preprocess_a_case(normalize, tiny_phantom, tmp_path):
-    cfg = tiny_config(tiny_phantom, tmp_path, overrides=[f"transforms/normalize={normalize}"])
+    planned = ["plan=auto", "data.patch_size=[32,32,16]", "data.batch_size=1"] if normalize == "auto" else []
+    cfg = tiny_config(tiny_phantom, tmp_path, overrides=[f"transforms/normalize={normalize}", *planned])
     dataset = resolve_data(cfg)
+    apply_plan(cfg, dataset.modalities, dataset.cases)  # auto: planning picks z-score for this MRI-like set
     case = Compose(preprocess(cfg))(dataset.cases[0])
     image = case["image"]
-    if normalize == "zscore":
+    if normalize in ("zscore", "auto"):
         assert abs(float(image.mean())) < 1e-3 and abs(float(image.std()) - 1) < 1e-2
     elif normalize == "zscore_fg":
         fg = image[image != 0]
@@ -119,8 +121,9 @@ def test_infer_config_composes(tmp_path):
     assert cfg.amp == "auto" and Path(cfg.output).is_absolute()
 
 
-def test_rotate90_on_a_non_square_patch_is_a_config_error(tiny_phantom, tmp_path):
+def test_rotate90_is_skipped_on_a_non_square_patch(tiny_phantom, tmp_path):
     cfg = tiny_config(tiny_phantom, tmp_path, overrides=["data.patch_size=[32,48,16]"])
-    resolve_data(cfg)
-    with pytest.raises(InputError, match="transforms.augment.rotate90"):
-        train_transforms(cfg)
+    dataset = resolve_data(cfg)
+    transform = train_transforms(cfg)
+    assert "RandRotate90d" not in [type(t).__name__ for t in transform.transforms]
+    assert all(p["image"].shape == (1, 32, 48, 16) for p in transform(dataset.cases[0]))

@@ -15,7 +15,7 @@ from pipeline.data.sources import resolve_data
 from pipeline.errors import InputError
 from pipeline.infer import infer
 from pipeline.train import train
-from tests.conftest import shared_dataset, tiny_config
+from tests.conftest import hippocampus_subset, tiny_config
 
 
 def oblique_affine() -> np.ndarray:
@@ -112,16 +112,10 @@ def test_cli_on_a_trained_checkpoint_and_on_a_missing_one(tiny_phantom, tmp_path
 
 def test_hippocampus_checkpoint_predicts_on_the_input_grid(tmp_path):
     """The issue's acceptance path on real MRI: train via data.root on MSD hippocampus, infer, same affine."""
-    root = shared_dataset("msd_hippocampus")
-    meta = json.loads((root / "dataset.json").read_text())
-    subset = tmp_path / "hippo"
-    subset.mkdir()  # eight real cases, listed by absolute path, keep the test fast
-    cases = [{k: str((root / v).resolve()) for k, v in c.items()} for c in meta["training"][:8]]
-    (subset / "dataset.json").write_text(json.dumps(meta | {"training": cases, "numTraining": 8}))
-
+    subset = hippocampus_subset(tmp_path / "hippo", 8)
+    image = json.loads((subset / "dataset.json").read_text())["training"][-1]["image"]
     cfg = tiny_config(subset, tmp_path, overrides=["experiment=hippocampus", "tracking=none", "trainer.max_epochs=1", "data.batch_size=2"])
     train(cfg)
-    image = cases[-1]["image"]
     [out] = infer(tmp_path / "checkpoints" / "best.pt", image, tmp_path / "pred")
     pred, ref = nib.load(out), nib.load(image)
     assert pred.shape == ref.shape

@@ -30,13 +30,16 @@ def train_transforms(cfg: DictConfig) -> Compose:
     """Preprocess, then pad to the patch size, sample patches by label class and augment image and label together.
 
     Metadata tracking stops after preprocessing: the random transforms run on plain tensors, which is faster.
+    RandRotate90d is skipped where the patch is not square on its axes.
     """
     t = cfg.transforms
-    rot = t.augment.get("rotate90")
+    augment = dict(t.augment)
+    rot = augment.get("rotate90")
     if rot is not None and len({cfg.data.patch_size[a] for a in rot.spatial_axes}) > 1:
-        raise InputError(f"transforms.augment.rotate90: patch size {list(cfg.data.patch_size)} differs on axes "
-                         f"{list(rot.spatial_axes)}, so rotated patches could not be batched; set it to null")
-    augment = [instantiate(a) for a in t.augment.values() if a is not None]
+        # Rotated patches would change shape and could not be batched (planned patches are rarely square).
+        print(f"transforms.augment.rotate90 skipped: patch {list(cfg.data.patch_size)} is not square on axes {list(rot.spatial_axes)}")
+        augment["rotate90"] = None
+    augment = [instantiate(a) for a in augment.values() if a is not None]
     return Compose([*preprocess(cfg), EnsureTyped(keys=KEYS, track_meta=False), instantiate(t.pad), instantiate(t.patch), *augment])
 
 

@@ -1,0 +1,73 @@
+"""Fingerprint caching, nnU-Net-style planning, and a short planned training on real hippocampus MRI."""
+
+import os
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline.data import fingerprint as fp_module
+from pipeline.data.fingerprint import fingerprint
+from pipeline.data.sources import read_msd
+from pipeline.planning import plan
+from pipeline.train import train
+from tests.conftest import hippocampus_subset, tiny_config
+
+
+def test_fingerprint_is_cached_and_invalidated_when_a_file_changes(tiny_phantom, tmp_path, monkeypatch):
+    cases = read_msd(tiny_phantom).cases[:3]
+    calls = []
+    measure = fp_module.measure_case
+    monkeypatch.setattr(fp_module, "measure_case", lambda case, rng: calls.append(case) or measure(case, rng))
+    first = fingerprint(cases, tmp_path)
+    assert len(calls) == 3
+    assert fingerprint(cases, tmp_path) == first and len(calls) == 3  # cache hit: nothing measured again
+    st = os.stat(cases[1]["label"])
+    os.utime(cases[1]["label"], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched
+    fingerprint(cases, tmp_path)
+    assert len(calls) == 6
+
+
+def test_fingerprint_reports_ras_geometry_and_foreground_statistics(tiny_phantom, tmp_path):
+    fp = fingerprint(read_msd(tiny_phantom).cases, tmp_path)
+    assert fp["num_cases"] == 8
+    assert fp["median_spacing"] == [1.0, 1.0, 2.5]
+    assert len(fp["class_frequency"]) == 3 and fp["class_frequency"][0] > fp["class_frequency"][1] > fp["class_frequency"][2]
+    i = fp["intensity"][0]
+    assert 60 < i["p50"] < 180 and i["p0.5"] < i["p50"] < i["p99.5"]  # organ ~160, lesions ~75, under bias and noise
+
+
+def fake_fingerprint(shapes, spacings):
+    return {"shapes": shapes, "spacings": spacings, "intensity": [{"p0.5": -100.0, "p99.5": 300.0}]}
+
+
+def test_plan_covers_the_median_case_within_the_budget():
+    fp = fake_fingerprint([[36, 50, 35]] * 200, [[1.0, 1.0, 1.0]] * 200)
+    p = plan(fp, ["MRI"], budget_voxels=2**19)
+    assert p["patch_size"] == [40, 56, 40]  # the median case rounded up to multiples of 8
+    assert p["batch_size"] == 2**19 // (40 * 56 * 40)  # 5: the budget, under the 5% cap (200 * 63000 * .05 / 89600 = 7)
+    assert p["spacing"] is None and p["normalize"] == {"name": "zscore"}
+
+
+def test_plan_shrinks_the_relatively_largest_side_and_resamples_anisotropic_data():
+    spacings = [[0.8, 0.8, 3.0]] * 9 + [[0.7, 0.7, 5.0]]
+    fp = fake_fingerprint([[512, 512, 100]] * 10, spacings)
+    p = plan(fp, ["CT"], budget_voxels=2 * 64**3)
+    assert p["spacing"] == [0.8, 0.8, 3.0]  # median; the 10th percentile of the coarse axis is 3.0 too
+    assert all(s % 8 == 0 for s in p["patch_size"]) and np.prod(p["patch_size"]) * 2 <= 2 * 64**3
+    assert p["batch_size"] >= 2
+    assert p["normalize"] == {"name": "ct", "a_min": -100.0, "a_max": 300.0}
+
+
+def test_short_planned_training_on_real_hippocampus_improves_dice(tmp_path, mlflow_store):
+    subset = hippocampus_subset(tmp_path / "hippo", 12)
+    cfg = tiny_config(subset, tmp_path, overrides=[
+        "plan=auto", "data.batch_size=2", "data.patch_size=auto", "model.channels=[8,16,32]",
+        "loss=dicece", "trainer.max_epochs=6", "trainer.val_every=1", "optimizer.lr=0.003",
+    ])
+    result = train(cfg)
+    assert list(cfg.data.patch_size) == [40, 56, 40] and cfg.data.spacing is None  # planned; batch size kept
+    assert cfg.transforms.normalize._target_ == "monai.transforms.NormalizeIntensityd"
+    history = sorted(mlflow.MlflowClient(mlflow_store).get_metric_history(result["run_id"], "val_dice_mean"), key=lambda m: m.step)
+    assert len(history) == 6
+    assert history[-1].value > history[0].value + 0.1, [round(m.value, 3) for m in history]
