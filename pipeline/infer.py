@@ -1,114 +1,176 @@
 """Inference entry point: `python -m pipeline.infer ckpt=best.pt input=<file or folder> output=<folder>`.
 
-Each volume goes through the checkpoint's own preprocessing, a sliding-window pass, and MONAI's inverse of the
-preprocessing, so the label map lands on the input's exact grid (shape, affine, orientation).
+Each volume goes through the checkpoint's own preprocessing, a sliding-window pass (optionally mirrored for TTA and
+averaged over several checkpoints), and MONAI's inverse of the preprocessing, so the label map lands on the input's
+exact grid (shape, affine, orientation). Inputs: NIfTI, NRRD, MHA, DICOM series folders (see pipeline/io.py).
 """
 
-import os
+import itertools
+import sys
+import tempfile
 from pathlib import Path
 
 import hydra
-import nibabel as nib
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from monai.transforms import Compose, Invertd
-from omegaconf import DictConfig, OmegaConf
+from monai.transforms import Compose, FillHoles, Invertd, KeepLargestConnectedComponent, RemoveSmallObjects
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint, engine
 from pipeline.data.transforms import preprocess
 from pipeline.errors import InputError, exit_on_input_error
+from pipeline.io import Reference, Volume, find_inputs, label_dtype
 
-NIFTI = (".nii", ".nii.gz")
-
-
-def list_inputs(path: str | Path) -> list[Path]:
-    """One NIfTI file, or every NIfTI file in a folder (sorted)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI) and not p.name.startswith("."))
-        if not files:
-            raise InputError(f"{path}: folder holds no .nii or .nii.gz files")
-        return files
-    if not path.exists():
-        raise InputError(f"{path}: input not found")
-    if not path.name.endswith(NIFTI):
-        raise InputError(f"{path}: not a NIfTI file (.nii or .nii.gz)")
-    return [path]
+PREPROCESSING = ("load", "orient", "resample", "normalize")
 
 
-def save_label_map(labels: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
-    """Write labels on the reference's grid (its affine, qform/sform codes and units), atomically."""
-    dtype = np.uint8 if labels.max(initial=0) <= np.iinfo(np.uint8).max else np.int16
-    image = nib.Nifti1Image(labels.astype(dtype), reference.affine)
-    header = reference.header
-    image.header.set_qform(reference.affine, code=int(header["qform_code"]) or 1)
-    image.header.set_sform(reference.affine, code=int(header["sform_code"]) or 1)
-    image.header.set_xyzt_units(*header.get_xyzt_units())
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes[-2:])}")
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def checkpoints(ckpt) -> list[Path]:
+    """One checkpoint, a list of them, or a folder of *.pt (an ensemble, e.g. the k folds)."""
+    paths = [Path(p) for p in ckpt] if isinstance(ckpt, (list, tuple, ListConfig)) else [Path(ckpt)]
+    if len(paths) == 1 and paths[0].is_dir():
+        paths = sorted(paths[0].glob("*.pt"))
+        if not paths:
+            raise InputError(f"{ckpt}: folder holds no .pt checkpoints")
+    return paths
+
+
+def preprocessing_of(config: dict) -> dict:
+    return {k: config["transforms"][k] for k in PREPROCESSING} | {"spacing": config["data"]["spacing"]}
 
 
 class Predictor:
-    """Rebuilds model, preprocessing and inferer from a checkpoint; turns a NIfTI path into a label map array."""
+    """Rebuilds models, preprocessing and inferers from checkpoints; turns one volume into probabilities on its grid."""
 
-    def __init__(self, bundle: dict, device: str = "auto", amp="auto", overlap: float | None = None, sw_batch_size: int | None = None):
-        cfg = OmegaConf.create(bundle["config"])
+    def __init__(self, bundles: dict[Path, dict], device="auto", amp="auto", overlap=None, sw_batch_size=None,
+                 stitch_device=None, tta: bool = False, tta_axes=(0, 1, 2), uncertainty: str | None = None):
+        first_path, first = next(iter(bundles.items()))
+        for path, bundle in bundles.items():  # ensemble members must see the same input
+            if preprocessing_of(bundle["config"]) != preprocessing_of(first["config"]):
+                raise InputError(f"{path}: preprocessing differs from {first_path}'s; ensemble members must share it")
+        cfg = OmegaConf.create(first["config"])
+        self.num_classes = cfg.data.num_classes
         self.device = engine.pick_device(device)
         self.dtype = engine.amp_dtype(amp, self.device)
-        self.model = instantiate(cfg.model)
-        self.model.load_state_dict(bundle["state_dict"])
-        self.model.to(self.device).eval()
-        window = {k: v for k, v in {"overlap": overlap, "sw_batch_size": sw_batch_size}.items() if v is not None}
-        self.inferer = instantiate(cfg.trainer.inferer, **window)
+        window = {k: v for k, v in {"overlap": overlap, "sw_batch_size": sw_batch_size, "device": stitch_device}.items() if v is not None}
+        self.members = []
+        for bundle in bundles.values():
+            member_cfg = OmegaConf.create(bundle["config"])
+            model = instantiate(member_cfg.model)
+            model.load_state_dict(bundle["state_dict"])
+            self.members.append((model.to(self.device).eval(), instantiate(member_cfg.trainer.inferer, **window)))
+        # nnU-Net-style mirroring: every subset of the chosen axes, the unflipped pass included
+        axes = list(tta_axes) if tta else []
+        self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+        self.uncertainty = uncertainty
         self.preprocess = Compose(preprocess(cfg))
-        # Invert orientation/resampling on the logits (interpolated like the image), then take the argmax.
+        # Invert orientation/resampling on probabilities (interpolated like the image), then take the argmax.
         self.invert = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False)
 
-    def __call__(self, path: Path) -> np.ndarray:
-        data = self.preprocess({"image": str(path)})
-        logits = engine.predict(self.model, data["image"][None], self.inferer, self.device, self.dtype)[0].cpu()
-        data["pred"] = logits
-        pred = self.invert(data)["pred"]
-        return torch.argmax(pred, dim=0).numpy()
+    def __call__(self, nifti_path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (K, x, y, z) on the input grid, uncertainty (x, y, z) or None)."""
+        data = self.preprocess({"image": str(nifti_path)})
+        image = data["image"][None]
+        samples = []
+        for model, inferer in self.members:
+            for dims in self.flips:
+                flipped = torch.flip(image, [d + 2 for d in dims]) if dims else image
+                logits = engine.predict(model, flipped, inferer, self.device, self.dtype)
+                probs = torch.softmax(logits, dim=1)
+                samples.append((torch.flip(probs, [d + 2 for d in dims]) if dims else probs)[0].cpu())
+        stack = torch.stack(samples)
+        mean = stack.mean(0)
+        channels = [mean]
+        if self.uncertainty == "entropy":
+            channels.append(-(mean * torch.log(mean.clamp_min(1e-8))).sum(0, keepdim=True))
+        elif self.uncertainty == "variance":  # spread of the members (and mirrors), averaged over classes
+            channels.append(stack.var(0, unbiased=False).mean(0, keepdim=True))
+        elif self.uncertainty is not None:
+            raise InputError(f"uncertainty={self.uncertainty}: must be entropy, variance or null")
+        data["pred"] = torch.cat(channels)  # inverted together: one resampling for all channels
+        out = self.invert(data)["pred"].numpy()
+        k = mean.shape[0]
+        return out[:k], (out[k] if len(channels) > 1 else None)
 
 
-def infer(ckpt: str | Path, input: str | Path, output: str | Path, device="auto", amp="auto", overlap=None, sw_batch_size=None) -> list[Path]:
-    """Predict every input volume into `output/<same file name>`; returns the written paths."""
-    files = list_inputs(input)
+def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 1, fill_holes=(), min_size: int = 0, num_classes: int = 2) -> np.ndarray:
+    """Per-class clean-up with MONAI transforms on an (x, y, z) label map."""
+    t = torch.as_tensor(labels[None].astype(np.int64))
+    if min_size:
+        onehot = torch.nn.functional.one_hot(t[0], num_classes).permute(3, 0, 1, 2)
+        kept = RemoveSmallObjects(min_size=min_size, independent_channels=True)(onehot[1:])
+        t = (kept * torch.arange(1, num_classes).view(-1, 1, 1, 1)).amax(0, keepdim=True)
+    if largest_component:
+        t = KeepLargestConnectedComponent(applied_labels=list(largest_component), is_onehot=False, independent=True, num_components=num_components)(t)
+    if fill_holes:
+        t = FillHoles(applied_labels=list(fill_holes))(t)
+    return np.asarray(t[0])
+
+
+def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch_size=None, stitch_device=None,
+          tta=False, tta_axes=(0, 1, 2), format="nifti", overwrite=False, save_probabilities=False, uncertainty=None,
+          postprocessing: dict | None = None) -> dict:
+    """Predict every input into `output`; returns {"written": [...], "skipped": [...], "failed": {input: message}}."""
+    volumes = find_inputs(input)
     out_dir = Path(output)
-    targets = [out_dir / f.name for f in files]
-    for src, dst in zip(files, targets):
-        if dst.resolve() == src.resolve():
-            raise InputError(f"{src}: output would overwrite the input; choose another output= folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: output exists and is not a folder")
-    references = []
-    for f in files:  # read every header first: a bad file fails the run before anything is written
-        try:
-            references.append(nib.load(f))
-        except Exception as err:
-            raise InputError(f"{f}: not a readable NIfTI ({err})") from None
-    predictor = Predictor(checkpoint.load(ckpt), device, amp, overlap, sw_batch_size)
+    if format not in ("nifti", "input"):
+        raise InputError(f"format={format}: must be nifti or input")
+    inputs = {v.path.resolve() for v in volumes}
+    for v in volumes:
+        if (out_dir / v.output_name(format)).resolve() in inputs:
+            raise InputError(f"{v.path}: output would overwrite the input; choose another output= folder")
+    bundles = {p: checkpoint.load(p) for p in checkpoints(ckpt)}
+    predictor = Predictor(bundles, device, amp, overlap, sw_batch_size, stitch_device, tta, tta_axes, uncertainty)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for src, dst, ref in zip(tqdm(files, desc="infer", unit="volume"), targets, references):
-        labels = predictor(src)
-        if labels.shape != ref.shape[:3]:
-            raise RuntimeError(f"{src}: prediction shape {labels.shape} does not match the input's {ref.shape[:3]}")
-        save_label_map(labels, ref, dst)
-    return targets
+    report = {"written": [], "skipped": [], "failed": {}}
+    with tempfile.TemporaryDirectory(prefix="pipeline-infer-") as tmp:
+        for volume in tqdm(volumes, desc="infer", unit="volume"):
+            target = out_dir / volume.output_name(format)
+            if target.exists() and not overwrite:
+                report["skipped"].append(target)
+                continue
+            try:
+                predict_one(predictor, volume, target, Path(tmp), save_probabilities, postprocessing or {})
+                report["written"].append(target)
+            except InputError as err:  # one bad file must not stop a folder run
+                report["failed"][volume.path] = str(err)
+                tqdm.write(f"error: {err}", file=sys.stderr)
+    return report
+
+
+def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, save_probabilities: bool, post: dict) -> None:
+    ref = Reference(volume, tmp)
+    try:
+        probs, uncertainty = predictor(ref.nifti_path)
+    except (RuntimeError, ValueError) as err:  # e.g. a channel count the model was not trained for
+        raise InputError(f"{volume.path}: inference failed ({str(err).strip().splitlines()[0][:200]})") from None
+    if probs.shape[1:] != ref.shape:
+        raise RuntimeError(f"{volume.path}: prediction shape {probs.shape[1:]} does not match the input's {ref.shape}")
+    labels = probs.argmax(0)
+    if post:
+        labels = postprocess(labels, num_classes=predictor.num_classes, **post)
+    if save_probabilities:  # float16 as nnU-Net stores them; NIfTI has no float16
+        np.savez_compressed(target.parent / volume.output_name("nifti", "_probabilities").replace(".nii.gz", ".npz"),
+                            probabilities=probs.astype(np.float16), affine=ref.affine)
+    if uncertainty is not None:
+        ref.write(uncertainty.astype(np.float32), target.parent / volume.output_name("nifti", "_uncertainty"))
+    ref.write(labels.astype(label_dtype(predictor.num_classes)), target)
 
 
 @hydra.main(config_path="../conf", config_name="infer", version_base="1.3")
 @exit_on_input_error
 def main(cfg: DictConfig) -> None:
-    written = infer(cfg.ckpt, cfg.input, cfg.output, cfg.device, cfg.amp, cfg.overlap, cfg.sw_batch_size)
-    print(f"wrote {len(written)} label map(s) to {Path(cfg.output).resolve()}")
+    report = infer(cfg.ckpt, cfg.input, cfg.output, cfg.device, cfg.amp, cfg.overlap, cfg.sw_batch_size, cfg.stitch_device,
+                   cfg.tta, list(cfg.tta_axes), cfg.format, cfg.overwrite, cfg.save_probabilities, cfg.uncertainty,
+                   OmegaConf.to_container(cfg.postprocess))
+    print(f"{len(report['written'])} written, {len(report['skipped'])} skipped (exist; overwrite=true to redo), "
+          f"{len(report['failed'])} failed -> {Path(cfg.output).resolve()}")
+    if report["failed"]:
+        sys.exit(f"error: {len(report['failed'])} of {len(report['written']) + len(report['failed'])} inputs failed: "
+                 + ", ".join(str(p) for p in report["failed"]))
 
 
 if __name__ == "__main__":

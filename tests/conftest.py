@@ -5,11 +5,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from pipeline import project_root
+from pipeline import checkpoint, project_root
 from pipeline.data.phantom import synthesize
+from pipeline.data.sources import resolve_data
 
 CONF = project_root() / "conf"
 # The one setting that locates the real datasets (README of ../shared/data); CI=true turns "missing" into a failure.
@@ -77,3 +79,22 @@ def hippocampus_subset(folder: Path, n: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "dataset.json").write_text(json.dumps(meta | {"training": cases, "numTraining": n}))
     return folder
+
+
+@pytest.fixture
+def threshold_ckpt(tiny_phantom, tmp_path):
+    """A checkpoint whose 'network' is a 1x1x1 conv with logits (-x, x): it labels voxels above the volume mean."""
+
+    def make(overrides=()):
+        cfg = tiny_config(tiny_phantom, tmp_path, overrides=list(overrides))
+        resolve_data(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config["model"] = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
+        config["data"]["num_classes"] = 2
+        net = torch.nn.Conv3d(1, 2, 1)
+        with torch.no_grad():
+            net.weight.copy_(torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1, 1))
+            net.bias.zero_()
+        return checkpoint.save(tmp_path / "threshold.pt", net, config)
+
+    return make

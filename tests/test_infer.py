@@ -7,11 +7,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from omegaconf import OmegaConf
 
-from pipeline import checkpoint, project_root
-from pipeline.data.sources import resolve_data
+from pipeline import project_root
 from pipeline.errors import InputError
 from pipeline.infer import infer
 from pipeline.train import train
@@ -38,28 +35,10 @@ def write_volume(path, shape=(21, 26, 11), seed=0) -> nib.Nifti1Image:
     return nib.load(path)
 
 
-@pytest.fixture
-def threshold_ckpt(tiny_phantom, tmp_path):
-    """A checkpoint whose 'network' is a 1x1x1 conv with logits (-x, x): it labels voxels above the volume mean."""
-
-    def make(overrides=()):
-        cfg = tiny_config(tiny_phantom, tmp_path, overrides=list(overrides))
-        resolve_data(cfg)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        config["model"] = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
-        net = torch.nn.Conv3d(1, 2, 1)
-        with torch.no_grad():
-            net.weight.copy_(torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1, 1))
-            net.bias.zero_()
-        return checkpoint.save(tmp_path / "threshold.pt", net, config)
-
-    return make
-
-
 def test_label_map_keeps_an_oblique_affine_and_every_voxel_in_place(threshold_ckpt, tmp_path):
     (tmp_path / "in").mkdir()
     src = write_volume(tmp_path / "in" / "case.nii.gz")
-    [out] = infer(threshold_ckpt(), tmp_path / "in", tmp_path / "out", amp=False)
+    [out] = infer(threshold_ckpt(), tmp_path / "in", tmp_path / "out", amp=False)["written"]
     pred = nib.load(out)
     assert pred.shape == src.shape
     np.testing.assert_allclose(pred.affine, src.affine, atol=1e-6)
@@ -71,7 +50,7 @@ def test_label_map_keeps_an_oblique_affine_and_every_voxel_in_place(threshold_ck
 def test_resampling_is_inverted_onto_the_input_grid(threshold_ckpt, tmp_path):
     (tmp_path / "in").mkdir()
     src = write_volume(tmp_path / "in" / "case.nii")
-    [out] = infer(threshold_ckpt(["data.spacing=[1.5,1.5,1.5]"]), tmp_path / "in" / "case.nii", tmp_path / "out", amp=False)
+    [out] = infer(threshold_ckpt(["data.spacing=[1.5,1.5,1.5]"]), tmp_path / "in" / "case.nii", tmp_path / "out", amp=False)["written"]
     pred = nib.load(out)
     assert pred.shape == src.shape
     np.testing.assert_allclose(pred.affine, src.affine, atol=1e-6)
@@ -100,7 +79,7 @@ def test_cli_on_a_trained_checkpoint_and_on_a_missing_one(tiny_phantom, tmp_path
     done = run_infer_cli(f"ckpt={tmp_path}/checkpoints/best.pt", f"input={images}", f"output={tmp_path}/pred")
     assert done.returncode == 0, done.stderr
     for src in sorted(images.iterdir()):
-        pred, ref = nib.load(tmp_path / "pred" / src.name), nib.load(src)
+        pred, ref = nib.load(tmp_path / "pred" / src.name), nib.load(src)  # same name: .nii.gz in, .nii.gz out
         assert pred.shape == ref.shape and np.abs(pred.affine - ref.affine).max() < 1e-6
         assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
 
@@ -116,7 +95,7 @@ def test_hippocampus_checkpoint_predicts_on_the_input_grid(tmp_path):
     image = json.loads((subset / "dataset.json").read_text())["training"][-1]["image"]
     cfg = tiny_config(subset, tmp_path, overrides=["experiment=hippocampus", "tracking=none", "trainer.max_epochs=1", "data.batch_size=2"])
     train(cfg)
-    [out] = infer(tmp_path / "checkpoints" / "best.pt", image, tmp_path / "pred")
+    [out] = infer(tmp_path / "checkpoints" / "best.pt", image, tmp_path / "pred")["written"]
     pred, ref = nib.load(out), nib.load(image)
     assert pred.shape == ref.shape
     np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-6)

@@ -1,0 +1,151 @@
+"""Volumes in and label maps out: NIfTI with nibabel; NRRD, MHA and DICOM series with SimpleITK.
+
+Preprocessing reads NIfTI (MONAI LoadImaged + NibabelReader), so a SimpleITK input is handed to it as a temporary
+NIfTI whose affine is the SimpleITK geometry converted from LPS to RAS; results are written back through SimpleITK
+with the input's own spacing, origin and direction (CopyInformation), so the geometry is exact by construction.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.errors import InputError
+
+NIFTI = (".nii", ".nii.gz")
+SITK = (".nrrd", ".mha")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """One input: a NIfTI file, a NRRD/MHA file, or a DICOM series folder."""
+
+    path: Path
+
+    @property
+    def kind(self) -> str:
+        if self.path.is_dir():
+            return "dicom"
+        return "nifti" if self.path.name.endswith(NIFTI) else "sitk"
+
+    @property
+    def stem(self) -> str:
+        name = self.path.name
+        for ext in (".nii.gz", ".nii", *SITK):
+            name = name.removesuffix(ext)
+        return name
+
+    def output_name(self, fmt: str, suffix: str = "") -> str:
+        """`nifti`: <stem>.nii.gz; `input`: the input's own format (NIfTI for a DICOM series)."""
+        if fmt == "input" and self.kind != "dicom":
+            ext = ".nii.gz" if self.path.name.endswith(".nii.gz") else self.path.suffix
+        else:
+            ext = ".nii.gz"
+        return f"{self.stem}{suffix}{ext}"
+
+
+def is_dicom_series(folder: Path) -> bool:
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without a series
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+
+
+def find_inputs(path: str | Path) -> list[Volume]:
+    """A file, a DICOM series folder, or a folder of files and DICOM series folders (sorted)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: input not found")
+    if path.is_file():
+        if not path.name.endswith(NIFTI + SITK):
+            raise InputError(f"{path}: unsupported format (NIfTI .nii/.nii.gz, NRRD .nrrd, MHA .mha or a DICOM folder)")
+        return [Volume(path)]
+    if is_dicom_series(path):
+        return [Volume(path)]
+    found = [Volume(p) for p in sorted(path.iterdir()) if not p.name.startswith(".") and (
+        (p.is_file() and p.name.endswith(NIFTI + SITK)) or (p.is_dir() and is_dicom_series(p)))]
+    if not found:
+        raise InputError(f"{path}: holds no NIfTI, NRRD, MHA files or DICOM series")
+    return found
+
+
+def read_sitk(volume: Volume) -> sitk.Image:
+    if volume.kind == "dicom":
+        reader = sitk.ImageSeriesReader()
+        # GDCM orders the slices by their position along the normal, not by file name
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(volume.path)))
+        return reader.Execute()
+    return sitk.ReadImage(str(volume.path))
+
+
+def sitk_affine(image: sitk.Image) -> np.ndarray:
+    """The RAS voxel-to-world affine of a SimpleITK image (which is LPS)."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    affine[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin())
+    return affine
+
+
+class Reference:
+    """The input's grid: what a result must be written on."""
+
+    def __init__(self, volume: Volume, tmp_dir: Path):
+        self.volume = volume
+        try:
+            if volume.kind == "nifti":
+                self.nifti = nib.load(volume.path)
+                self.sitk = None
+                self.shape = self.nifti.shape[:3]
+                self.nifti_path = volume.path
+            else:
+                self.sitk = read_sitk(volume)
+                if self.sitk.GetDimension() != 3:
+                    raise InputError(f"{volume.path}: a {self.sitk.GetDimension()}D image; expected 3D")
+                array = sitk.GetArrayFromImage(self.sitk).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
+                self.nifti = nib.Nifti1Image(array.astype(np.float32), sitk_affine(self.sitk))
+                self.shape = array.shape
+                self.nifti_path = tmp_dir / f"{volume.stem}.nii.gz"
+                nib.save(self.nifti, self.nifti_path)
+        except InputError:
+            raise
+        except Exception as err:  # nibabel and SimpleITK raise many types for unreadable files
+            raise InputError(f"{volume.path}: not a readable image ({str(err).strip().splitlines()[0][:200]})") from None
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.nifti.affine
+
+    def write(self, array: np.ndarray, path: Path) -> None:
+        """Write an (x, y, z) array on this grid, in the format of path's extension, atomically (temp + rename)."""
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same extension: the writer picks the format by it
+        try:
+            if self.sitk is not None:
+                image = sitk.GetImageFromArray(array.transpose(2, 1, 0))
+                image.CopyInformation(self.sitk)  # spacing, origin, direction: exactly the input's
+                sitk.WriteImage(image, str(tmp), useCompression=True)
+            else:
+                write_nifti(array, self.nifti, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def write_nifti(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+    """NIfTI on the reference's grid: its affine, qform/sform codes and units."""
+    image = nib.Nifti1Image(array, reference.affine)
+    header = reference.header
+    image.header.set_qform(reference.affine, code=int(header["qform_code"]) or 1)
+    image.header.set_sform(reference.affine, code=int(header["sform_code"]) or 1)
+    image.header.set_xyzt_units(*header.get_xyzt_units())
+    nib.save(image, path)
+
+
+def label_dtype(num_classes: int):
+    return np.uint8 if num_classes <= np.iinfo(np.uint8).max + 1 else np.int16

@@ -1,0 +1,123 @@
+"""Inference on NRRD, MHA and DICOM series with exact geometry; TTA, ensembles, post-processing, folder runs."""
+
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from pipeline import project_root
+from pipeline.infer import infer, postprocess
+from pipeline.io import find_inputs
+from tests.conftest import shared_dataset
+
+
+def oblique_sitk(shape=(22, 18, 9), seed=0) -> sitk.Image:
+    """An (x, y, z) volume with a rotated direction, anisotropic spacing and an offset origin."""
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=shape).astype(np.float32)
+    data[4:14, 3:9, 2:6] += 4.0
+    image = sitk.GetImageFromArray(data.transpose(2, 1, 0))
+    c, s = np.cos(0.4), np.sin(0.4)
+    image.SetDirection([c, -s, 0, s, c, 0, 0, 0, -1])
+    image.SetSpacing((0.7, 1.1, 2.5))
+    image.SetOrigin((-12.5, 40.0, 3.25))
+    return image
+
+
+def assert_same_grid(a: sitk.Image, b: sitk.Image):
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+@pytest.mark.parametrize("ext", [".nrrd", ".mha"])
+def test_sitk_formats_round_trip_in_their_own_format(ext, threshold_ckpt, tmp_path):
+    src = tmp_path / "in" / f"case{ext}"
+    src.parent.mkdir()
+    sitk.WriteImage(oblique_sitk(), str(src))
+    [out] = infer(threshold_ckpt(), src, tmp_path / "out", amp=False, format="input")["written"]
+    assert out.name == f"case{ext}"
+    pred, ref = sitk.ReadImage(str(out)), sitk.ReadImage(str(src))
+    assert_same_grid(pred, ref)
+    values = sitk.GetArrayFromImage(ref)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(pred), (values > values.mean()).astype(np.uint8))
+
+
+def test_dicom_series_is_read_by_slice_position_not_file_name(threshold_ckpt, tmp_path):
+    study = shared_dataset("dicom_hippocampus_crops") / "Study1"
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    files = sorted(p for p in study.rglob("*") if p.is_file())
+    for i, f in zip(np.random.default_rng(0).permutation(len(files)), files):
+        shutil.copy(f, shuffled / f"{i:04d}.dcm")  # file names no longer follow slice order
+    ckpt = threshold_ckpt()
+    [a] = infer(ckpt, study, tmp_path / "a", amp=False)["written"]
+    [b] = infer(ckpt, shuffled, tmp_path / "b", amp=False)["written"]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(study)))
+    series = reader.Execute()
+    for out in (a, b):
+        assert out.name.endswith(".nii.gz")
+        assert_same_grid(sitk.ReadImage(str(out)), series)
+    np.testing.assert_array_equal(nib.load(a).get_fdata(), nib.load(b).get_fdata())
+    assert 0 < nib.load(a).get_fdata().mean() < 1
+
+
+def test_tta_and_ensembles_change_nothing_for_a_flip_invariant_model(threshold_ckpt, tmp_path):
+    """A 1x1x1 convolution commutes with mirroring, and two copies of it average to itself."""
+    src = tmp_path / "case.mha"
+    sitk.WriteImage(oblique_sitk(), str(src))
+    ckpt = threshold_ckpt()
+    plain = infer(ckpt, src, tmp_path / "plain", amp=False, save_probabilities=True)["written"][0]
+    both = infer([ckpt, ckpt], src, tmp_path / "both", amp=False, tta=True, save_probabilities=True, uncertainty="variance")["written"][0]
+    np.testing.assert_array_equal(nib.load(plain).get_fdata(), nib.load(both).get_fdata())
+    p0 = np.load(tmp_path / "plain" / "case_probabilities.npz")["probabilities"]
+    p1 = np.load(tmp_path / "both" / "case_probabilities.npz")["probabilities"]
+    assert p0.dtype == np.float16 and p0.shape == (2, 22, 18, 9)
+    np.testing.assert_allclose(p0.astype(np.float32), p1.astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(p0.astype(np.float32).sum(0), 1, atol=2e-3)
+    variance = nib.load(tmp_path / "both" / "case_uncertainty.nii.gz").get_fdata()
+    assert variance.shape == (22, 18, 9) and variance.max() < 1e-5  # identical members: no spread
+
+
+def test_postprocessing_on_hand_built_masks():
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[1:6, 1:6, 1:6] = 1          # 125 voxels
+    labels[10:12, 10:12, 10:12] = 1    # 8 voxels: a second, smaller component
+    labels[14:19, 14:19, 14:19] = 2    # a hollow cube of class 2
+    labels[16, 16, 16] = 0
+    labels[0, 19, 0] = 2               # one stray voxel of class 2
+    out = postprocess(labels, largest_component=[1], fill_holes=[2], min_size=2, num_classes=3)
+    assert (out == 1).sum() == 125 and out[10, 10, 10] == 0
+    assert out[16, 16, 16] == 2 and out[0, 19, 0] == 0
+    assert (out == 2).sum() == 125
+
+
+def test_folder_run_skips_existing_goes_on_after_a_bad_file_and_exits_nonzero(threshold_ckpt, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.nrrd", "c.mha"):
+        sitk.WriteImage(oblique_sitk(), str(inputs / name))
+    (inputs / "b.nii.gz").write_bytes(b"not a nifti at all")
+    assert [v.path.name for v in find_inputs(inputs)] == ["a.nrrd", "b.nii.gz", "c.mha"]
+    ckpt = threshold_ckpt()
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "pipeline.infer", f"ckpt={ckpt}", f"input={inputs}",
+                                         f"output={tmp_path}/out", "amp=false", *extra], capture_output=True, text=True, cwd=project_root())
+    first = run()
+    assert first.returncode == 1
+    assert "b.nii.gz: not a readable image" in first.stderr
+    assert first.stderr.strip().splitlines()[-1].startswith("error: 1 of 3 inputs failed")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "c.nii.gz"]  # nothing half-written
+    stamp = (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns
+    (inputs / "b.nii.gz").unlink()
+    second = run()
+    assert second.returncode == 0 and "0 written, 2 skipped" in second.stdout
+    assert (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns == stamp
+    third = run("overwrite=true")
+    assert third.returncode == 0 and "2 written" in third.stdout
