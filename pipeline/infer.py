@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from pipeline import checkpoint, engine
 from pipeline.data.transforms import preprocess
 from pipeline.errors import InputError, exit_on_input_error
+from pipeline.export import OnnxRuntimeModel, build_model, export_model
 from pipeline.io import Reference, Volume, find_inputs, label_dtype
 
 PREPROCESSING = ("load", "orient", "resample", "normalize")
@@ -44,7 +45,8 @@ class Predictor:
     """Rebuilds models, preprocessing and inferers from checkpoints; turns one volume into probabilities on its grid."""
 
     def __init__(self, bundles: dict[Path, dict], device="auto", amp="auto", overlap=None, sw_batch_size=None,
-                 stitch_device=None, tta: bool = False, tta_axes=(0, 1, 2), uncertainty: str | None = None):
+                 stitch_device=None, tta: bool = False, tta_axes=(0, 1, 2), uncertainty: str | None = None,
+                 backend: str = "torch", work_dir: Path | None = None):
         first_path, first = next(iter(bundles.items()))
         for path, bundle in bundles.items():  # ensemble members must see the same input
             if preprocessing_of(bundle["config"]) != preprocessing_of(first["config"]):
@@ -54,12 +56,17 @@ class Predictor:
         self.device = engine.pick_device(device)
         self.dtype = engine.amp_dtype(amp, self.device)
         window = {k: v for k, v in {"overlap": overlap, "sw_batch_size": sw_batch_size, "device": stitch_device}.items() if v is not None}
+        if backend not in ("torch", "onnxruntime"):
+            raise InputError(f"backend={backend}: must be torch or onnxruntime")
+        if backend == "onnxruntime":  # ONNX Runtime runs fp32 on the CPU
+            self.device, self.dtype = torch.device("cpu"), None
         self.members = []
-        for bundle in bundles.values():
-            member_cfg = OmegaConf.create(bundle["config"])
-            model = instantiate(member_cfg.model)
-            model.load_state_dict(bundle["state_dict"])
-            self.members.append((model.to(self.device).eval(), instantiate(member_cfg.trainer.inferer, **window)))
+        for i, bundle in enumerate(bundles.values()):
+            model = build_model(bundle)
+            if backend == "onnxruntime":
+                model = OnnxRuntimeModel(export_model(model, bundle["config"], "onnx", Path(work_dir) / f"member{i}.onnx"))
+            inferer = instantiate(OmegaConf.create(bundle["config"]).trainer.inferer, **window)
+            self.members.append((model.to(self.device).eval(), inferer))
         # nnU-Net-style mirroring: every subset of the chosen axes, the unflipped pass included
         axes = list(tta_axes) if tta else []
         self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
@@ -72,26 +79,32 @@ class Predictor:
         """(probabilities (K, x, y, z) on the input grid, uncertainty (x, y, z) or None)."""
         data = self.preprocess({"image": str(nifti_path)})
         image = data["image"][None]
-        samples = []
+        # Running sums rather than a stack of every member's output: a large volume holds only two copies.
+        total, squares, n = None, None, 0
         for model, inferer in self.members:
             for dims in self.flips:
-                flipped = torch.flip(image, [d + 2 for d in dims]) if dims else image
-                logits = engine.predict(model, flipped, inferer, self.device, self.dtype)
-                probs = torch.softmax(logits, dim=1)
-                samples.append((torch.flip(probs, [d + 2 for d in dims]) if dims else probs)[0].cpu())
-        stack = torch.stack(samples)
-        mean = stack.mean(0)
-        channels = [mean]
+                flips = [d + 2 for d in dims]
+                logits = engine.predict(model, torch.flip(image, flips) if dims else image, inferer, self.device, self.dtype)
+                probs = torch.softmax(logits, dim=1)[0].cpu()
+                del logits
+                probs = torch.flip(probs, [d + 1 for d in dims]) if dims else probs
+                total = probs if total is None else total.add_(probs)
+                if self.uncertainty == "variance":
+                    squares = probs.square() if squares is None else squares.add_(probs.square())
+                n += 1
+        mean = total.div_(n)
         if self.uncertainty == "entropy":
-            channels.append(-(mean * torch.log(mean.clamp_min(1e-8))).sum(0, keepdim=True))
+            extra = -(mean * torch.log(mean.clamp_min(1e-8))).sum(0, keepdim=True)
         elif self.uncertainty == "variance":  # spread of the members (and mirrors), averaged over classes
-            channels.append(stack.var(0, unbiased=False).mean(0, keepdim=True))
-        elif self.uncertainty is not None:
+            extra = (squares.div_(n) - mean.square()).clamp_min_(0).mean(0, keepdim=True)
+        elif self.uncertainty is None:
+            extra = None
+        else:
             raise InputError(f"uncertainty={self.uncertainty}: must be entropy, variance or null")
-        data["pred"] = torch.cat(channels)  # inverted together: one resampling for all channels
-        out = self.invert(data)["pred"].numpy()
         k = mean.shape[0]
-        return out[:k], (out[k] if len(channels) > 1 else None)
+        data["pred"] = mean if extra is None else torch.cat([mean, extra])  # inverted together: one resampling
+        out = self.invert(data)["pred"].numpy()
+        return out[:k], (out[k] if extra is not None else None)
 
 
 def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 1, fill_holes=(), min_size: int = 0, num_classes: int = 2) -> np.ndarray:
@@ -110,7 +123,7 @@ def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 
 
 def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch_size=None, stitch_device=None,
           tta=False, tta_axes=(0, 1, 2), format="nifti", overwrite=False, save_probabilities=False, uncertainty=None,
-          postprocessing: dict | None = None) -> dict:
+          postprocessing: dict | None = None, backend: str = "torch") -> dict:
     """Predict every input into `output`; returns {"written": [...], "skipped": [...], "failed": {input: message}}."""
     volumes = find_inputs(input)
     out_dir = Path(output)
@@ -123,10 +136,10 @@ def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch
         if (out_dir / v.output_name(format)).resolve() in inputs:
             raise InputError(f"{v.path}: output would overwrite the input; choose another output= folder")
     bundles = {p: checkpoint.load(p) for p in checkpoints(ckpt)}
-    predictor = Predictor(bundles, device, amp, overlap, sw_batch_size, stitch_device, tta, tta_axes, uncertainty)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"written": [], "skipped": [], "failed": {}}
     with tempfile.TemporaryDirectory(prefix="pipeline-infer-") as tmp:
+        predictor = Predictor(bundles, device, amp, overlap, sw_batch_size, stitch_device, tta, tta_axes, uncertainty, backend, Path(tmp))
         for volume in tqdm(volumes, desc="infer", unit="volume"):
             target = out_dir / volume.output_name(format)
             if target.exists() and not overwrite:
@@ -165,7 +178,7 @@ def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, s
 def main(cfg: DictConfig) -> None:
     report = infer(cfg.ckpt, cfg.input, cfg.output, cfg.device, cfg.amp, cfg.overlap, cfg.sw_batch_size, cfg.stitch_device,
                    cfg.tta, list(cfg.tta_axes), cfg.format, cfg.overwrite, cfg.save_probabilities, cfg.uncertainty,
-                   OmegaConf.to_container(cfg.postprocess))
+                   OmegaConf.to_container(cfg.postprocess), cfg.backend)
     print(f"{len(report['written'])} written, {len(report['skipped'])} skipped (exist; overwrite=true to redo), "
           f"{len(report['failed'])} failed -> {Path(cfg.output).resolve()}")
     if report["failed"]:

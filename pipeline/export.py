@@ -1,0 +1,77 @@
+"""Export a checkpoint's network: `python -m pipeline.export ckpt=best.pt format=onnx|torchscript [output=...]`.
+
+The exported file runs without this package (ONNX Runtime, or `torch.jit.load`); a `<name>.json` beside it holds the
+resolved training config (preprocessing, classes, window size) needed to feed it the same inputs.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import checkpoint
+from pipeline.errors import InputError, exit_on_input_error
+
+SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
+
+
+def build_model(bundle: dict) -> torch.nn.Module:
+    model = instantiate(OmegaConf.create(bundle["config"]).model)
+    model.load_state_dict(bundle["state_dict"])
+    return model.eval()
+
+
+def export_model(model: torch.nn.Module, config: dict, fmt: str, path: Path) -> Path:
+    """Write `model` for sliding-window use: fixed window size (the roi), dynamic batch (sw_batch_size); atomic."""
+    if fmt not in SUFFIX:
+        raise InputError(f"format={fmt}: must be onnx or torchscript")
+    example = torch.randn(1, config["data"]["in_channels"], *config["trainer"]["inferer"]["roi_size"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with torch.no_grad():
+            if fmt == "onnx":
+                # The TorchScript-based exporter: the dynamo one needs onnxscript, which this project does not pin.
+                torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["logits"], opset_version=17,
+                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+            else:
+                torch.jit.save(torch.jit.trace(model, example), str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def export(ckpt: str | Path, fmt: str, output: str | Path | None = None) -> Path:
+    bundle = checkpoint.load(ckpt)
+    path = Path(output) if output else Path(ckpt).with_suffix(SUFFIX.get(fmt, ""))
+    export_model(build_model(bundle), bundle["config"], fmt, path)
+    path.with_suffix(".json").write_text(json.dumps(bundle["config"], indent=1))
+    return path
+
+
+class OnnxRuntimeModel(torch.nn.Module):
+    """An ONNX Runtime session behind the nn.Module call the MONAI inferers expect (CPU execution provider)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"image": x.float().cpu().numpy()})[0])
+
+
+@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
+@exit_on_input_error
+def main(cfg: DictConfig) -> None:
+    print(f"wrote {export(cfg.ckpt, cfg.format, cfg.output)}")
+
+
+if __name__ == "__main__":
+    main()

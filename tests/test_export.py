@@ -1,0 +1,46 @@
+"""Exported networks run without this package and agree with PyTorch."""
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from pipeline import checkpoint, project_root
+from pipeline.infer import infer
+from pipeline.train import train
+from tests.conftest import tiny_config
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    scores = [2 * ((a == c) & (b == c)).sum() / ((a == c).sum() + (b == c).sum()) for c in np.union1d(a, b) if c]
+    return float(np.mean(scores))
+
+
+def test_onnx_and_torchscript_exports_agree_with_pytorch(tiny_phantom, tmp_path):
+    train(tiny_config(tiny_phantom, tmp_path, overrides=["tracking=none", "trainer.max_epochs=2"]))
+    ckpt = tmp_path / "checkpoints" / "best.pt"
+    for fmt in ("onnx", "torchscript"):
+        done = subprocess.run([sys.executable, "-m", "pipeline.export", f"ckpt={ckpt}", f"format={fmt}"],
+                              capture_output=True, text=True, cwd=project_root())
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "checkpoints" / "best.json").exists()
+
+    bundle = checkpoint.load(ckpt)
+    from pipeline.export import build_model
+
+    model = build_model(bundle)
+    x = torch.randn(2, 1, 32, 32, 16)
+    scripted = torch.jit.load(str(tmp_path / "checkpoints" / "best.ts"))
+    torch.testing.assert_close(scripted(x), model(x), atol=1e-4, rtol=1e-4)
+
+    images = tmp_path / "images"  # two volumes keep it quick
+    images.mkdir()
+    for name in ("phantom_000.nii.gz", "phantom_001.nii.gz"):
+        (images / name).symlink_to(tiny_phantom / "imagesTr" / name)
+    ref = infer(ckpt, images, tmp_path / "torch", amp=False)["written"]
+    ort = infer(ckpt, images, tmp_path / "ort", backend="onnxruntime")["written"]
+    for a, b in zip(ref, ort):
+        la, lb = np.asarray(nib.load(a).dataobj), np.asarray(nib.load(b).dataobj)
+        assert (la == lb).mean() > 0.999 and dice(la, lb) >= 0.999
