@@ -72,11 +72,12 @@ class Predictor:
         self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
         self.uncertainty = uncertainty
         self.preprocess = Compose(preprocess(cfg))
+        self.resampled = cfg.data.spacing is not None
         # Invert orientation/resampling on probabilities (interpolated like the image), then take the argmax.
         self.invert = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False)
 
-    def __call__(self, nifti_path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities (K, x, y, z) on the input grid, uncertainty (x, y, z) or None)."""
+    def __call__(self, nifti_path: Path, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(labels (x, y, z), probabilities (K, x, y, z) or None, uncertainty (x, y, z) or None), on the input grid."""
         data = self.preprocess({"image": str(nifti_path)})
         image = data["image"][None]
         # Running sums rather than a stack of every member's output: a large volume holds only two copies.
@@ -85,7 +86,9 @@ class Predictor:
             for dims in self.flips:
                 flips = [d + 2 for d in dims]
                 logits = engine.predict(model, torch.flip(image, flips) if dims else image, inferer, self.device, self.dtype)
-                probs = torch.softmax(logits, dim=1)[0].cpu()
+                probs = logits[0].cpu()
+                probs = probs.sub_(probs.amax(0, keepdim=True)).exp_()  # softmax in place: no second K-channel copy
+                probs = probs.div_(probs.sum(0, keepdim=True))
                 del logits
                 probs = torch.flip(probs, [d + 1 for d in dims]) if dims else probs
                 total = probs if total is None else total.add_(probs)
@@ -101,10 +104,16 @@ class Predictor:
             extra = None
         else:
             raise InputError(f"uncertainty={self.uncertainty}: must be entropy, variance or null")
+        if not (probabilities or extra is not None or self.resampled):
+            # Orientation alone permutes voxels, so the argmax commutes with its inverse: invert one uint8
+            # channel instead of K float ones (what keeps a 512x512x400 volume within a few GiB).
+            data["pred"] = mean.argmax(0, keepdim=True).to(torch.uint8)
+            del mean, total
+            return self.invert(data)["pred"].numpy()[0], None, None
         k = mean.shape[0]
         data["pred"] = mean if extra is None else torch.cat([mean, extra])  # inverted together: one resampling
         out = self.invert(data)["pred"].numpy()
-        return out[:k], (out[k] if extra is not None else None)
+        return out[:k].argmax(0), out[:k], (out[k] if extra is not None else None)
 
 
 def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 1, fill_holes=(), min_size: int = 0, num_classes: int = 2) -> np.ndarray:
@@ -157,12 +166,11 @@ def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch
 def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, save_probabilities: bool, post: dict) -> None:
     ref = Reference(volume, tmp)
     try:
-        probs, uncertainty = predictor(ref.nifti_path)
+        labels, probs, uncertainty = predictor(ref.nifti_path, probabilities=save_probabilities)
     except (RuntimeError, ValueError) as err:  # e.g. a channel count the model was not trained for
         raise InputError(f"{volume.path}: inference failed ({str(err).strip().splitlines()[0][:200]})") from None
-    if probs.shape[1:] != ref.shape:
-        raise RuntimeError(f"{volume.path}: prediction shape {probs.shape[1:]} does not match the input's {ref.shape}")
-    labels = probs.argmax(0)
+    if labels.shape != ref.shape:
+        raise RuntimeError(f"{volume.path}: prediction shape {labels.shape} does not match the input's {ref.shape}")
     if post:
         labels = postprocess(labels, num_classes=predictor.num_classes, **post)
     if save_probabilities:  # float16 as nnU-Net stores them; NIfTI has no float16

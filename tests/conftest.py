@@ -43,7 +43,8 @@ def tiny_phantom(tmp_path_factory) -> Path:
 
 def compose_config(name: str = "train", overrides: list[str] = (), run_dir: Path | None = None) -> DictConfig:
     """Compose a config as the entry point would, with this run's folder set (no Hydra runtime in tests)."""
-    extra = [f"paths.run_dir={run_dir}"] if run_dir else []
+    # outputs (fingerprints, caches) of a test stay in its own folder
+    extra = [f"paths.run_dir={run_dir}", f"paths.outputs={run_dir}/outputs"] if run_dir else []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=name, overrides=[*overrides, *extra])
 

@@ -110,7 +110,8 @@ def test_tracking_options_build(tracking, tmp_path):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_options_compose_and_build(experiment, tmp_path):
     cfg = compose_config("train", [f"experiment={experiment}", f"data.root={shared_dataset('msd_hippocampus')}"], tmp_path)
-    resolve_data(cfg)
+    dataset = resolve_data(cfg)
+    apply_plan(cfg, dataset.modalities, dataset.cases[:20])
     net = instantiate(cfg.model)
     patch = list(cfg.data.patch_size)
     assert net(torch.randn(1, cfg.data.in_channels, *patch)).shape == (1, cfg.data.num_classes, *patch)
