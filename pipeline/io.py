@@ -6,7 +6,8 @@ with the input's own spacing, origin and direction (CopyInformation), so the geo
 """
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -20,11 +21,15 @@ SITK = (".nrrd", ".mha")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
+CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")  # nnU-Net/MSD naming: case_0000.nii.gz, case_0001...
+
+
 @dataclass
 class Volume:
-    """One input: a NIfTI file, a NRRD/MHA file, or a DICOM series folder."""
+    """One input: a NIfTI file, a NRRD/MHA file, a DICOM series folder, or one NIfTI file per channel."""
 
     path: Path
+    channels: list[Path] = field(default_factory=list)  # case_0000, case_0001, ...: stacked in this order
 
     @property
     def kind(self) -> str:
@@ -34,6 +39,8 @@ class Volume:
 
     @property
     def stem(self) -> str:
+        if self.channels:
+            return CHANNEL.match(self.path.name)["case"]
         name = self.path.name
         for ext in (".nii.gz", ".nii", *SITK):
             name = name.removesuffix(ext)
@@ -68,8 +75,16 @@ def find_inputs(path: str | Path) -> list[Volume]:
         return [Volume(path)]
     if is_dicom_series(path):
         return [Volume(path)]
-    found = [Volume(p) for p in sorted(path.iterdir()) if not p.name.startswith(".") and (
-        (p.is_file() and p.name.endswith(NIFTI + SITK)) or (p.is_dir() and is_dicom_series(p)))]
+    found, groups = [], {}
+    for p in sorted(path.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and (m := CHANNEL.match(p.name)):
+            groups.setdefault(m["case"], []).append(p)
+        elif (p.is_file() and p.name.endswith(NIFTI + SITK)) or (p.is_dir() and is_dicom_series(p)):
+            found.append(Volume(p))
+    found += [Volume(files[0], files) for files in groups.values()]  # sorted names: channel order
+    found.sort(key=lambda v: v.stem)
     if not found:
         raise InputError(f"{path}: holds no NIfTI, NRRD, MHA files or DICOM series")
     return found
@@ -99,7 +114,11 @@ class Reference:
     def __init__(self, volume: Volume, tmp_dir: Path):
         self.volume = volume
         try:
-            if volume.kind == "nifti":
+            if volume.channels:
+                self.sitk = None
+                self.nifti, self.nifti_path = stack_channels(volume, tmp_dir)
+                self.shape = self.nifti.shape[:3]
+            elif volume.kind == "nifti":
                 self.nifti = nib.load(volume.path)
                 self.sitk = None
                 self.shape = self.nifti.shape[:3]
@@ -135,6 +154,19 @@ class Reference:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def stack_channels(volume: Volume, tmp_dir: Path) -> tuple[nib.Nifti1Image, Path]:
+    """One 4D NIfTI (x, y, z, channel) from per-channel files that share a grid."""
+    images = [nib.load(p) for p in volume.channels]
+    first = images[0]
+    for p, image in zip(volume.channels[1:], images[1:]):
+        if image.shape[:3] != first.shape[:3] or not np.allclose(image.affine, first.affine, atol=1e-4):
+            raise InputError(f"{p}: grid differs from {volume.channels[0].name}'s; the channels of a case must share one")
+    stacked = nib.Nifti1Image(np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in images], axis=-1), first.affine, first.header)
+    path = tmp_dir / f"{volume.stem}.nii.gz"
+    nib.save(stacked, path)
+    return stacked, path
 
 
 def write_nifti(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:

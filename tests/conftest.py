@@ -84,17 +84,18 @@ def hippocampus_subset(folder: Path, n: int) -> Path:
 
 @pytest.fixture
 def threshold_ckpt(tiny_phantom, tmp_path):
-    """A checkpoint whose 'network' is a 1x1x1 conv with logits (-x, x): it labels voxels above the volume mean."""
+    """A checkpoint whose 'network' is a 1x1x1 conv with logits (-sum x, sum x) over the channels: it labels
+    voxels where the z-scored channels sum above 0 (for one channel: above the volume mean)."""
 
-    def make(overrides=()):
+    def make(overrides=(), channels: int = 1):
         cfg = tiny_config(tiny_phantom, tmp_path, overrides=list(overrides))
         resolve_data(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
-        config["model"] = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}
-        config["data"]["num_classes"] = 2
-        net = torch.nn.Conv3d(1, 2, 1)
+        config["model"] = {"_target_": "torch.nn.Conv3d", "in_channels": channels, "out_channels": 2, "kernel_size": 1}
+        config["data"]["num_classes"], config["data"]["in_channels"] = 2, channels
+        net = torch.nn.Conv3d(channels, 2, 1)
         with torch.no_grad():
-            net.weight.copy_(torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1, 1))
+            net.weight.copy_(torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1, 1).expand(2, channels, 1, 1, 1))
             net.bias.zero_()
         return checkpoint.save(tmp_path / "threshold.pt", net, config)
 

@@ -121,3 +121,23 @@ def test_folder_run_skips_existing_goes_on_after_a_bad_file_and_exits_nonzero(th
     assert (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns == stamp
     third = run("overwrite=true")
     assert third.returncode == 0 and "2 written" in third.stdout
+
+
+def test_multichannel_cases_by_naming_rule_or_as_one_4d_file(threshold_ckpt, tmp_path):
+    rng = np.random.default_rng(3)
+    affine = np.diag([-1.2, 0.9, 2.0, 1.0])
+    a, b = rng.normal(5, 2, (16, 20, 8)).astype(np.float32), rng.normal(-3, 4, (16, 20, 8)).astype(np.float32)
+    (tmp_path / "split").mkdir()
+    nib.save(nib.Nifti1Image(a, affine), tmp_path / "split" / "case_0000.nii.gz")
+    nib.save(nib.Nifti1Image(b, affine), tmp_path / "split" / "case_0001.nii.gz")
+    (tmp_path / "joint").mkdir()
+    nib.save(nib.Nifti1Image(np.stack([a, b], -1), affine), tmp_path / "joint" / "case.nii.gz")
+    ckpt = threshold_ckpt(channels=2)
+    [split] = infer(ckpt, tmp_path / "split", tmp_path / "out_split", amp=False)["written"]
+    [joint] = infer(ckpt, tmp_path / "joint", tmp_path / "out_joint", amp=False)["written"]
+    assert split.name == joint.name == "case.nii.gz"
+    expected = ((a - a.mean()) / a.std() + (b - b.mean()) / b.std()) > 0
+    for out in (split, joint):
+        pred = nib.load(out)
+        assert pred.shape == (16, 20, 8) and np.allclose(pred.affine, affine, atol=1e-6)
+        assert (np.asarray(pred.dataobj) == expected).mean() > 0.999  # float rounding at the threshold only

@@ -1,0 +1,140 @@
+"""Whole-volume inference: the plain MONAI call against the project's path, on a BRATS-size volume, one run.
+
+    .venv/bin/python bench/infer.py [--data ../shared/data/brats2015_subset] [--large]
+
+A fixed 2-channel model (a 3D UNet trained once for 90 s on the BRATS subset, seed 0, kept in
+outputs/bench/brats/) segments one 240x240x155 FLAIR+T1c volume two ways, each in a fresh process so peak RSS is
+its own:
+  baseline  `monai.inferers.sliding_window_inference` with MONAI's defaults (fp32, sw_batch_size 1, overlap 0.25)
+  project   `pipeline.infer.Predictor` (bf16 autocast, sw_batch_size 8, the same overlap)
+Both share preprocessing and its inversion. Prints seconds, voxels/s and peak RSS of each, the speed ratio and the
+Dice between the two label maps. `--large` adds the peak RSS of the project path on a synthetic 512x512x400 volume.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pipeline import project_root
+
+OUT = project_root() / "outputs" / "bench" / "brats"
+
+
+def prepare(data: Path) -> tuple[Path, Path]:
+    """The BRATS subset as an MSD dataset (two channels stacked as 4D NIfTI) and a model trained on it once."""
+    root, ckpt = OUT / "dataset", OUT / "model" / "checkpoints" / "best.pt"
+    if not (root / "dataset.json").exists():
+        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+        training = []
+        for case in sorted(p for p in data.iterdir() if p.is_dir()):
+            flair, t1c = (nib.load(case / f"{m}_subtrMeanDivStd.nii.gz") for m in ("Flair", "T1c"))
+            stacked = np.stack([flair.get_fdata(dtype=np.float32), t1c.get_fdata(dtype=np.float32)], axis=-1)
+            nib.save(nib.Nifti1Image(stacked, flair.affine), root / "imagesTr" / f"{case.name}.nii.gz")
+            label = nib.load(case / "OTMultiClass.nii.gz")
+            nib.save(nib.Nifti1Image(np.asarray(label.dataobj).astype(np.uint8), label.affine), root / "labelsTr" / f"{case.name}.nii.gz")
+            training.append({"image": f"./imagesTr/{case.name}.nii.gz", "label": f"./labelsTr/{case.name}.nii.gz"})
+        labels = {"0": "background", "1": "necrosis", "2": "edema", "3": "non-enhancing", "4": "enhancing"}
+        (root / "dataset.json").write_text(json.dumps({"name": "BratsSubset", "modality": {"0": "FLAIR", "1": "T1c"},
+                                                       "labels": labels, "training": training}))
+    if not ckpt.exists():
+        from hydra import compose, initialize_config_dir
+
+        from pipeline.train import train
+
+        with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
+            cfg = compose("train", ["data=msd", f"data.root={root}", "data.patch_size=[96,96,64]", "data.split.val=0.25",
+                                    "data.split.test=0", "tracking=none", "trainer.max_epochs=1000", "trainer.max_minutes=1.5",
+                                    "trainer.val_every=1000", "seed=0", f"paths.run_dir={ckpt.parent.parent}"])
+        train(cfg)
+    return root, ckpt
+
+
+def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
+    """One inference in this process; prints seconds and peak RSS as JSON."""
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import Compose, Invertd
+    from omegaconf import OmegaConf
+
+    from pipeline import checkpoint
+    from pipeline.data.transforms import preprocess
+    from pipeline.export import build_model
+    from pipeline.infer import Predictor
+
+    bundle = checkpoint.load(ckpt)
+    cfg = OmegaConf.create(bundle["config"])
+    start = time.perf_counter()
+    if mode == "baseline":
+        model = build_model(bundle)
+        pre = Compose(preprocess(cfg))
+        data = pre({"image": str(volume)})
+        with torch.no_grad():
+            logits = sliding_window_inference(data["image"][None], list(cfg.data.patch_size), 1, model)
+        data["pred"] = logits[0].argmax(0, keepdim=True).to(torch.uint8)
+        labels = Invertd(keys="pred", transform=pre, orig_keys="image")(data)["pred"].numpy()[0]
+    else:
+        labels = Predictor({ckpt: bundle}, amp="auto", overlap=0.25, sw_batch_size=8)(volume)[0]
+    seconds = time.perf_counter() - start
+    np.save(out, labels.astype(np.uint8))
+    print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "voxels": int(labels.size)}))
+
+
+def run(mode: str, ckpt: Path, volume: Path) -> tuple[dict, np.ndarray]:
+    out = OUT / f"{mode}-{volume.stem}.npy"
+    done = subprocess.run([sys.executable, __file__, "--worker", mode, "--ckpt", str(ckpt), "--volume", str(volume), "--out", str(out)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{mode} worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Dice over the foreground classes present in either map."""
+    classes = [c for c in np.union1d(np.unique(a), np.unique(b)) if c]
+    return float(np.mean([2 * ((a == c) & (b == c)).sum() / ((a == c).sum() + (b == c).sum()) for c in classes]))
+
+
+def main() -> None:
+    default = os.path.join(os.environ.get("PIPELINE_SHARED_DATA", project_root().parent / "shared" / "data"), "brats2015_subset")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=default)
+    parser.add_argument("--large", action="store_true", help="also the project path's peak RSS on 512x512x400x2")
+    parser.add_argument("--worker", choices=["baseline", "project"])
+    parser.add_argument("--ckpt", type=Path)
+    parser.add_argument("--volume", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.ckpt, args.volume, args.out)
+
+    root, ckpt = prepare(Path(args.data))
+    volume = sorted((root / "imagesTr").iterdir())[-1]
+    print(f"volume {volume.name} {nib.load(volume).shape}, model {ckpt}")
+    base, base_labels = run("baseline", ckpt, volume)
+    ours, our_labels = run("project", ckpt, volume)
+    for name, r in (("MONAI sliding_window_inference, fp32", base), ("project Predictor, bf16", ours)):
+        print(f"{name:38s} {r['seconds']:7.1f} s  {r['voxels'] / r['seconds'] / 1e6:6.2f} M voxels/s  peak RSS {r['rss_mb']:7.0f} MB")
+    print(f"speed ratio x{base['seconds'] / ours['seconds']:.2f}; Dice between the label maps {dice(base_labels, our_labels):.4f}; "
+          f"voxels equal {(base_labels == our_labels).mean():.5f}")
+    if args.large:
+        big = OUT / "synthetic_512x512x400x2.nii"
+        if not big.exists():
+            rng = np.random.default_rng(0)
+            data = rng.normal(size=(512, 512, 400, 2)).astype(np.float32)
+            nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 1.0, 1.0])), big)
+            del data
+        r, _ = run("project", ckpt, big)
+        print(f"synthetic 512x512x400 (2 channels): {r['seconds']:.0f} s, peak RSS {r['rss_mb']:.0f} MB ({r['rss_mb'] / 1024:.2f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
