@@ -1,8 +1,10 @@
 """Self-contained checkpoints: weights + the resolved config (plain data), so inference needs only the file."""
 
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.errors import InputError
@@ -32,3 +34,40 @@ def load(path: str | Path) -> dict:
     if not isinstance(bundle, dict) or not {"state_dict", "config"} <= bundle.keys():
         raise InputError(f"{path}: not a pipeline checkpoint (no state_dict/config)")
     return bundle
+
+
+def _randomizable(transform) -> list:
+    """Every MONAI transform with its own random state in a (nested) Compose, in a stable order."""
+    from monai.transforms import Compose, Randomizable
+
+    flat = transform.flatten().transforms if isinstance(transform, Compose) else [transform]
+    return [t for t in flat if isinstance(t, Randomizable)]
+
+
+def _numpy_state(state) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, keys.tolist(), pos, has_gauss, cached]  # plain data: loadable with weights_only=True
+
+
+def _from_numpy_state(state: list) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached
+
+
+def rng_state(transform=None) -> dict:
+    """python, numpy, torch and MONAI transform random states, as plain data."""
+    return {
+        "python": random.getstate(),
+        "numpy": _numpy_state(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+        "transforms": [_numpy_state(t.R.get_state()) for t in _randomizable(transform)] if transform is not None else [],
+    }
+
+
+def restore_rng(state: dict, transform=None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(_from_numpy_state(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if transform is not None:
+        for t, s in zip(_randomizable(transform), state["transforms"], strict=True):
+            t.R.set_state(_from_numpy_state(s))

@@ -61,17 +61,27 @@ def fit(
     config: dict,
     device: torch.device,
     dtype: torch.dtype | None,
+    resume: dict | None = None,
 ) -> dict:
     """Train for trainer.max_epochs (or until trainer.max_minutes of training); validate every trainer.val_every
-    epochs and after the last; keep best.pt and last.pt in ckpt_dir."""
+    epochs and after the last; keep best.pt and last.pt in ckpt_dir. `resume`: a loaded last.pt to continue from."""
     ckpt_dir = Path(ckpt_dir)
     model.to(device)
     scores = SegmentationScores(class_names)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 has fp32's range: no scaling
     best = {"val_dice_mean": -math.inf, "epoch": 0}
-    step_losses, train_seconds = [], 0.0
+    step_losses, train_seconds, epoch = [], 0.0, 0
+    augment = train_loader.dataset.transform  # its random transforms' states go into last.pt
+    if resume is not None:  # continue where last.pt left off: weights, optimizer moments, LR, every RNG stream
+        model.load_state_dict(resume["state_dict"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        best, epoch, train_seconds = resume["metrics"], resume["epoch"], 60 * resume["train_minutes"]
+        checkpoint.restore_rng(resume["rng"], augment)
 
-    epochs = tqdm(range(1, trainer.max_epochs + 1), desc="epochs", unit="epoch")
+    epochs = tqdm(range(epoch + 1, trainer.max_epochs + 1), desc="epochs", unit="epoch", initial=epoch, total=trainer.max_epochs)
     for epoch in epochs:
         model.train()
         start, losses = time.perf_counter(), []
@@ -116,8 +126,9 @@ def fit(
         epochs.set_postfix(loss=f"{log['train_loss']:.4f}", best_dice=f"{best['val_dice_mean']:.3f}")
         # last.pt carries what a resume needs; best.pt only what inference needs.
         checkpoint.save(
-            ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best,
+            ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best, train_minutes=train_seconds / 60,
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
+            rng=checkpoint.rng_state(augment), run_id=tracker.run_id,
         )
         if out_of_time:
             tqdm.write(f"stopping after epoch {epoch}: trainer.max_minutes={trainer.max_minutes} of training reached")

@@ -11,10 +11,13 @@ class InputError(ValueError):
 
 
 def exit_on_input_error(fn):
-    """Wrap an entry point: an InputError becomes `error: <message>` on stderr and exit status 1, no traceback."""
+    """Wrap a Hydra entry point: an InputError becomes `error: <message>` on stderr and exit status 1, no traceback
+    (unless the config says debug=true)."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        if args and hasattr(args[0], "get") and args[0].get("debug"):
+            return fn(*args, **kwargs)  # debug=true: let the traceback through
         try:
             return fn(*args, **kwargs)
         except InputError as err:

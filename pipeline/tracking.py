@@ -18,11 +18,21 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_commit() -> str:
+def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return None
+
+
+def git_commit() -> str:
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty() -> str:
+    """"true" when tracked files differ from the commit (the run is not reproducible from the commit alone)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return "unknown" if status is None else str(bool(status)).lower()
 
 
 class NullTracker:
@@ -30,7 +40,7 @@ class NullTracker:
 
     run_id = None
 
-    def start(self, run_name: str, config: dict, tags: dict) -> None:
+    def start(self, run_name: str, config: dict, tags: dict, run_id: str | None = None) -> None:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -52,7 +62,8 @@ class MLflowTracker(NullTracker):
         self.mlflow = mlflow
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
 
-    def start(self, run_name: str, config: dict, tags: dict) -> None:
+    def start(self, run_name: str, config: dict, tags: dict, run_id: str | None = None) -> None:
+        """A new run, or with run_id the interrupted run continued (its params and config are already logged)."""
         mlflow = self.mlflow
         mlflow.set_tracking_uri(self.uri)
         if self.uri.startswith("sqlite:///"):
@@ -62,6 +73,9 @@ class MLflowTracker(NullTracker):
             local = self.uri.startswith(("sqlite:", "file:", "/")) and self.artifact_location
             mlflow.create_experiment(self.experiment, artifact_location=Path(self.artifact_location, self.experiment).as_uri() if local else None)
         mlflow.set_experiment(self.experiment)
+        if run_id is not None:
+            self.run_id = mlflow.start_run(run_id=run_id).info.run_id
+            return
         self.run_id = mlflow.start_run(run_name=run_name, tags={"git_commit": git_commit(), **tags}).info.run_id
         mlflow.log_params(flatten(config))
         mlflow.log_dict(config, "config.yaml")

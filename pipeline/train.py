@@ -1,21 +1,26 @@
 """Training entry point: `python -m pipeline.train [key=value ...]` (also `--multirun` for sweeps)."""
 
 import json
+import platform
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import hydra
+import monai
 import torch
 from hydra.utils import instantiate
 from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import engine
-from pipeline.data.sources import case_id, resolve_data, split
+from pipeline import checkpoint, engine
+from pipeline.data.fingerprint import cache_key
+from pipeline.check import check
+from pipeline.data.sources import case_id, ensure_demo_data, resolve_data, split
 from pipeline.data.transforms import loaders
-from pipeline.errors import exit_on_input_error
+from pipeline.errors import InputError, exit_on_input_error
 from pipeline.planning import apply_plan
+from pipeline.tracking import git_dirty
 
 
 def run_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> str:
@@ -34,8 +39,15 @@ def save_splits(splits: dict[str, list[dict]], run_dir: str) -> Path:
 
 def setup(cfg: DictConfig) -> SimpleNamespace:
     """Data, split, plan and every component, built from the config (shared by `train` and the benchmarks)."""
+    ensure_demo_data(cfg)
+    if cfg.data.get("check", True):  # every fault of the dataset, before anything is cached or trained
+        faults = check(cfg, progress=False)["faults"]
+        if faults:
+            more = f" (and {len(faults) - 1} more: python -m pipeline.check data.root={cfg.data.root})" if len(faults) > 1 else ""
+            raise InputError(faults[0] + more)
     dataset = resolve_data(cfg)  # fills data.num_classes etc., which the other groups interpolate
-    set_determinism(seed=cfg.seed)
+    set_determinism(seed=cfg.seed)  # python, numpy, torch and MONAI transform states
+    torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", False)), warn_only=True)
     s = cfg.data.split
     splits = split(dataset.cases, s.val, s.test, s.seed, s.folds, cfg.data.fold)
     apply_plan(cfg, dataset.modalities, splits["train"])  # fills values set to `auto` (plan=auto)
@@ -54,8 +66,44 @@ def setup(cfg: DictConfig) -> SimpleNamespace:
     )
 
 
+def resume_from(cfg: DictConfig) -> Path | None:
+    """`resume=true`: the newest last.pt under outputs/runs; `resume=<path>`: that last.pt or run folder."""
+    resume = cfg.get("resume")
+    if resume in (None, False):
+        return None
+    if resume is True:
+        found = sorted(Path(cfg.paths.outputs).glob("runs/train/*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise InputError(f"{cfg.paths.outputs}/runs/train: no run with a last.pt to resume")
+        return found[-1]
+    path = Path(resume)
+    for candidate in (path, path / "checkpoints" / "last.pt", path / "last.pt"):
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"{path}: no last.pt to resume from")
+
+
+def run_tags(cfg: DictConfig, device, dtype, cases: list[dict]) -> dict:
+    """What it takes to tell runs apart and redo one: code, data, seed, software, hardware."""
+    return {
+        "seed": cfg.seed, "device": str(device), "amp": str(dtype).removeprefix("torch.") if dtype else "fp32",
+        "git_dirty": git_dirty(), "data_fingerprint": cache_key(cases), "python": platform.python_version(),
+        "torch": torch.__version__, "monai": monai.__version__,
+    }
+
+
 def train(cfg: DictConfig) -> dict:
-    """Build every component from the config, train, and return {"best": metrics, "step_losses": [...], ...}."""
+    """Build every component from the config, train, and return {"best": metrics, "step_losses": [...], ...}.
+
+    With `resume`, the interrupted run's own config, checkpoint folder and MLflow run are continued.
+    """
+    state = None
+    if (path := resume_from(cfg)) is not None:
+        state = checkpoint.load(path)
+        if "optimizer" not in state:
+            raise InputError(f"{path}: holds no optimizer state (a best.pt?); resume from last.pt")
+        cfg = OmegaConf.create(state["config"])
+        print(f"resuming {path} after epoch {state['epoch']}")
     run = setup(cfg)
     splits, model, optimizer, loss_fn, device, dtype = run.splits, run.model, run.optimizer, run.loss_fn, run.device, run.dtype
     train_cases, val_cases = splits["train"], splits["val"]
@@ -64,15 +112,15 @@ def train(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     name = run_name(model, optimizer, loss_fn)
     tracker = instantiate(cfg.tracking)
-    tracker.start(name, config, tags={"seed": cfg.seed, "device": str(device), "amp": str(dtype).removeprefix("torch.") if dtype else "fp32"})
-    splits_file = save_splits(splits, cfg.paths.run_dir)
-    tracker.log_artifact(splits_file)
+    tracker.start(name, config, run_tags(cfg, device, dtype, dataset_cases(splits)), run_id=state and state.get("run_id"))
+    if state is None:
+        tracker.log_artifact(save_splits(splits, cfg.paths.run_dir))
     print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases from {cfg.data.root} on {device}, amp {dtype}")
     status, start = "FAILED", time.perf_counter()
     try:
         result = engine.fit(
             cfg.trainer, model, loss_fn, optimizer, run.scheduler, train_loader, val_loader, run.inferer,
-            cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, dtype,
+            cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, dtype, resume=state,
         )
         for ckpt in ("best.pt", "last.pt"):
             tracker.log_artifact(f"{cfg.paths.run_dir}/checkpoints/{ckpt}", "checkpoints")
@@ -82,7 +130,11 @@ def train(cfg: DictConfig) -> dict:
     minutes = (time.perf_counter() - start) / 60
     print(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
           f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {cfg.paths.run_dir}/checkpoints")
-    return result | {"run_name": name, "run_id": tracker.run_id}
+    return result | {"run_name": name, "run_id": tracker.run_id, "config": cfg}
+
+
+def dataset_cases(splits: dict[str, list[dict]]) -> list[dict]:
+    return [c for part in splits.values() for c in part]
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

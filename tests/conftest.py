@@ -73,11 +73,14 @@ def shared_dataset(name: str) -> Path:
 
 
 def hippocampus_subset(folder: Path, n: int) -> Path:
-    """The first n real MSD hippocampus cases, listed by absolute path in a dataset.json of their own (fast tests)."""
+    """The first n real MSD hippocampus cases, linked into a dataset of their own (fast tests)."""
     root = shared_dataset("msd_hippocampus")
     meta = json.loads((root / "dataset.json").read_text())
-    cases = [{k: str((root / v).resolve()) for k, v in c.items()} for c in meta["training"][:n]]
-    folder.mkdir(parents=True, exist_ok=True)
+    cases = meta["training"][:n]
+    for case in cases:
+        for rel in case.values():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).symlink_to((root / rel).resolve())
     (folder / "dataset.json").write_text(json.dumps(meta | {"training": cases, "numTraining": n}))
     return folder
 

@@ -92,7 +92,7 @@ def test_cli_on_a_trained_checkpoint_and_on_a_missing_one(tiny_phantom, tmp_path
 def test_hippocampus_checkpoint_predicts_on_the_input_grid(tmp_path):
     """The issue's acceptance path on real MRI: train via data.root on MSD hippocampus, infer, same affine."""
     subset = hippocampus_subset(tmp_path / "hippo", 8)
-    image = json.loads((subset / "dataset.json").read_text())["training"][-1]["image"]
+    image = subset / json.loads((subset / "dataset.json").read_text())["training"][-1]["image"]
     cfg = tiny_config(subset, tmp_path, overrides=["experiment=hippocampus", "tracking=none", "trainer.max_epochs=1", "data.batch_size=2"])
     train(cfg)
     [out] = infer(tmp_path / "checkpoints" / "best.pt", image, tmp_path / "pred")["written"]

@@ -1,6 +1,7 @@
 """Case lists: read a dataset (MSD `dataset.json` or plain folder pairs) and split it into train, val and test."""
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,28 +20,49 @@ class Dataset:
     cases: list[dict]  # {"image": abs path, "label": abs path}
 
 
-def read_msd(root: str | Path) -> Dataset:
-    """Parse `<root>/dataset.json` and check every listed file exists."""
+def msd_problems(root: str | Path) -> tuple[Dataset | None, list[str]]:
+    """Parse `<root>/dataset.json`; every structural fault found, each `file: problem` (see `pipeline.check`)."""
     root = Path(root)
     spec = root / "dataset.json"
     if not spec.is_file():
-        raise InputError(f"{spec}: not found; data.root must be a folder in MSD layout (dataset.json, imagesTr/, labelsTr/)")
+        return None, [f"{spec}: not found; data.root must be a folder in MSD layout (dataset.json, imagesTr/, labelsTr/)"]
     try:
         meta = json.loads(spec.read_text())
         labels = {int(k): str(v) for k, v in meta["labels"].items()}
         modalities = [str(v) for _, v in sorted(meta["modality"].items(), key=lambda kv: int(kv[0]))]
-        cases = [{"image": str((root / c["image"]).resolve()), "label": str((root / c["label"]).resolve())} for c in meta["training"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise InputError(f"{spec}: not a valid MSD dataset.json ({type(err).__name__}: {err})") from None
+        entries = [(str(c["image"]), str(c["label"])) for c in meta["training"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        return None, [f"{spec}: not a valid MSD dataset.json ({type(err).__name__}: {err})"]
+    problems, cases, seen = [], [], {}
+    base = Path(os.path.normpath(root.absolute()))
     if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
-        raise InputError(f"{spec}: labels must be 0..N-1 with background 0, got {sorted(labels)}")
-    for case in cases:
-        for key in ("image", "label"):
-            if not Path(case[key]).is_file():
-                raise InputError(f"{case[key]}: listed in {spec} but missing")
-    if not cases:
-        raise InputError(f"{spec}: lists no training cases")
-    return Dataset(root, str(meta.get("name") or root.name), labels, modalities, cases)
+        problems.append(f"{spec}: labels must be 0..N-1 with background 0, got {sorted(labels)}")
+    if not entries:
+        problems.append(f"{spec}: lists no training cases")
+    for image, label in entries:
+        case = {}
+        for key, rel in (("image", image), ("label", label)):
+            path = Path(os.path.normpath(base / rel))  # lexical: symlinked files may live elsewhere
+            if Path(rel).is_absolute() or not path.is_relative_to(base):
+                problems.append(f"{spec}: path {rel} escapes the data root (absolute or ..)")
+            elif not path.is_file():
+                problems.append(f"{path}: listed in {spec} but missing")
+            case[key] = str(path)
+        cid = case_id(case)
+        if cid in seen:
+            problems.append(f"{spec}: case id {cid} listed twice")
+        seen[cid] = True
+        cases.append(case)
+    return Dataset(root, str(meta.get("name") or root.name), labels, modalities, cases), problems
+
+
+def read_msd(root: str | Path) -> Dataset:
+    """Parse `<root>/dataset.json`; the first structural fault is an InputError."""
+    dataset, problems = msd_problems(root)
+    if problems:
+        more = f" (and {len(problems) - 1} more: python -m pipeline.check data.root={root})" if len(problems) > 1 else ""
+        raise InputError(problems[0] + more)
+    return dataset
 
 
 def read_folders(root: str | Path, images: str, labels: str, class_names: list[str] | None) -> Dataset:
@@ -83,10 +105,24 @@ def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5,
         if not 0 <= fold < folds:
             raise InputError(f"data.fold={fold}: must be in 0..{folds - 1}")
         chunks = np.array_split(np.arange(len(rest)), folds)
+        if len(rest) < folds:
+            raise InputError(f"{len(cases)} cases are too few for {folds} folds after holding out {n_test} for test")
         parts = {"train": [rest[i] for k, c in enumerate(chunks) if k != fold for i in c], "val": [rest[i] for i in chunks[fold]]}
     if not parts["train"] or not parts["val"]:
         raise InputError(f"{len(cases)} cases are too few for split val={val}, test={test}, folds={folds}")
     return parts | {"test": held_out}
+
+
+def ensure_demo_data(cfg: DictConfig) -> None:
+    """Generate the demo phantoms when data.root is their folder and holds no dataset.json yet."""
+    synth = cfg.data.get("synthesize")
+    root = Path(cfg.data.root).expanduser().resolve()
+    # Only the demo folder is ever generated: a mistyped data.root must fail, not fill up with phantoms.
+    if synth and Path(synth.folder).resolve() == root and not (root / "dataset.json").exists():
+        from pipeline.data.phantom import synthesize
+
+        print(f"generating the demo dataset in {root} ({synth.num_cases} cases, seed {synth.seed})")
+        synthesize(root, synth.num_cases, synth.seed)
 
 
 def resolve_data(cfg: DictConfig) -> Dataset:
@@ -94,14 +130,8 @@ def resolve_data(cfg: DictConfig) -> Dataset:
 
     Other config nodes interpolate `${data.num_classes}` and friends, so this runs before anything is instantiated.
     """
+    ensure_demo_data(cfg)
     root = Path(cfg.data.root).expanduser().resolve()
-    synth = cfg.data.get("synthesize")
-    # Only the demo folder is ever generated: a mistyped data.root must fail, not fill up with phantoms.
-    if synth and Path(synth.folder).resolve() == root and not (root / "dataset.json").exists():
-        from pipeline.data.phantom import synthesize
-
-        print(f"generating the demo dataset in {root} ({synth.num_cases} cases, seed {synth.seed})")
-        synthesize(root, synth.num_cases, synth.seed)
     d = cfg.data
     dataset = read_msd(root) if d.layout == "msd" else read_folders(root, d.images, d.labels, d.get("class_names"))
     with open_dict(cfg):

@@ -48,13 +48,18 @@ def val_transforms(cfg: DictConfig) -> Compose:
 
 
 def cache_mode(cfg: DictConfig, cases: list[dict]) -> str:
-    """`auto`: keep preprocessed cases in memory when they take under a quarter of RAM, else on disk."""
-    if cfg.data.cache != "auto":
-        return cfg.data.cache
+    """Where preprocessed cases are kept. In memory only within the RAM budget (data.cache_ram_gb, default a
+    quarter of RAM): a larger estimate falls back to disk rather than have the OS kill the run."""
+    mode = cfg.data.cache
+    if mode not in ("auto", "memory"):
+        return mode
     # float32 image channels + label, from the headers only (no voxel data is read)
     need = sum(4 * (cfg.data.in_channels + 1) * _voxels(c["image"]) for c in cases)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return "memory" if need < ram / 4 else "disk"
+    budget = cfg.data.get("cache_ram_gb") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / 2**30
+    if need <= budget * 2**30:
+        return "memory"
+    print(f"data.cache: the cache needs about {need / 2**30:.2f} GiB, over the {budget:.2f} GiB RAM budget; caching on disk")
+    return "disk"
 
 
 def _voxels(path: str) -> int:
