@@ -9,10 +9,10 @@ import argparse
 import time
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from pipeline import engine, project_root
+from pipeline import engine
+from pipeline.config import compose
 
 
 def seconds_per_step(model, loss_fn, x, y, device, dtype, steps: int) -> float:
@@ -45,8 +45,7 @@ def main() -> None:
     amp = engine.amp_dtype("auto", device)
     print(f"device {device}, threads {torch.get_num_threads()}, amp {amp}, batch {args.batch}, median of {args.steps} steps")
     for name in args.models:
-        with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
-            cfg = compose("train", [f"model={name}", "data.root=unused", "+data.num_classes=3", "+data.in_channels=1"])
+        cfg = compose("train", [f"model={name}", "data.root=unused", "+data.num_classes=3", "+data.in_channels=1"])
         torch.manual_seed(0)
         patch = list(cfg.data.patch_size)
         x = torch.randn(args.batch, 1, *patch, device=device)

@@ -9,11 +9,9 @@ throughput of (b) against this machine's bf16 matrix-multiply rate measured in t
 """
 
 import argparse
-import os
 import time
 
 import torch
-from hydra import compose, initialize_config_dir
 from monai.data import DataLoader, Dataset
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
@@ -22,6 +20,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Normalize
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import engine, project_root
+from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
 from pipeline.metrics import SegmentationScores
 from pipeline.train import setup
@@ -89,8 +88,7 @@ def tutorial(train_cases, test_cases, minutes: float, eval_every_min: float) -> 
 
 def project(data: str, minutes: float, test_cases_out: list) -> tuple[list, dict, dict]:
     """(b) `experiment=hippocampus`, trained by the project's engine, scored on the test split."""
-    with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
-        cfg = compose("train", ["experiment=hippocampus", f"data.root={data}", "tracking=none", f"trainer.max_minutes={minutes}",
+    cfg = compose("train", ["experiment=hippocampus", f"data.root={data}", "tracking=none", f"trainer.max_minutes={minutes}",
                                 f"paths.run_dir={project_root()}/outputs/bench/hippocampus"])
     run = setup(cfg)
     test_cases_out.extend(run.splits["test"])
@@ -130,7 +128,7 @@ def minutes_to(points, target=TARGET):
 
 
 def main() -> None:
-    default_data = os.path.join(os.environ.get("PIPELINE_SHARED_DATA", project_root().parent / "shared" / "data"), "msd_hippocampus")
+    default_data = str(shared_data() / "msd_hippocampus")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget of each recipe")
     parser.add_argument("--eval-every", type=float, default=1.0, help="minutes of training between test scorings of (a)")
@@ -149,8 +147,7 @@ def main() -> None:
             print(f"  (b) {m:5.1f} min  test dice {dice:.3f}")
     if args.only != "b":
         if not test_cases:  # the same split as (b) would use
-            with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
-                cfg = compose("train", ["experiment=hippocampus", f"data.root={args.data}", "tracking=none", "paths.run_dir=/tmp"])
+            cfg = compose("train", ["experiment=hippocampus", f"data.root={args.data}", "tracking=none", "paths.run_dir=/tmp"])
             splits = setup(cfg).splits
             train_cases, test_cases = splits["train"], splits["test"]
         else:

@@ -7,11 +7,10 @@ time (training only) is compared against the plain DataLoader in the main proces
 """
 
 import argparse
-import os
 
-from hydra import compose, initialize_config_dir
 
 from pipeline import engine, project_root
+from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
 from pipeline.tracking import NullTracker
 from pipeline.train import setup
@@ -33,15 +32,14 @@ class EpochTimes(NullTracker):
 
 
 def main() -> None:
-    default_data = os.path.join(os.environ.get("PIPELINE_SHARED_DATA", project_root().parent / "shared" / "data"), "msd_hippocampus")
+    default_data = str(shared_data() / "msd_hippocampus")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=default_data)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     results = {}
     for name, overrides in SETTINGS.items():
-        with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
-            cfg = compose("train", ["experiment=hippocampus", f"data.root={args.data}", "tracking=none", f"trainer.max_epochs={args.epochs}",
+        cfg = compose("train", ["experiment=hippocampus", f"data.root={args.data}", "tracking=none", f"trainer.max_epochs={args.epochs}",
                                     f"trainer.val_every={args.epochs + 1}", f"paths.run_dir={project_root()}/outputs/bench/loader", *overrides])
         run = setup(cfg)
         train_loader, val_loader = loaders(cfg, run.splits["train"], run.splits["val"][:1])

@@ -14,6 +14,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from monai.data import MetaTensor
 from monai.transforms import Compose, FillHoles, Invertd, KeepLargestConnectedComponent, RemoveSmallObjects
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -82,14 +83,18 @@ class Predictor:
         image = data["image"][None]
         # Running sums rather than a stack of every member's output: a large volume holds only two copies.
         total, squares, n = None, None, 0
+        # One pass and labels only: the argmax of the logits is the answer, softmax would change nothing.
+        single = len(self.members) * len(self.flips) == 1 and not (probabilities or self.uncertainty or self.resampled)
         for model, inferer in self.members:
             for dims in self.flips:
                 flips = [d + 2 for d in dims]
                 logits = engine.predict(model, torch.flip(image, flips) if dims else image, inferer, self.device, self.dtype)
-                probs = logits[0].cpu()
+                probs = torch.as_tensor(logits[0]).cpu()  # plain tensor: MetaTensor bookkeeping costs here
+                del logits
+                if single:
+                    return self.inverted(data, argmax_channels(probs)[None])[0].numpy(), None, None
                 probs = probs.sub_(probs.amax(0, keepdim=True)).exp_()  # softmax in place: no second K-channel copy
                 probs = probs.div_(probs.sum(0, keepdim=True))
-                del logits
                 probs = torch.flip(probs, [d + 1 for d in dims]) if dims else probs
                 total = probs if total is None else total.add_(probs)
                 if self.uncertainty == "variance":
@@ -107,13 +112,29 @@ class Predictor:
         if not (probabilities or extra is not None or self.resampled):
             # Orientation alone permutes voxels, so the argmax commutes with its inverse: invert one uint8
             # channel instead of K float ones (what keeps a 512x512x400 volume within a few GiB).
-            data["pred"] = mean.argmax(0, keepdim=True).to(torch.uint8)
+            labels = argmax_channels(mean)[None]
             del mean, total
-            return self.invert(data)["pred"].numpy()[0], None, None
+            return self.inverted(data, labels)[0].numpy(), None, None
         k = mean.shape[0]
-        data["pred"] = mean if extra is None else torch.cat([mean, extra])  # inverted together: one resampling
-        out = self.invert(data)["pred"].numpy()
-        return out[:k].argmax(0), out[:k], (out[k] if extra is not None else None)
+        out = self.inverted(data, mean if extra is None else torch.cat([mean, extra]))  # together: one resampling
+        return argmax_channels(out[:k]).numpy(), out[:k].numpy(), (out[k].numpy() if extra is not None else None)
+
+    def inverted(self, data: dict, pred: torch.Tensor) -> torch.Tensor:
+        """`pred` (C, *preprocessed grid) mapped back onto the input grid by inverting the preprocessing."""
+        # Invertd silently skips a plain tensor: wrap it so the image's transform record applies.
+        data["pred"] = MetaTensor(pred)
+        return torch.as_tensor(self.invert(data)["pred"])
+
+
+def argmax_channels(x: torch.Tensor) -> torch.Tensor:
+    """argmax over the first (class) axis as uint8, one class at a time: torch's strided argmax over dim 0 of a
+    (K, x, y, z) volume is about 10x slower (1.7 s for 5 x 9 M voxels here). Ties go to the lower class, as argmax."""
+    best, labels = x[0].clone(), torch.zeros(x.shape[1:], dtype=torch.uint8)
+    for k in range(1, x.shape[0]):
+        better = x[k] > best
+        labels[better] = k
+        best = torch.maximum(best, x[k])
+    return labels
 
 
 def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 1, fill_holes=(), min_size: int = 0, num_classes: int = 2) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 import json
 import platform
+import shlex
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 import hydra
 import monai
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf
@@ -83,9 +85,17 @@ def resume_from(cfg: DictConfig) -> Path | None:
     raise InputError(f"{path}: no last.pt to resume from")
 
 
+def rerun_command() -> str:
+    """The command line that re-runs this run at the tagged git commit (empty outside a Hydra entry point)."""
+    if not HydraConfig.initialized():
+        return ""
+    return " ".join(["python -m pipeline.train", *(shlex.quote(o) for o in HydraConfig.get().overrides.task)])
+
+
 def run_tags(cfg: DictConfig, device, dtype, cases: list[dict]) -> dict:
-    """What it takes to tell runs apart and redo one: code, data, seed, software, hardware."""
+    """What it takes to tell runs apart and redo one: code, data, seed, software, hardware, command."""
     return {
+        "rerun": rerun_command(),
         "seed": cfg.seed, "device": str(device), "amp": str(dtype).removeprefix("torch.") if dtype else "fp32",
         "git_dirty": git_dirty(), "data_fingerprint": cache_key(cases), "python": platform.python_version(),
         "torch": torch.__version__, "monai": monai.__version__,

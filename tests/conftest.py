@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import checkpoint, project_root
+from pipeline.config import compose, shared_data
 from pipeline.data.phantom import synthesize
 from pipeline.data.sources import resolve_data
 
 CONF = project_root() / "conf"
 # The one setting that locates the real datasets (README of ../shared/data); CI=true turns "missing" into a failure.
-SHARED_DATA = Path(os.environ.get("PIPELINE_SHARED_DATA", project_root().parent / "shared" / "data"))
+SHARED_DATA = shared_data()
 
 # Small but real: two resolution levels, small patches, so a CPU epoch takes seconds.
 TINY = [
@@ -45,8 +45,7 @@ def compose_config(name: str = "train", overrides: list[str] = (), run_dir: Path
     """Compose a config as the entry point would, with this run's folder set (no Hydra runtime in tests)."""
     # outputs (fingerprints, caches) of a test stay in its own folder
     extra = [f"paths.run_dir={run_dir}", f"paths.outputs={run_dir}/outputs"] if run_dir else []
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=[*overrides, *extra])
+    return compose(name, [*overrides, *extra])
 
 
 # Per model: three levels of 8/16/32 channels.

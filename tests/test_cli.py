@@ -33,3 +33,6 @@ def test_multirun_gives_each_job_its_own_folder_and_mlflow_run(tiny_phantom, tmp
     runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     assert sorted(r.info.run_name for r in runs) == ["UNet_Adam_DiceFocalLoss", "UNet_Adam_DiceLoss"]
     assert all(r.info.status == "FINISHED" and "val_dice_mean" in r.data.metrics for r in runs)
+    for r in runs:  # each job's own command line, to re-run it
+        loss = "dice" if r.info.run_name == "UNet_Adam_DiceLoss" else "dicefocal"
+        assert r.data.tags["rerun"].startswith(f"python -m pipeline.train loss={loss} data.root=")

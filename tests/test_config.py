@@ -10,7 +10,7 @@ from monai.transforms import Compose
 from pipeline.data.sources import resolve_data
 from pipeline.data.transforms import preprocess, train_transforms
 from pipeline.planning import apply_plan
-from tests.conftest import CONF, TINY_MODEL, compose_config, shared_dataset, tiny_config
+from tests.conftest import CONF, compose_config, shared_dataset, tiny_config
 
 
 def options(group: str) -> list[str]:

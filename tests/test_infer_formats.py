@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from pipeline import project_root
 from pipeline.infer import infer, postprocess

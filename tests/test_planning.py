@@ -4,7 +4,6 @@ import os
 
 import mlflow
 import numpy as np
-import pytest
 
 from pipeline.data import fingerprint as fp_module
 from pipeline.data.fingerprint import fingerprint
