@@ -83,18 +83,17 @@ class Predictor:
         image = data["image"][None]
         # Running sums rather than a stack of every member's output: a large volume holds only two copies.
         total, squares, n = None, None, 0
-        # One pass and labels only: the argmax of the logits is the answer, softmax would change nothing.
-        single = len(self.members) * len(self.flips) == 1 and not (probabilities or self.uncertainty or self.resampled)
+        # One pass and labels only: the argmax of the logits is the answer; a softmax would change nothing.
+        logits_will_do = len(self.members) * len(self.flips) == 1 and not (probabilities or self.uncertainty or self.resampled)
         for model, inferer in self.members:
             for dims in self.flips:
                 flips = [d + 2 for d in dims]
                 logits = engine.predict(model, torch.flip(image, flips) if dims else image, inferer, self.device, self.dtype)
                 probs = torch.as_tensor(logits[0]).cpu()  # plain tensor: MetaTensor bookkeeping costs here
                 del logits
-                if single:
-                    return self.inverted(data, argmax_channels(probs)[None])[0].numpy(), None, None
-                probs = probs.sub_(probs.amax(0, keepdim=True)).exp_()  # softmax in place: no second K-channel copy
-                probs = probs.div_(probs.sum(0, keepdim=True))
+                if not logits_will_do:  # softmax in place: no second K-channel copy
+                    probs = probs.sub_(probs.amax(0, keepdim=True)).exp_()
+                    probs = probs.div_(probs.sum(0, keepdim=True))
                 probs = torch.flip(probs, [d + 1 for d in dims]) if dims else probs
                 total = probs if total is None else total.add_(probs)
                 if self.uncertainty == "variance":

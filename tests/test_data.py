@@ -97,3 +97,10 @@ def test_train_cli_reports_a_bad_data_root_in_one_line(tmp_path):
                           capture_output=True, text=True, cwd=project_root())
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}/nowhere/dataset.json: not found")
+
+
+def test_debug_true_shows_the_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", f"data.root={tmp_path}/nowhere", "tracking=none", "debug=true"],
+                          capture_output=True, text=True, cwd=project_root())
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "InputError" in done.stderr
