@@ -23,32 +23,22 @@ from pipeline import engine, project_root
 from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
 from pipeline.metrics import SegmentationScores
+from pipeline.tracking import NullTracker
 from pipeline.train import setup
 
 TARGET = 0.85
 CLASSES = ["background", "Anterior", "Posterior"]
 
 
-class Recorder:
+class Recorder(NullTracker):
     """A Tracker that keeps (training minutes, test scores) in memory."""
-
-    run_id = None
 
     def __init__(self):
         self.points = []
 
-    def start(self, *args, **kwargs):
-        pass
-
     def log_metrics(self, metrics, step):
         if "val_dice_mean" in metrics:
             self.points.append((metrics["train_minutes"], metrics["val_dice_mean"], metrics["val_dice_Anterior"], metrics["val_dice_Posterior"]))
-
-    def log_artifact(self, *args, **kwargs):
-        pass
-
-    def finish(self, *args, **kwargs):
-        pass
 
 
 def tutorial(train_cases, test_cases, minutes: float, eval_every_min: float) -> tuple[list, dict]:

@@ -41,16 +41,16 @@ class NullTracker:
     run_id = None
 
     def start(self, run_name: str, config: dict, tags: dict, run_id: str | None = None) -> None:
-        pass
+        """Nothing to open."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
+        """Metrics reach the console through the engine's validation line only."""
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        pass
+        """Artifacts stay in the run folder only."""
 
     def finish(self, status: str = "FINISHED") -> None:
-        pass
+        """Nothing to close."""
 
 
 class MLflowTracker(NullTracker):
