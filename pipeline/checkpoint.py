@@ -1,6 +1,5 @@
 """Self-contained checkpoints: weights + the resolved config (plain data), so inference needs only the file."""
 
-import os
 import random
 from pathlib import Path
 
@@ -8,18 +7,16 @@ import numpy as np
 import torch
 
 from pipeline.errors import InputError
+from pipeline.files import atomic
 
 
 def save(path: str | Path, model: torch.nn.Module, config: dict, **extra) -> Path:
     """Write atomically (temp file + rename): an interrupted save never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = getattr(model, "module", model)  # unwrap DDP / torch.compile wrappers
     module = getattr(module, "_orig_mod", module)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"state_dict": module.state_dict(), "config": config, **extra}, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic(path) as tmp:
+        torch.save({"state_dict": module.state_dict(), "config": config, **extra}, tmp)
+    return Path(path)
 
 
 def load(path: str | Path) -> dict:

@@ -10,6 +10,12 @@ class InputError(ValueError):
     """A file or setting that cannot be used; the message names the file (or key) and the problem."""
 
 
+def faults_error(faults: list[str], root) -> InputError:
+    """The first of a dataset's faults, with a pointer to the command that lists them all."""
+    more = f" (and {len(faults) - 1} more: python -m pipeline.check data.root={root})" if len(faults) > 1 else ""
+    return InputError(faults[0] + more)
+
+
 def exit_on_input_error(fn):
     """Wrap a Hydra entry point: an InputError becomes `error: <message>` on stderr and exit status 1, no traceback
     (unless the config says debug=true)."""

@@ -5,7 +5,6 @@ resolved training config (preprocessing, classes, window size) needed to feed it
 """
 
 import json
-import os
 from pathlib import Path
 
 import hydra
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import checkpoint
 from pipeline.errors import InputError, exit_on_input_error
+from pipeline.files import atomic
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
 
@@ -30,19 +30,13 @@ def export_model(model: torch.nn.Module, config: dict, fmt: str, path: Path) -> 
     if fmt not in SUFFIX:
         raise InputError(f"format={fmt}: must be onnx or torchscript")
     example = torch.randn(1, config["data"]["in_channels"], *config["trainer"]["inferer"]["roi_size"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with torch.no_grad():
-            if fmt == "onnx":
-                # The TorchScript-based exporter: the dynamo one needs onnxscript, which this project does not pin.
-                torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["logits"], opset_version=17,
-                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-            else:
-                torch.jit.save(torch.jit.trace(model, example), str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic(path) as tmp, torch.no_grad():
+        if fmt == "onnx":
+            # The TorchScript-based exporter: the dynamo one needs onnxscript, which this project does not pin.
+            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["logits"], opset_version=17,
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        else:
+            torch.jit.save(torch.jit.trace(model, example), str(tmp))
     return path
 
 
@@ -50,7 +44,8 @@ def export(ckpt: str | Path, fmt: str, output: str | Path | None = None) -> Path
     bundle = checkpoint.load(ckpt)
     path = Path(output) if output else Path(ckpt).with_suffix(SUFFIX.get(fmt, ""))
     export_model(build_model(bundle), bundle["config"], fmt, path)
-    path.with_suffix(".json").write_text(json.dumps(bundle["config"], indent=1))
+    with atomic(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(bundle["config"], indent=1))
     return path
 
 

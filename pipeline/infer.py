@@ -23,6 +23,7 @@ from pipeline import checkpoint, engine
 from pipeline.data.transforms import preprocess
 from pipeline.errors import InputError, exit_on_input_error
 from pipeline.export import OnnxRuntimeModel, build_model, export_model
+from pipeline.files import atomic
 from pipeline.io import Reference, Volume, find_inputs, label_dtype
 
 PREPROCESSING = ("load", "orient", "resample", "normalize")
@@ -194,8 +195,8 @@ def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, s
     if post:
         labels = postprocess(labels, num_classes=predictor.num_classes, **post)
     if save_probabilities:  # float16 as nnU-Net stores them; NIfTI has no float16
-        np.savez_compressed(target.parent / volume.output_name("nifti", "_probabilities").replace(".nii.gz", ".npz"),
-                            probabilities=probs.astype(np.float16), affine=ref.affine)
+        with atomic(target.parent / volume.output_name("nifti", "_probabilities").replace(".nii.gz", ".npz")) as tmp:
+            np.savez_compressed(tmp, probabilities=probs.astype(np.float16), affine=ref.affine)
     if uncertainty is not None:
         ref.write(uncertainty.astype(np.float32), target.parent / volume.output_name("nifti", "_uncertainty"))
     ref.write(labels.astype(label_dtype(predictor.num_classes)), target)

@@ -5,7 +5,6 @@ NIfTI whose affine is the SimpleITK geometry converted from LPS to RAS; results 
 with the input's own spacing, origin and direction (CopyInformation), so the geometry is exact by construction.
 """
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.errors import InputError
+from pipeline.files import atomic
 
 NIFTI = (".nii", ".nii.gz")
 SITK = (".nrrd", ".mha")
@@ -143,17 +143,13 @@ class Reference:
 
     def write(self, array: np.ndarray, path: Path) -> None:
         """Write an (x, y, z) array on this grid, in the format of path's extension, atomically (temp + rename)."""
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same extension: the writer picks the format by it
-        try:
+        with atomic(path) as tmp:
             if self.sitk is not None:
                 image = sitk.GetImageFromArray(array.transpose(2, 1, 0))
                 image.CopyInformation(self.sitk)  # spacing, origin, direction: exactly the input's
                 sitk.WriteImage(image, str(tmp), useCompression=True)
             else:
                 write_nifti(array, self.nifti, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def stack_channels(volume: Volume, tmp_dir: Path) -> tuple[nib.Nifti1Image, Path]:

@@ -16,11 +16,11 @@ from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import checkpoint, engine
-from pipeline.data.fingerprint import cache_key
 from pipeline.check import check
+from pipeline.data.fingerprint import cache_key
 from pipeline.data.sources import case_id, ensure_demo_data, resolve_data, split
 from pipeline.data.transforms import loaders
-from pipeline.errors import InputError, exit_on_input_error
+from pipeline.errors import InputError, exit_on_input_error, faults_error
 from pipeline.planning import apply_plan
 from pipeline.tracking import git_dirty
 
@@ -45,8 +45,7 @@ def setup(cfg: DictConfig) -> SimpleNamespace:
     if cfg.data.get("check", True):  # every fault of the dataset, before anything is cached or trained
         faults = check(cfg, progress=False)["faults"]
         if faults:
-            more = f" (and {len(faults) - 1} more: python -m pipeline.check data.root={cfg.data.root})" if len(faults) > 1 else ""
-            raise InputError(faults[0] + more)
+            raise faults_error(faults, cfg.data.root)
     dataset = resolve_data(cfg)  # fills data.num_classes etc., which the other groups interpolate
     set_determinism(seed=cfg.seed)  # python, numpy, torch and MONAI transform states
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", False)), warn_only=True)
@@ -122,7 +121,8 @@ def train(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     name = run_name(model, optimizer, loss_fn)
     tracker = instantiate(cfg.tracking)
-    tracker.start(name, config, run_tags(cfg, device, dtype, dataset_cases(splits)), run_id=state and state.get("run_id"))
+    every_case = [c for part in splits.values() for c in part]
+    tracker.start(name, config, run_tags(cfg, device, dtype, every_case), run_id=state and state.get("run_id"))
     if state is None:
         tracker.log_artifact(save_splits(splits, cfg.paths.run_dir))
     print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases from {cfg.data.root} on {device}, amp {dtype}")
@@ -141,10 +141,6 @@ def train(cfg: DictConfig) -> dict:
     print(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
           f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {cfg.paths.run_dir}/checkpoints")
     return result | {"run_name": name, "run_id": tracker.run_id, "config": cfg}
-
-
-def dataset_cases(splits: dict[str, list[dict]]) -> list[dict]:
-    return [c for part in splits.values() for c in part]
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

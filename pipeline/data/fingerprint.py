@@ -15,6 +15,7 @@ from nibabel.orientations import io_orientation
 from tqdm.auto import tqdm
 
 from pipeline.errors import InputError
+from pipeline.files import atomic
 
 SAMPLES_PER_CASE = 10_000
 
@@ -67,8 +68,6 @@ def fingerprint(cases: list[dict], cache_dir: str | Path) -> dict:
         ],
         "class_frequency": (counts / counts.sum()).tolist(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(fp, indent=1))
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(fp, indent=1))
     return fp

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, faults_error
 
 
 @dataclass
@@ -60,8 +60,7 @@ def read_msd(root: str | Path) -> Dataset:
     """Parse `<root>/dataset.json`; the first structural fault is an InputError."""
     dataset, problems = msd_problems(root)
     if problems:
-        more = f" (and {len(problems) - 1} more: python -m pipeline.check data.root={root})" if len(problems) > 1 else ""
-        raise InputError(problems[0] + more)
+        raise faults_error(problems, root)
     return dataset
 
 
