@@ -5,12 +5,14 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import nibabel as nib
 import torch
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint
+from pipeline import checkpoint, plots
+from pipeline.io import ras_spacing
 from pipeline.metrics import SegmentationScores
 
 
@@ -46,6 +48,14 @@ def validate(model, loader, inferer, scores: SegmentationScores, device, dtype) 
     return scores.compute()
 
 
+def validation_overlay(model, loader, inferer, class_names, spacing, device, dtype, path: Path) -> Path:
+    """Input, truth and prediction of the first validation case (plots.overlay), to watch a run learn."""
+    batch = next(iter(loader))
+    pred = predict(model, batch["image"][:1], inferer, device, dtype).argmax(1)[0].cpu().numpy()
+    truth = batch["label"][0, 0].numpy().astype(int)
+    return plots.overlay(batch["image"][0, 0].numpy(), truth, pred, spacing, class_names, path, title=path.stem)
+
+
 def fit(
     trainer: DictConfig,
     model: torch.nn.Module,
@@ -70,7 +80,7 @@ def fit(
     scores = SegmentationScores(class_names)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 has fp32's range: no scaling
     best = {"val_dice_mean": -math.inf, "epoch": 0}
-    step_losses, train_seconds, epoch = [], 0.0, 0
+    step_losses, history, train_seconds, epoch = [], [], 0.0, 0
     augment = train_loader.dataset.transform  # its random transforms' states go into last.pt
     if resume is not None:  # continue where last.pt left off: weights, optimizer moments, LR, every RNG stream
         model.load_state_dict(resume["state_dict"])
@@ -79,6 +89,7 @@ def fit(
             scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         best, epoch, train_seconds = resume["metrics"], resume["epoch"], 60 * resume["train_minutes"]
+        history = resume.get("history", [])
         checkpoint.restore_rng(resume["rng"], augment)
 
     epochs = tqdm(range(epoch + 1, trainer.max_epochs + 1), desc="epochs", unit="epoch", initial=epoch, total=trainer.max_epochs)
@@ -113,24 +124,30 @@ def fit(
             log.update(validate(model, val_loader, inferer, scores, device, dtype))
             per_class = ", ".join(f"{n} {log[f'val_dice_{n}']:.3f}" for n in class_names[1:])
             tqdm.write(f"epoch {epoch:3d}  loss {log['train_loss']:.4f}  val dice {log['val_dice_mean']:.3f} ({per_class})  iou {log['val_iou_mean']:.3f}")
+            if trainer.get("overlay_every") and epoch % trainer.overlay_every == 0:
+                spacing = config["data"]["spacing"] or ras_spacing(nib.load(val_loader.dataset.data[0]["image"]).affine)
+                png = validation_overlay(model, val_loader, inferer, class_names, spacing, device, dtype,
+                                         ckpt_dir.parent / "overlays" / f"epoch{epoch:04d}.png")
+                tracker.log_artifact(png, "overlays")
             if isinstance(scheduler, ReduceLROnPlateau):
                 scheduler.step(log["val_dice_mean"])
             if log["val_dice_mean"] > best["val_dice_mean"]:
                 best = {k: v for k, v in log.items() if k.startswith("val_")} | {"epoch": epoch}
-                checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best)
+                checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best, run_id=tracker.run_id)
         if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step()
         log["epoch_time"] = time.perf_counter() - start
 
         tracker.log_metrics(log, step=epoch)
+        history.append({"epoch": epoch} | log)
         epochs.set_postfix(loss=f"{log['train_loss']:.4f}", best_dice=f"{best['val_dice_mean']:.3f}")
         # last.pt carries what a resume needs; best.pt only what inference needs.
         checkpoint.save(
             ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best, train_minutes=train_seconds / 60,
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
-            rng=checkpoint.rng_state(augment), run_id=tracker.run_id,
+            rng=checkpoint.rng_state(augment), run_id=tracker.run_id, history=history,
         )
         if out_of_time:
             tqdm.write(f"stopping after epoch {epoch}: trainer.max_minutes={trainer.max_minutes} of training reached")
             break
-    return {"best": best, "step_losses": step_losses, "epochs": epoch, "train_minutes": train_seconds / 60}
+    return {"best": best, "step_losses": step_losses, "history": history, "epochs": epoch, "train_minutes": train_seconds / 60}

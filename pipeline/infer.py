@@ -154,8 +154,9 @@ def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 
 def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch_size=None, stitch_device=None,
           tta=False, tta_axes=(0, 1, 2), format="nifti", overwrite=False, save_probabilities=False, uncertainty=None,
           postprocessing: dict | None = None, backend: str = "torch") -> dict:
-    """Predict every input into `output`; returns {"written": [...], "skipped": [...], "failed": {input: message}}."""
-    volumes = find_inputs(input)
+    """Predict every input (a path or a list of them) into `output`; returns {"written": [...], "skipped": [...],
+    "failed": {input: message}}."""
+    volumes = [v for path in (input if isinstance(input, (list, tuple, ListConfig)) else [input]) for v in find_inputs(path)]
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: output exists and is not a folder")

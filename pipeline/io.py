@@ -99,6 +99,33 @@ def read_sitk(volume: Volume) -> sitk.Image:
     return sitk.ReadImage(str(volume.path))
 
 
+def read_array(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(array (x, y, z[, channel]), RAS affine) of a NIfTI, NRRD or MHA file, as stored (no resampling)."""
+    path = Path(path)
+    try:
+        if path.name.endswith(NIFTI):
+            image = nib.load(path)
+            return np.asanyarray(image.dataobj), image.affine
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image)  # (z, y, x[, c])
+        return array.transpose(2, 1, 0, *range(3, array.ndim)), sitk_affine(image)
+    except Exception as err:  # nibabel and SimpleITK raise many types for unreadable files
+        raise InputError(f"{path}: not a readable image ({str(err).strip().splitlines()[0][:200]})") from None
+
+
+def in_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """An (x, y, z) array reoriented to RAS (x right, y anterior, z superior), e.g. for display."""
+    return nib.orientations.apply_orientation(array, nib.orientations.io_orientation(affine))
+
+
+def ras_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along the RAS axes of in_ras(array, affine)."""
+    ornt = nib.orientations.io_orientation(affine)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(affine)
+    return spacing
+
+
 def sitk_affine(image: sitk.Image) -> np.ndarray:
     """The RAS voxel-to-world affine of a SimpleITK image (which is LPS)."""
     direction = np.array(image.GetDirection()).reshape(3, 3)

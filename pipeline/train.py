@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import checkpoint, engine
+from pipeline import checkpoint, engine, plots
 from pipeline.check import check
 from pipeline.data.fingerprint import cache_key
 from pipeline.data.sources import case_id, ensure_demo_data, resolve_data, split
@@ -134,6 +134,7 @@ def train(cfg: DictConfig) -> dict:
         )
         for ckpt in ("best.pt", "last.pt"):
             tracker.log_artifact(f"{cfg.paths.run_dir}/checkpoints/{ckpt}", "checkpoints")
+        tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, Path(cfg.paths.run_dir) / "curves.png"))
         status = "FINISHED"
     finally:
         tracker.finish(status)

@@ -1,0 +1,274 @@
+"""Evaluation entry point: score predicted label maps against ground truth, per case and class.
+
+    python -m pipeline.evaluate pred=<folder> truth=<folder or dataset.json>   # predictions already made
+    python -m pipeline.evaluate ckpt=<best.pt> split=test                     # predict a split of the checkpoint's data first
+
+Writes per_case.csv, summary.json, overlay PNGs, report.html and (optionally) postprocessing.json into `output`,
+prints a table, and logs everything to MLflow: into the run that trained the checkpoint when it is known, else into a
+new evaluation run. Metrics and the handling of empty structures: pipeline/metrics.py.
+"""
+
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import nibabel as nib
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from monai.metrics import compute_dice
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from pipeline import checkpoint, plots, report
+from pipeline.data.sources import case_id, read_folders, read_msd
+from pipeline.errors import InputError, exit_on_input_error
+from pipeline.files import atomic
+from pipeline.infer import infer, postprocess
+from pipeline.io import NIFTI, SITK, Volume, in_ras, ras_spacing, read_array
+from pipeline.metrics import METRICS, case_scores, summarize
+
+PRINTED = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "precision", "recall", "diff_ml")
+
+
+@dataclass
+class Case:
+    id: str
+    pred: Path
+    truth: Path
+    image: Path | None = None
+
+
+def label_files(folder: Path) -> dict[str, Path]:
+    """case id -> label map file in a folder (NIfTI, NRRD, MHA); inference's extra outputs are not label maps."""
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name.endswith(NIFTI + SITK) and not p.name.startswith("."):
+            stem = Volume(p).stem
+            if not stem.endswith(("_uncertainty", "_probabilities")):
+                files[stem] = p
+    return files
+
+
+def dataset_pairs(spec: Path) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
+    """case id -> (label, image) and the class names of an MSD dataset.json."""
+    dataset = read_msd(spec.parent)
+    names = [dataset.labels[i] for i in range(len(dataset.labels))]
+    return {case_id(c): (Path(c["label"]), Path(c["image"])) for c in dataset.cases}, names
+
+
+def match(pred: Path, truth: Path, images: Path | None) -> tuple[list[Case], list[str] | None]:
+    """Pair every prediction with its ground truth (and image, when known) by case id."""
+    if not pred.is_dir():
+        raise InputError(f"{pred}: pred must be a folder of label maps")
+    predicted = label_files(pred)
+    if not predicted:
+        raise InputError(f"{pred}: holds no NIfTI, NRRD or MHA label maps")
+    names = None
+    if truth.is_file() and truth.name.endswith(".json"):
+        known, names = dataset_pairs(truth)
+    elif truth.is_dir():
+        known = {cid: (p, None) for cid, p in label_files(truth).items()}
+    else:
+        raise InputError(f"{truth}: truth must be a folder of label maps or an MSD dataset.json")
+    image_files = {}
+    if images is not None:
+        if not Path(images).is_dir():
+            raise InputError(f"{images}: images must be a folder")
+        image_files = {v.stem: v.channels[0] if v.channels else v.path for v in
+                       (Volume(p) for p in sorted(Path(images).iterdir()) if p.name.endswith(NIFTI + SITK))}
+    cases = []
+    for cid, p in predicted.items():
+        if cid not in known:
+            raise InputError(f"{p}: no ground truth for case {cid} in {truth}")
+        label, image = known[cid]
+        cases.append(Case(cid, p, label, image_files.get(cid, image)))
+    return cases, names
+
+
+def split_cases(ckpt: Path, split_name: str, out_dir: Path, cfg: DictConfig) -> tuple[list[Case], dict]:
+    """Predict one split of a checkpoint's dataset into out_dir/predictions; the cases and the checkpoint."""
+    bundle = checkpoint.load(ckpt)
+    data = OmegaConf.create(bundle["config"]).data
+    dataset = read_msd(data.root) if data.layout == "msd" else read_folders(data.root, data.images, data.labels, data.class_names)
+    by_id = {case_id(c): c for c in dataset.cases}
+    # The run's own record of its split (splits.json beside checkpoints/) decides; it also survives a changed seed.
+    splits_file = ckpt.parent.parent / "splits.json"
+    if not splits_file.is_file():
+        raise InputError(f"{splits_file}: not found; split= needs the splits.json that training writes beside checkpoints/")
+    ids = json.loads(splits_file.read_text()).get(split_name)
+    if not ids:
+        raise InputError(f"{splits_file}: split {split_name!r} is missing or empty (have: {', '.join(json.loads(splits_file.read_text()))})")
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise InputError(f"{data.root}: case {missing[0]} of {splits_file} is not in the dataset any more")
+    cases = [by_id[i] for i in ids]
+    predictions = out_dir / "predictions"
+    result = infer(ckpt, [c["image"] for c in cases], predictions, cfg.device, cfg.amp, tta=cfg.tta,
+                   overwrite=True, postprocessing=OmegaConf.to_container(cfg.postprocess))
+    if result["failed"]:
+        raise InputError(next(iter(result["failed"].values())))
+    return [Case(case_id(c), predictions / f"{case_id(c)}.nii.gz", Path(c["label"]), Path(c["image"])) for c in cases], bundle
+
+
+def load_pair(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prediction, truth, affine) on one grid, or an InputError naming the file."""
+    pred, pred_affine = read_array(case.pred)
+    truth, affine = read_array(case.truth)
+    if pred.shape != truth.shape or not np.allclose(pred_affine, affine, atol=1e-3):
+        raise InputError(f"{case.pred}: grid {pred.shape} differs from the ground truth's {truth.shape} ({case.truth}); "
+                         "predict on the truth's grid")
+    for path, labels in ((case.pred, pred), (case.truth, truth)):
+        if not np.array_equal(labels, np.round(labels)) or labels.min() < 0 or labels.max() >= num_classes:
+            raise InputError(f"{path}: labels must be integers 0..{num_classes - 1}, found {np.unique(labels)[:8].tolist()}")
+    return pred.astype(np.int16), truth.astype(np.int16), affine
+
+
+def check_postprocessing(raw: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str]) -> dict:
+    """nnU-Net's question on validation cases: does keeping each class's largest component, or filling its holes,
+    raise that class's mean Dice? The options that do are recommended as infer overrides."""
+    def dice(pred, truth, c):  # one class: both empty -> 1, one empty -> 0, as in the report
+        p, y = (torch.as_tensor(a == c)[None, None] for a in (pred, truth))
+        return float(compute_dice(p, y, include_background=True, ignore_empty=False)[0, 0])
+
+    options = {"largest_component": lambda p, c: postprocess(p, largest_component=[c], num_classes=len(class_names)),
+               "fill_holes": lambda p, c: postprocess(p, fill_holes=[c], num_classes=len(class_names))}
+    out, recommended = {}, {k: [] for k in options}
+    for c in range(1, len(class_names)):
+        scores = {"none": np.mean([dice(p, t, c) for p, t in raw.values()])}
+        for name, apply in options.items():
+            scores[name] = np.mean([dice(apply(p, c), t, c) for p, t in raw.values()])
+            if scores[name] > scores["none"] + 1e-4:
+                recommended[name].append(c)
+        out[class_names[c]] = {k: float(v) for k, v in scores.items()}
+    overrides = " ".join(f"postprocess.{k}=[{','.join(map(str, v))}]" for k, v in recommended.items() if v)
+    return {"mean_dice": out, "recommended": recommended, "infer_overrides": overrides}
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    columns = ["case", "class", *METRICS, "empty"]
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if isinstance(r[k], float) and np.isnan(r[k]) else r[k] for k in columns})
+    return path
+
+
+def table(summary: dict) -> str:
+    """Per-class means of the main metrics, one line per class."""
+    lines = [f"{'class':14s}" + "".join(f"{m:>10s}" for m in PRINTED)]
+    rows = [*summary["classes"].items(), ("mean", {m: {"mean": v} for m, v in summary["mean"].items()})]
+    for name, metrics in rows:
+        cells = ("" if metrics[m]["mean"] is None else f"{metrics[m]['mean']:.4f}" for m in PRINTED)
+        lines.append(f"{name:14s}" + "".join(f"{c:>10s}" for c in cells))
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Score, write files, log; returns the summary."""
+    out_dir = Path(cfg.output)
+    bundle, source = None, {}
+    if cfg.ckpt is not None:
+        cases, bundle = split_cases(Path(cfg.ckpt), cfg.split, out_dir, cfg)
+        class_names = list(bundle["config"]["data"]["class_names"])
+        source = {"name": f"{bundle['config']['data']['name']} {cfg.split} split", "ckpt": str(Path(cfg.ckpt).resolve()), "split": cfg.split}
+    elif cfg.pred is not None and cfg.truth is not None:
+        cases, class_names = match(Path(cfg.pred), Path(cfg.truth), cfg.get("images"))
+        source = {"name": Path(cfg.pred).resolve().name, "pred": str(Path(cfg.pred).resolve()), "truth": str(Path(cfg.truth).resolve())}
+    else:
+        raise InputError("evaluate needs pred=<folder> with truth=<folder or dataset.json>, or ckpt=<checkpoint> with split=")
+    if cfg.class_names:
+        class_names = list(cfg.class_names)
+    if class_names is None:  # plain folders: classes 0..max label
+        top = max(int(read_array(c.truth)[0].max()) for c in cases)
+        class_names = ["background", *(f"class{i}" for i in range(1, max(top, 1) + 1))]
+    source |= {"cases": len(cases), "classes": class_names[1:], "nsd_tolerance_mm": cfg.nsd_tolerance_mm}
+
+    rows, kept = [], {}
+    for case in tqdm(cases, desc="evaluate", unit="case"):
+        pred, truth, affine = load_pair(case, len(class_names))
+        scores = case_scores(pred, truth, nib.affines.voxel_sizes(affine), class_names, cfg.nsd_tolerance_mm)
+        rows += [{"case": case.id} | r for r in scores]
+        kept[case.id] = (pred, truth, affine)
+    summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm, "source": source}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [write_csv(rows, out_dir / "per_case.csv")]
+    with atomic(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
+    files.append(out_dir / "summary.json")
+
+    if cfg.check_postprocessing:
+        checked = check_postprocessing({k: (p, t) for k, (p, t, _) in kept.items()}, class_names)
+        with atomic(out_dir / "postprocessing.json") as tmp:
+            tmp.write_text(json.dumps(checked, indent=1))
+        files.append(out_dir / "postprocessing.json")
+        print("post-processing, mean Dice per class:", json.dumps(checked["mean_dice"]))
+        print(f"recommended: {checked['infer_overrides'] or 'none (no option raised a class mean Dice)'}")
+
+    # Overlays: the worst cases by mean Dice over classes, plus any asked for by id.
+    case_dice = {c.id: float(np.mean([r["dice"] for r in rows if r["case"] == c.id])) for c in cases}
+    chosen = sorted(case_dice, key=case_dice.get)[: cfg.overlays] + [c for c in cfg.cases if c not in case_dice]
+    chosen += [c for c in cfg.cases if c in case_dice and c not in chosen]
+    unknown = [c for c in chosen if c not in case_dice]
+    if unknown:
+        raise InputError(f"cases={unknown}: not among the evaluated cases")
+    overlays = {}
+    for cid in chosen:
+        case = next(c for c in cases if c.id == cid)
+        pred, truth, affine = kept[cid]
+        image = None
+        if case.image is not None:
+            image, image_affine = read_array(case.image)
+            image = image[..., 0] if image.ndim == 4 else image
+            image = in_ras(image.astype(np.float32), image_affine) if image.shape == truth.shape else None
+        png = plots.overlay(image, in_ras(truth, affine), in_ras(pred, affine), ras_spacing(affine), class_names,
+                            out_dir / "overlays" / f"{cid}.png", title=f"{cid}: mean Dice {case_dice[cid]:.3f}")
+        overlays[cid] = (png, case_dice[cid])
+        files.append(png)
+    curves = Path(cfg.ckpt).parent.parent / "curves.png" if cfg.ckpt is not None else None
+    files.append(report.write(out_dir / "report.html", rows, summary, source, overlays, curves if curves and curves.is_file() else None))
+
+    print(table(summary))
+    print(f"{len(cases)} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
+    log(cfg, summary, files, out_dir, bundle)
+    return summary
+
+
+def log(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle: dict | None) -> None:
+    """Summary means as metrics and every file as an artifact: into the checkpoint's training run when known."""
+    prefix = f"{cfg.split}_" if bundle is not None else "eval_"
+    metrics = {f"{prefix}{m}_{c}": s[m]["mean"] for c, s in summary["classes"].items() for m in METRICS if s[m]["mean"] is not None}
+    metrics |= {f"{prefix}{m}_mean": v for m, v in summary["mean"].items() if v is not None}
+    run_id = bundle.get("run_id") if bundle is not None else None
+    if bundle is not None:  # a new run, if needed, goes beside the training runs of the same dataset
+        OmegaConf.update(cfg, "data.name", bundle["config"]["data"]["name"])
+    tracker = instantiate(cfg.tracking)
+    name = f"evaluate_{summary['source']['name'].replace(' ', '_')}"
+    try:
+        tracker.start(name, OmegaConf.to_container(cfg, resolve=True), {"evaluation": "true"}, run_id=run_id)
+    except Exception as err:  # the training run lives in another store: record this evaluation as its own run
+        print(f"warning: cannot reopen the training run {run_id} ({type(err).__name__}); logging a new evaluation run", file=sys.stderr)
+        tracker.start(name, OmegaConf.to_container(cfg, resolve=True), {"evaluation": "true", "trained_run": str(run_id)})
+    try:
+        tracker.log_metrics(metrics, step=bundle.get("epoch", 0) if bundle is not None else 0)
+        folder = f"evaluation/{cfg.split}" if bundle is not None else "evaluation"
+        for f in files:
+            tracker.log_artifact(f, f"{folder}/overlays" if f.parent.name == "overlays" else folder)
+    finally:
+        tracker.finish()
+    if tracker.run_id:
+        print(f"logged to MLflow run {tracker.run_id}{' (the training run)' if tracker.run_id == run_id else ''}")
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@exit_on_input_error
+def main(cfg: DictConfig) -> float:
+    return evaluate(cfg)["mean"]["dice"]
+
+
+if __name__ == "__main__":
+    main()
