@@ -20,12 +20,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def amp_dtype(amp, device: torch.device) -> torch.dtype | None:
-    """auto/true: fp16 on CUDA (with a GradScaler), bf16 on CPU; false: fp32 (None)."""
+def amp_dtype(amp, device: torch.device, cpu: torch.dtype | None = torch.bfloat16) -> torch.dtype | None:
+    """auto/true: fp16 on CUDA (with a GradScaler), `cpu` on CPU (bf16 for training); false: fp32 (None)."""
     if amp in (False, None, "false", "fp32"):
         return None
     if amp in ("auto", True, "true"):
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        return torch.float16 if device.type == "cuda" else cpu
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
 

@@ -186,6 +186,9 @@ def evaluate(cfg: DictConfig) -> dict:
     if class_names is None:  # plain folders: classes 0..max label
         top = max(int(read_array(c.truth)[0].max()) for c in cases)
         class_names = ["background", *(f"class{i}" for i in range(1, max(top, 1) + 1))]
+    unknown = [c for c in cfg.cases if c not in {case.id for case in cases}]
+    if unknown:
+        raise InputError(f"cases={unknown}: not among the evaluated cases")
     source |= {"cases": len(cases), "classes": class_names[1:], "nsd_tolerance_mm": cfg.nsd_tolerance_mm}
 
     rows, kept = [], {}
@@ -211,11 +214,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
     # Overlays: the worst cases by mean Dice over classes, plus any asked for by id.
     case_dice = {c.id: float(np.mean([r["dice"] for r in rows if r["case"] == c.id])) for c in cases}
-    chosen = sorted(case_dice, key=case_dice.get)[: cfg.overlays] + [c for c in cfg.cases if c not in case_dice]
-    chosen += [c for c in cfg.cases if c in case_dice and c not in chosen]
-    unknown = [c for c in chosen if c not in case_dice]
-    if unknown:
-        raise InputError(f"cases={unknown}: not among the evaluated cases")
+    chosen = sorted(case_dice, key=case_dice.get)[: cfg.overlays]
+    chosen += [c for c in cfg.cases if c not in chosen]
     overlays = {}
     for cid in chosen:
         case = next(c for c in cases if c.id == cid)

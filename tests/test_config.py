@@ -128,3 +128,8 @@ def test_rotate90_is_skipped_on_a_non_square_patch(tiny_phantom, tmp_path):
     transform = train_transforms(cfg)
     assert "RandRotate90d" not in [type(t).__name__ for t in transform.transforms]
     assert all(p["image"].shape == (1, 32, 48, 16) for p in transform(dataset.cases[0]))
+
+
+def test_evaluate_config_composes_with_its_own_tracking_experiment(tmp_path):
+    cfg = compose_config("evaluate", [], tmp_path)
+    assert (cfg.ckpt, cfg.split, cfg.tracking.experiment, cfg.nsd_tolerance_mm) == (None, "test", "evaluation", 1.0)

@@ -7,10 +7,11 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from pipeline import project_root
+from pipeline import checkpoint, project_root
 from pipeline.errors import InputError
-from pipeline.infer import infer
+from pipeline.infer import Predictor, infer
 from pipeline.train import train
 from tests.conftest import hippocampus_subset, tiny_config
 
@@ -45,6 +46,16 @@ def test_label_map_keeps_an_oblique_affine_and_every_voxel_in_place(threshold_ck
     assert pred.get_data_dtype() == np.uint8
     expected = src.get_fdata() > src.get_fdata().mean()  # what the threshold net sees after z-scoring
     np.testing.assert_array_equal(np.asarray(pred.dataobj), expected.astype(np.uint8))
+
+
+def test_compiled_network_gives_the_same_labels_and_cpu_inference_defaults_to_fp32(threshold_ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    src = write_volume(tmp_path / "in" / "case.nii.gz")
+    [out] = infer(threshold_ckpt(), tmp_path / "in", tmp_path / "out", compile=True)["written"]  # amp=auto
+    expected = src.get_fdata() > src.get_fdata().mean()
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), expected.astype(np.uint8))
+    bundle = {tmp_path / "t.pt": checkpoint.load(threshold_ckpt())}
+    assert Predictor(bundle).dtype is None and Predictor(bundle, amp="bf16").dtype == torch.bfloat16
 
 
 def test_resampling_is_inverted_onto_the_input_grid(threshold_ckpt, tmp_path):

@@ -1,0 +1,217 @@
+"""pipeline.evaluate: every metric against hand-computed values, the empty-structure rules, the files, the report in a
+real browser, and logging into the training run."""
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import project_root
+from pipeline.errors import InputError
+from pipeline.evaluate import evaluate
+from pipeline.metrics import case_scores, summarize
+from pipeline.plots import OVERLAY_SIZE
+from pipeline.train import train
+from tests.conftest import compose_config, tiny_config
+
+CLASSES = ["background", "a", "b"]
+SPACING = (0.8, 0.8, 2.5)  # anisotropic: a distance along z counts 2.5 mm a voxel, in-plane 0.8
+
+
+def slabs(shape=(16, 12, 8)) -> tuple[np.ndarray, np.ndarray]:
+    """Truth: a 10x10x2 slab of class a at z 2-3; prediction: the same slab one voxel higher (z 3-4). Two voxels
+    thick, so every voxel is a surface voxel: half of each surface lies on the other (0 mm), half one z step away."""
+    truth, pred = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    truth[1:11, 1:11, 2:4] = 1
+    pred[1:11, 1:11, 3:5] = 1
+    return pred, truth
+
+
+def test_every_metric_on_anisotropic_slabs_matches_hand_computed_values():
+    pred, truth = slabs()
+    a, b = case_scores(pred, truth, SPACING, CLASSES, tolerance_mm=1.0)
+    tp = fp = fn = 100
+    tn = 16 * 12 * 8 - tp - fp - fn
+    assert a["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))  # 0.5
+    assert a["iou"] == pytest.approx(tp / (tp + fp + fn))  # 1/3
+    assert a["precision"] == pytest.approx(tp / (tp + fp)) and a["recall"] == pytest.approx(tp / (tp + fn))
+    assert a["specificity"] == pytest.approx(tn / (tn + fp))
+    assert a["f1"] == pytest.approx(0.5)
+    assert a["accuracy"] == pytest.approx((tp + tn) / (16 * 12 * 8))
+    # each direction: 100 surface voxels at 0 mm and 100 at one z step, 2.5 mm (not 1 voxel, not 0.8 mm)
+    assert a["hd95_mm"] == pytest.approx(2.5)
+    assert a["assd_mm"] == pytest.approx((100 * 2.5 + 100 * 2.5) / 400)  # 1.25
+    assert a["nsd"] == pytest.approx(0.5)  # within 1 mm: the coinciding half of each surface
+    assert case_scores(pred, truth, SPACING, CLASSES, tolerance_mm=3.0)[0]["nsd"] == pytest.approx(1.0)
+    voxel_ml = 0.8 * 0.8 * 2.5 / 1000
+    assert a["truth_ml"] == pytest.approx(200 * voxel_ml) and a["pred_ml"] == pytest.approx(200 * voxel_ml)
+    assert a["diff_ml"] == pytest.approx(0.0)
+    assert b["empty"] == "both"
+
+
+def test_hd95_ignores_a_few_outliers_that_assd_averages_in():
+    _, truth = slabs()
+    pred = truth.copy()
+    pred[5, 5, 6] = 1   # 3 z steps above the slab: 7.5 mm
+    pred[13, 5, 3] = 1  # 3 x steps beside it: 2.4 mm
+    (a, _) = case_scores(pred, truth, SPACING, CLASSES)
+    # pred -> truth: 200 voxels at 0 and the two outliers; the 95th percentile of 202 values is still 0
+    assert a["hd95_mm"] == pytest.approx(0.0)
+    assert a["assd_mm"] == pytest.approx((7.5 + 2.4) / (202 + 200))
+    assert a["diff_ml"] == pytest.approx(2 * 0.8 * 0.8 * 2.5 / 1000)
+
+
+def test_empty_structures_follow_the_documented_rules():
+    _, truth = slabs()
+    pred = np.zeros_like(truth)
+    pred[12:14, 8:10, 5:7] = 2  # class b invented; class a missed
+    a, b = case_scores(pred, truth, SPACING, CLASSES)
+    diagonal = math.dist((0, 0, 0), (16 * 0.8, 12 * 0.8, 8 * 2.5))
+    assert a["empty"] == "pred" and b["empty"] == "truth"
+    for row in (a, b):
+        assert (row["dice"], row["iou"], row["f1"], row["nsd"]) == (0, 0, 0, 0)
+        assert row["hd95_mm"] == row["assd_mm"] == pytest.approx(diagonal)
+    assert math.isnan(a["precision"]) and a["recall"] == 0  # nothing predicted: precision undefined
+    assert math.isnan(b["recall"]) and b["precision"] == 0  # nothing to find: recall undefined
+
+    both = case_scores(np.zeros_like(truth), np.zeros_like(truth), SPACING, CLASSES)[0]
+    assert (both["dice"], both["iou"], both["f1"], both["nsd"], both["hd95_mm"], both["assd_mm"]) == (1, 1, 1, 1, 0, 0)
+    assert math.isnan(both["precision"]) and math.isnan(both["recall"])
+
+    rows = [{"case": "x"} | r for r in (a, b)] + [{"case": "y"} | r for r in case_scores(*slabs(), SPACING, CLASSES)]
+    summary = summarize(rows, CLASSES)
+    assert summary["classes"]["a"]["dice"] == {"mean": 0.25, "std": 0.25, "median": 0.25, "n": 2}
+    assert summary["classes"]["a"]["precision"]["n"] == 1  # the undefined value is counted out, visibly
+    assert summary["empty"]["a"] == {"truth": 0, "pred": 1, "both": 0}
+    assert summary["empty"]["b"] == {"truth": 1, "pred": 0, "both": 1}
+
+
+def predictions_from_truth(phantom, folder) -> list[str]:
+    """Predictions for three phantom cases: exact, with a spurious far blob of class 1, and with class 2 missed."""
+    folder.mkdir()
+    cases = json.loads((phantom / "dataset.json").read_text())["training"][:3]
+    ids = []
+    for i, case in enumerate(cases):
+        label = nib.load(phantom / case["label"])
+        pred = np.asarray(label.dataobj).astype(np.uint8)
+        if i == 1:
+            pred[:3, :3, :3] = 1
+        if i == 2:
+            pred[pred == 2] = 1
+        name = os.path.basename(case["label"])
+        nib.save(nib.Nifti1Image(pred, label.affine), folder / name)
+        ids.append(name.removesuffix(".nii.gz"))
+    return ids
+
+
+@pytest.fixture(scope="module")
+def folder_run(tiny_phantom, tmp_path_factory):
+    """One evaluation of hand-made predictions against the phantom's dataset.json (shared by the tests below)."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    ids = predictions_from_truth(tiny_phantom, tmp / "pred")
+    cfg = compose_config("evaluate", [f"pred={tmp / 'pred'}", f"truth={tiny_phantom / 'dataset.json'}", f"output={tmp / 'out'}",
+                                      "overlays=2", f"cases=[{ids[0]}]", "data.name=evaluate-test"], tmp)
+    return evaluate(cfg), tmp / "out", ids
+
+
+def test_folder_run_writes_csv_summary_overlays_and_postprocessing_advice(folder_run):
+    summary, out, ids = folder_run
+    with open(out / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["case"], r["class"]) for r in rows] == [(i, c) for i in ids for c in ("organ", "lesion")]
+    exact = [r for r in rows if r["case"] == ids[0]]
+    assert all(float(r["dice"]) == 1 and float(r["hd95_mm"]) == 0 for r in exact)
+    missed = next(r for r in rows if r["case"] == ids[2] and r["class"] == "lesion")
+    assert (missed["dice"], missed["precision"], missed["empty"]) == ("0.0", "", "pred")  # NaN written as an empty cell
+    dice_organ = [float(r["dice"]) for r in rows if r["class"] == "organ"]
+    assert json.loads((out / "summary.json").read_text())["classes"]["organ"]["dice"]["mean"] == pytest.approx(np.mean(dice_organ))
+    assert summary["cases"] == 3
+
+    # the spurious blob of class 1 goes with its largest component, so that option is recommended for class 1
+    advice = json.loads((out / "postprocessing.json").read_text())
+    assert advice["mean_dice"]["organ"]["largest_component"] > advice["mean_dice"]["organ"]["none"]
+    assert advice["recommended"]["largest_component"] == [1]
+
+    # the two worst cases and the one asked for by id
+    pngs = sorted(p.stem for p in (out / "overlays").glob("*.png"))
+    assert pngs == sorted(ids)
+    image = np.asarray(Image.open(out / "overlays" / f"{ids[1]}.png").convert("RGB"))
+    assert image.shape == (OVERLAY_SIZE[1], OVERLAY_SIZE[0], 3)
+    colours = np.unique(image.reshape(-1, 3), axis=0)
+    assert len(colours) > 200  # grey levels of the input plus blended class colours, not a blank canvas
+    tab_blue, tab_orange = np.array([31, 119, 180]), np.array([255, 127, 14])
+    assert (np.abs(image - tab_blue).sum(-1) < 10).any() and (np.abs(image - tab_orange).sum(-1) < 10).any()  # legend
+
+
+def test_folder_run_is_one_new_mlflow_run(folder_run, mlflow_store):
+    mlflow.set_tracking_uri(mlflow_store)
+    runs = mlflow.search_runs(experiment_names=["evaluate-test"], output_format="list")
+    assert len(runs) == 1 and runs[0].data.tags["evaluation"] == "true"
+    assert runs[0].data.metrics["eval_dice_organ"] == pytest.approx(folder_run[0]["classes"]["organ"]["dice"]["mean"])
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "evaluation")}
+    assert {"evaluation/per_case.csv", "evaluation/summary.json", "evaluation/report.html", "evaluation/overlays"} <= logged
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium missing under CI (.ci/run installs it)")
+        pytest.skip("no chromium on this machine (apt-get install chromium); the report test needs a real browser")
+    return found
+
+
+def test_report_renders_in_headless_chromium(folder_run, tmp_path):
+    _, out, ids = folder_run
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}", "--virtual-time-budget=5000"]
+    dom = subprocess.run([chromium(), *flags, "--dump-dom", (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    # the page's own script counts, after load, the images the browser decoded and the rows of the per-case table
+    assert 'data-images-decoded="3"' in dom, dom[:500]
+    assert f'data-case-rows="{2 * len(ids)}"' in dom
+    assert '<table id="summary">' in dom and "hd95_mm" in dom
+
+
+def test_checkpoint_split_is_predicted_and_logged_into_the_training_run(tiny_phantom, tmp_path, mlflow_store):
+    trained = train(tiny_config(tiny_phantom, tmp_path, overrides=["trainer.overlay_every=1"]))
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "overlays" / "epoch0001.png").is_file()
+    cfg = compose_config("evaluate", [f"ckpt={tmp_path / 'checkpoints' / 'best.pt'}", "split=test", f"output={tmp_path / 'eval'}"], tmp_path)
+    summary = evaluate(cfg)
+    test_ids = json.loads((tmp_path / "splits.json").read_text())["test"]
+    assert sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir()) == [f"{i}.nii.gz" for i in test_ids]
+    assert summary["cases"] == len(test_ids) == 1
+    run = mlflow.MlflowClient(mlflow_store).get_run(trained["run_id"])
+    assert run.data.metrics["test_dice_mean"] == pytest.approx(summary["mean"]["dice"])
+    assert "test_hd95_mm_organ" in run.data.metrics
+    logged = {a.path for a in mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id, "evaluation/test")}
+    assert "evaluation/test/report.html" in logged
+    assert {"curves.png", "overlays"} <= {a.path for a in mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id)}
+    assert "Training curves" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_bad_predictions_are_one_line_errors_naming_the_file(tiny_phantom, tmp_path):
+    ids = predictions_from_truth(tiny_phantom, tmp_path / "pred")
+    spec = tiny_phantom / "dataset.json"
+    wrong = tmp_path / "pred" / f"{ids[0]}.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), wrong)
+    cfg = compose_config("evaluate", [f"pred={tmp_path / 'pred'}", f"truth={spec}", f"output={tmp_path / 'out'}", "tracking=none"], tmp_path)
+    with pytest.raises(InputError, match=f"{wrong}: grid"):
+        evaluate(cfg)
+    wrong.rename(tmp_path / "pred" / "stranger.nii.gz")
+    with pytest.raises(InputError, match="stranger.nii.gz: no ground truth for case stranger"):
+        evaluate(cfg)
+    assert not (tmp_path / "out" / "per_case.csv").exists()  # nothing half-written
+
+    done = subprocess.run([sys.executable, "-m", "pipeline.evaluate", f"pred={tmp_path / 'nothing'}", f"truth={spec}", "tracking=none",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=project_root())
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nothing'}: pred must be a folder of label maps"
