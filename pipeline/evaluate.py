@@ -127,25 +127,27 @@ def load_pair(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.
     return pred.astype(np.int16), truth.astype(np.int16), affine
 
 
-def check_postprocessing(raw: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str]) -> dict:
-    """nnU-Net's question on validation cases: does keeping each class's largest component, or filling its holes,
-    raise that class's mean Dice? The options that do are recommended as infer overrides."""
-    def dice(pred, truth, c):  # one class: both empty -> 1, one empty -> 0, as in the report
-        p, y = (torch.as_tensor(a == c)[None, None] for a in (pred, truth))
-        return float(compute_dice(p, y, include_background=True, ignore_empty=False)[0, 0])
+POSTPROCESSING = ("largest_component", "fill_holes")
 
-    options = {"largest_component": lambda p, c: postprocess(p, largest_component=[c], num_classes=len(class_names)),
-               "fill_holes": lambda p, c: postprocess(p, fill_holes=[c], num_classes=len(class_names))}
-    out, recommended = {}, {k: [] for k in options}
-    for c in range(1, len(class_names)):
-        scores = {"none": np.mean([dice(p, t, c) for p, t in raw.values()])}
-        for name, apply in options.items():
-            scores[name] = np.mean([dice(apply(p, c), t, c) for p, t in raw.values()])
-            if scores[name] > scores["none"] + 1e-4:
-                recommended[name].append(c)
-        out[class_names[c]] = {k: float(v) for k, v in scores.items()}
-    overrides = " ".join(f"postprocess.{k}=[{','.join(map(str, v))}]" for k, v in recommended.items() if v)
-    return {"mean_dice": out, "recommended": recommended, "infer_overrides": overrides}
+
+def postprocessing_dice(pred: np.ndarray, truth: np.ndarray, class_names: list[str]) -> dict[int, dict[str, float]]:
+    """One case's Dice per foreground class as predicted ("none") and after each post-processing option alone."""
+    def dice(p, c):  # one class: both empty -> 1, one empty -> 0, as in the report
+        return float(compute_dice(torch.as_tensor(p == c)[None, None], torch.as_tensor(truth == c)[None, None],
+                                  include_background=True, ignore_empty=False)[0, 0])
+
+    k = len(class_names)
+    return {c: {"none": dice(pred, c)} | {o: dice(postprocess(pred, **{o: [c]}, num_classes=k), c) for o in POSTPROCESSING}
+            for c in range(1, k)}
+
+
+def postprocessing_advice(per_case: list[dict], class_names: list[str]) -> dict:
+    """nnU-Net's question on validation cases: does keeping a class's largest component, or filling its holes, raise
+    that class's mean Dice? The options that do become `pipeline.infer` overrides."""
+    means = {c: {o: float(np.mean([d[c][o] for d in per_case])) for o in ("none", *POSTPROCESSING)} for c in range(1, len(class_names))}
+    recommended = {o: [c for c, m in means.items() if m[o] > m["none"] + 1e-4] for o in POSTPROCESSING}
+    overrides = " ".join(f"postprocess.{o}=[{','.join(map(str, cs))}]" for o, cs in recommended.items() if cs)
+    return {"mean_dice": {class_names[c]: m for c, m in means.items()}, "recommended": recommended, "infer_overrides": overrides}
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -191,12 +193,13 @@ def evaluate(cfg: DictConfig) -> dict:
         raise InputError(f"cases={unknown}: not among the evaluated cases")
     source |= {"cases": len(cases), "classes": class_names[1:], "nsd_tolerance_mm": cfg.nsd_tolerance_mm}
 
-    rows, kept = [], {}
+    rows, post = [], []  # one case in memory at a time
     for case in tqdm(cases, desc="evaluate", unit="case"):
         pred, truth, affine = load_pair(case, len(class_names))
         scores = case_scores(pred, truth, nib.affines.voxel_sizes(affine), class_names, cfg.nsd_tolerance_mm)
         rows += [{"case": case.id} | r for r in scores]
-        kept[case.id] = (pred, truth, affine)
+        if cfg.check_postprocessing:
+            post.append(postprocessing_dice(pred, truth, class_names))
     summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm, "source": source}
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [write_csv(rows, out_dir / "per_case.csv")]
@@ -205,7 +208,7 @@ def evaluate(cfg: DictConfig) -> dict:
     files.append(out_dir / "summary.json")
 
     if cfg.check_postprocessing:
-        checked = check_postprocessing({k: (p, t) for k, (p, t, _) in kept.items()}, class_names)
+        checked = postprocessing_advice(post, class_names)
         with atomic(out_dir / "postprocessing.json") as tmp:
             tmp.write_text(json.dumps(checked, indent=1))
         files.append(out_dir / "postprocessing.json")
@@ -219,7 +222,7 @@ def evaluate(cfg: DictConfig) -> dict:
     overlays = {}
     for cid in chosen:
         case = next(c for c in cases if c.id == cid)
-        pred, truth, affine = kept[cid]
+        pred, truth, affine = load_pair(case, len(class_names))
         image = None
         if case.image is not None:
             image, image_affine = read_array(case.image)
