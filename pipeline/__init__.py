@@ -13,3 +13,17 @@ def project_root() -> Path:
 
 # Configs say `${project_root:}` so outputs, data and the MLflow store resolve to absolute paths from any cwd.
 OmegaConf.register_new_resolver("project_root", lambda: str(project_root()), replace=True)
+
+
+def out_channels(num_classes: int | None, activation: str) -> int | None:
+    """Output channels of a network's head: one per class for softmax, one sigmoid channel for binary data."""
+    if activation == "softmax" or num_classes is None:
+        return num_classes
+    if activation == "sigmoid":
+        if num_classes != 2:
+            raise ValueError(f"activation=sigmoid (loss=bce/bce_tv) is for binary data; data.num_classes is {num_classes}")
+        return 1
+    raise ValueError(f"activation={activation}: must be softmax or sigmoid")
+
+
+OmegaConf.register_new_resolver("out_channels", out_channels, replace=True)

@@ -19,15 +19,20 @@ def save(path: str | Path, model: torch.nn.Module, config: dict, **extra) -> Pat
     return Path(path)
 
 
-def load(path: str | Path) -> dict:
-    """Load with weights_only=True: a checkpoint cannot run code."""
+def read(path: str | Path, what: str = "checkpoint"):
+    """torch.load with weights_only=True (a file cannot run code); a missing or unreadable file is an InputError."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
+        raise InputError(f"{path}: {what} not found")
     try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise InputError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+        raise InputError(f"{path}: not a readable {what} ({type(err).__name__})") from None
+
+
+def load(path: str | Path) -> dict:
+    """A pipeline checkpoint: weights and the resolved config."""
+    bundle = read(path)
     if not isinstance(bundle, dict) or not {"state_dict", "config"} <= bundle.keys():
         raise InputError(f"{path}: not a pipeline checkpoint (no state_dict/config)")
     return bundle

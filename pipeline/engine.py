@@ -8,11 +8,13 @@ from pathlib import Path
 import nibabel as nib
 import torch
 from omegaconf import DictConfig
+from monai.losses import DeepSupervisionLoss
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint, plots
 from pipeline.io import ras_spacing
+from pipeline.models.teaching import MirrorPadded, centre_crop
 from pipeline.metrics import SegmentationScores
 
 
@@ -33,12 +35,43 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def outputs(out, label: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    """A network's training output(s) in fp32, the full-resolution main output first when there are several."""
+    if isinstance(out, (list, tuple)):  # BasicUNetPlusPlus: nested decoder outputs, the most refined last
+        return [o.float() for o in reversed(out)] if len(out) > 1 else out[0].float()
+    if out.dim() == label.dim() + 1:  # DynUNet with deep supervision: (B, 1 + n, C, ...), the main output first
+        return [o.float() for o in out.unbind(1)]
+    return out.float()
+
+
+class ForInference(torch.nn.Module):
+    """What sliding-window inference and export run: one (B, K, ...) logits tensor the size of the input, whatever
+    the network returns (a list of deep-supervision outputs, one sigmoid channel, a smaller valid output)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        # An unpadded network sees a mirror-padded input so its output covers the window (the 2015 overlap-tile idea).
+        self.net = MirrorPadded(net) if hasattr(net, "output_size") else net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if isinstance(out, (list, tuple)):  # BasicUNetPlusPlus returns a list even in eval mode; the last is final
+            out = out[-1]
+        # One sigmoid logit z is the two-class softmax logits (0, z): softmax((0, z)) = (1 - sigmoid(z), sigmoid(z)),
+        # so argmax, TTA averaging and probability maps work unchanged for binary networks.
+        return torch.cat([torch.zeros_like(out), out], 1) if out.shape[1] == 1 else out
+
+
+def for_inference(model: torch.nn.Module) -> ForInference:
+    return model if isinstance(model, ForInference) else ForInference(model)
+
+
 @torch.no_grad()
 def predict(model, image: torch.Tensor, inferer, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    """Float32 logits for whole volumes, by the (sliding-window) inferer."""
+    """Float32 class logits (B, K, ...) for whole volumes, by the (sliding-window) inferer."""
     model.eval()
     with autocast(device, dtype):
-        return inferer(image.to(device), model).float()
+        return inferer(image.to(device), for_inference(model)).float()
 
 
 def validate(model, loader, inferer, scores: SegmentationScores, device, dtype) -> dict[str, float]:
@@ -54,6 +87,16 @@ def validation_overlay(model, loader, inferer, class_names, spacing, device, dty
     pred = predict(model, batch["image"][:1], inferer, device, dtype).argmax(1)[0].cpu().numpy()
     truth = batch["label"][0, 0].numpy().astype(int)
     return plots.overlay(batch["image"][0, 0].numpy(), truth, pred, spacing, class_names, path, title=path.stem)
+
+
+def batch_loss(model, batch: dict, loss_fn, device, dtype) -> torch.Tensor:
+    """One batch's training loss, in fp32 (softmax/log of bf16 logits loses precision); an unpadded network's
+    smaller output is scored against the centre of the label."""
+    image, label = batch["image"].to(device), batch["label"].to(device)
+    with autocast(device, dtype):
+        out = outputs(model(image), label)
+    main = out[0] if isinstance(out, list) else out
+    return loss_fn(out, centre_crop(label, main.shape[2:]))
 
 
 def fit(
@@ -78,6 +121,11 @@ def fit(
     ckpt_dir = Path(ckpt_dir)
     model.to(device)
     scores = SegmentationScores(class_names)
+    # Several outputs (deep supervision): MONAI weighs their losses 1, 1/2, 1/4, ... against a resized label.
+    supervised = DeepSupervisionLoss(loss_fn, weight_mode="exp")
+    accumulate = trainer.get("accumulate") or 1  # optimizer steps every `accumulate` batches
+    stop = trainer.get("early_stopping") or {}
+    stale = 0  # validations since the best one (early stopping)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 has fp32's range: no scaling
     best = {"val_dice_mean": -math.inf, "epoch": 0}
     step_losses, history, train_seconds, epoch = [], [], 0.0, 0
@@ -89,27 +137,27 @@ def fit(
             scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         best, epoch, train_seconds = resume["metrics"], resume["epoch"], 60 * resume["train_minutes"]
-        history = resume.get("history", [])
+        history, stale = resume.get("history", []), resume.get("stale", 0)
         checkpoint.restore_rng(resume["rng"], augment)
 
     epochs = tqdm(range(epoch + 1, trainer.max_epochs + 1), desc="epochs", unit="epoch", initial=epoch, total=trainer.max_epochs)
     for epoch in epochs:
         model.train()
         start, losses = time.perf_counter(), []
-        for batch in tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False):
-            image, label = batch["image"].to(device), batch["label"].to(device)
-            with autocast(device, dtype):
-                logits = model(image)
-            loss = loss_fn(logits.float(), label)  # losses in fp32: softmax/log of bf16 logits loses precision
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False), start=1):
+            loss = batch_loss(model, batch, supervised, device, dtype)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch}: loss is {loss.item()}; lower optimizer.lr or set trainer.amp=false")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if trainer.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            # Gradients of `accumulate` batches add up before one step: the mean over a k-times larger batch.
+            scaler.scale(loss / accumulate).backward()
+            if i % accumulate == 0 or i == len(train_loader):
+                if trainer.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
         step_losses += losses
         train_seconds += time.perf_counter() - start
@@ -131,6 +179,7 @@ def fit(
                 tracker.log_artifact(png, "overlays")
             if isinstance(scheduler, ReduceLROnPlateau):
                 scheduler.step(log["val_dice_mean"])
+            stale = 0 if log["val_dice_mean"] > best["val_dice_mean"] + stop.get("min_delta", 0.0) else stale + 1
             if log["val_dice_mean"] > best["val_dice_mean"]:
                 best = {k: v for k, v in log.items() if k.startswith("val_")} | {"epoch": epoch}
                 checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best, run_id=tracker.run_id)
@@ -145,9 +194,13 @@ def fit(
         checkpoint.save(
             ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best, train_minutes=train_seconds / 60,
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
-            rng=checkpoint.rng_state(augment), run_id=tracker.run_id, history=history,
+            rng=checkpoint.rng_state(augment), run_id=tracker.run_id, history=history, stale=stale,
         )
         if out_of_time:
             tqdm.write(f"stopping after epoch {epoch}: trainer.max_minutes={trainer.max_minutes} of training reached")
+            break
+        if stop.get("patience") and stale >= stop["patience"]:
+            tqdm.write(f"early stopping after epoch {epoch}: val Dice has not risen by more than {stop.get('min_delta', 0.0)} "
+                       f"for {stale} validations (best {best['val_dice_mean']:.4f} at epoch {best['epoch']})")
             break
     return {"best": best, "step_losses": step_losses, "history": history, "epochs": epoch, "train_minutes": train_seconds / 60}

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import checkpoint
+from pipeline import checkpoint, engine
 from pipeline.errors import InputError, exit_on_input_error
 from pipeline.files import atomic
 
@@ -20,9 +20,10 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
 
 
 def build_model(bundle: dict) -> torch.nn.Module:
+    """The checkpoint's network as inference runs it: one full-size class-logits output (engine.ForInference)."""
     model = instantiate(OmegaConf.create(bundle["config"]).model)
     model.load_state_dict(bundle["state_dict"])
-    return model.eval()
+    return engine.for_inference(model.eval())
 
 
 def export_model(model: torch.nn.Module, config: dict, fmt: str, path: Path) -> Path:

@@ -13,14 +13,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from monai.utils import set_determinism
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline import checkpoint, engine, plots
 from pipeline.check import check
-from pipeline.data.fingerprint import cache_key
+from pipeline.data.fingerprint import cache_key, fingerprint
 from pipeline.data.sources import case_id, ensure_demo_data, resolve_data, split
 from pipeline.data.transforms import loaders
 from pipeline.errors import InputError, exit_on_input_error, faults_error
+from pipeline.losses import inverse_frequency_weights
+from pipeline.models.weights import initialise
 from pipeline.planning import apply_plan
 from pipeline.tracking import git_dirty
 
@@ -52,7 +54,13 @@ def setup(cfg: DictConfig) -> SimpleNamespace:
     s = cfg.data.split
     splits = split(dataset.cases, s.val, s.test, s.seed, s.folds, cfg.data.fold)
     apply_plan(cfg, dataset.modalities, splits["train"])  # fills values set to `auto` (plan=auto)
-    model = instantiate(cfg.model)
+    if cfg.loss.get("weight") == "inverse_frequency":  # loss=ce_weighted: class weights from the training cases
+        frequencies = fingerprint(splits["train"], Path(cfg.paths.outputs) / "fingerprints")["class_frequency"]
+        frequencies += [0.0] * (cfg.data.num_classes - len(frequencies))  # classes absent from every training label
+        with open_dict(cfg):
+            cfg.loss.weight = inverse_frequency_weights(frequencies)
+        print(f"loss.weight (inverse class frequency of the training voxels): {[round(w, 3) for w in cfg.loss.weight]}")
+    model = initialise(instantiate(cfg.model), cfg.get("init"))
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     device = engine.pick_device(cfg.trainer.device)
     return SimpleNamespace(

@@ -48,11 +48,21 @@ def compose_config(name: str = "train", overrides: list[str] = (), run_dir: Path
     return compose(name, [*overrides, *extra])
 
 
-# Per model: three levels of 8/16/32 channels.
+# Per model: a few levels of 4-32 channels, so every network trains a step in about a second on a CPU.
 TINY_MODEL = {
     "unet3d": ["model.channels=[8,16,32]", "model.strides=[2,2]"],
     "unet2d": ["model.net.channels=[8,16,32]", "model.net.strides=[2,2]"],
     "conv3d": ["model.channels=[8,16,32]"],
+    "basicunet": ["model.features=[4,4,8,8,16,4]"],
+    "attention_unet": ["model.channels=[8,16,32]", "model.strides=[2,2]"],
+    "unetpp": ["model.features=[4,4,8,8,16,4]"],
+    "segresnet": ["model.init_filters=4"],
+    "dynunet": ["model.filters=[4,8,16,32]"],
+    "unetr": ["model.feature_size=4", "model.hidden_size=48", "model.mlp_dim=96", "model.num_heads=2"],
+    "encdec": ["model.channels=[4,8,16]"],
+    "unet_strided": ["model.channels=[4,8,16]"],
+    "dilatednet": ["model.channels=4", "model.dilations=[1,2,4]"],
+    "unet_valid": ["model.channels=[4,8]"],
 }
 
 

@@ -1,13 +1,65 @@
-"""Our own small 3D encoder-decoder, built from one reusable block.
+"""Our own convolution blocks and the small 3D encoder-decoder built from them.
 
-MONAI's UNet wires its own residual units; this network exists to show (and test) a custom block in the same
-pipeline: Conv3d -> norm -> activation, twice, with an optional residual connection.
+MONAI's UNet wires its own residual units; these blocks exist to show (and test) custom blocks in the same pipeline:
+conv -> norm -> activation, in 2D or 3D (the tables below), reused by Conv3DNet and the teaching networks.
 """
 
 import torch
 from torch import nn
 
-NORMS = {"instance": lambda c: nn.InstanceNorm3d(c, affine=True), "batch": nn.BatchNorm3d}
+# One layer class per spatial_dims: the same network code builds 2D (N C H W) and 3D (N C H W D) networks.
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+CONV_TRANSPOSE = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+MAX_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+DROPOUT = {2: nn.Dropout2d, 3: nn.Dropout3d}  # spatial dropout: zeroes whole feature maps, not single voxels
+NORM = {"instance": {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}, "batch": {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}}
+
+
+def layer(table: dict, spatial_dims: int) -> type[nn.Module]:
+    """The class for `spatial_dims` from one of the tables above, with a clear error for anything but 2 or 3."""
+    if spatial_dims not in table:
+        raise ValueError(f"spatial_dims={spatial_dims}: must be 2 or 3")
+    return table[spatial_dims]
+
+
+def norm_layer(norm: str, spatial_dims: int, channels: int) -> nn.Module:
+    """Instance norm (with learned scale and shift, as nnU-Net) or batch norm over `channels` feature maps."""
+    if norm not in NORM:
+        raise ValueError(f"norm={norm!r}: must be 'instance' or 'batch' (the teaching networks also take 'none')")
+    if norm == "instance":
+        return layer(NORM[norm], spatial_dims)(channels, affine=True)
+    return layer(NORM[norm], spatial_dims)(channels)
+
+
+# Kept for code that imported it: the 3D norms of ConvBlock3D.
+NORMS = {name: (lambda c, name=name: norm_layer(name, 3, c)) for name in NORM}
+
+
+def conv_norm_act(spatial_dims: int, in_channels: int, out_channels: int, norm: str | None = "instance", *,
+                  stride: int = 1, padding: int = 1, dilation: int = 1) -> list[nn.Module]:
+    """3x3(x3) conv -> norm -> ReLU; norm None or "none" drops the norm (the 2015 U-Net had none) and gives the conv
+    a bias."""
+    use_norm = norm not in (None, "none")
+    # A bias right before a norm is wasted: the norm subtracts the mean anyway.
+    conv = layer(CONV, spatial_dims)(in_channels, out_channels, 3, stride=stride, padding=padding, dilation=dilation, bias=not use_norm)
+    return [conv, *([norm_layer(norm, spatial_dims, out_channels)] if use_norm else []), nn.ReLU(inplace=True)]
+
+
+class ConvBlock(nn.Sequential):
+    """(3x3(x3) conv -> norm -> ReLU) x 2, then spatial dropout when `dropout` > 0.
+
+    `padding=1` keeps the size; `padding=0` is the 2015 valid conv (each trims one voxel per side); `stride=2` on the
+    first conv halves the size (downsampling by convolution instead of pooling)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str | None = "instance",
+                 dropout: float = 0.0, padding: int = 1, stride: int = 1):
+        layers = [
+            *conv_norm_act(spatial_dims, in_channels, out_channels, norm, stride=stride, padding=padding),
+            *conv_norm_act(spatial_dims, out_channels, out_channels, norm, padding=padding),
+        ]
+        if dropout > 0:  # no module at all otherwise: the printed network shows only what acts
+            layers.append(layer(DROPOUT, spatial_dims)(dropout))
+        super().__init__(*layers)
 
 
 class ConvBlock3D(nn.Module):

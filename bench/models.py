@@ -1,0 +1,56 @@
+"""Every network of conf/model/ at its default width: parameter count and seconds per training step on this machine.
+
+    .venv/bin/python bench/models.py [--patch 64 64 32] [--batch 2] [--steps 5] [--amp auto|false]
+
+One step = forward, loss (DiceLoss, deep supervision where the network emits it), backward and an Adam step on a
+random batch shaped like the demo data's (1 channel, 3 classes). Median of `steps` after one warm-up step.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from hydra.utils import instantiate
+from monai.losses import DeepSupervisionLoss
+
+from pipeline import engine, project_root
+from pipeline.config import compose
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 32])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--amp", default="auto")
+    args = parser.parse_args()
+    device = engine.pick_device()
+    dtype = engine.amp_dtype(args.amp, device)
+    print(f"patch {args.patch}, batch {args.batch}, {device}, amp {dtype}")
+    print(f"{'model':16s} {'class':22s} {'parameters':>12s} {'s/step':>8s}")
+    for model in sorted(p.stem for p in (project_root() / "conf" / "model").glob("*.yaml")):
+        overrides = [f"model={model}", "data.in_channels=1", "data.num_classes=3", f"data.patch_size={args.patch}"]
+        cfg = compose("train", overrides)
+        net = instantiate(cfg.model).to(device).train()
+        size = list(args.patch)
+        if hasattr(net, "valid_input_size"):  # the 2015 valid U-Net needs exact poolings: nearest valid patch
+            size = [net.valid_input_size(s) for s in size]
+        loss = DeepSupervisionLoss(instantiate(cfg.loss), weight_mode="exp")
+        optimizer = torch.optim.Adam(net.parameters())
+        batch = {"image": torch.randn(args.batch, 1, *size), "label": torch.randint(0, 3, (args.batch, 1, *size)).float()}
+        times = []
+        for _ in range(args.steps + 1):
+            start = time.perf_counter()
+            value = engine.batch_loss(net, batch, loss, device, dtype)
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        name = getattr(net, "run_name", type(net).__name__)
+        print(f"{model:16s} {name:22s} {params:12,d} {statistics.median(times[1:]):8.3f}" + (f"  (patch {size})" if size != list(args.patch) else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()
