@@ -49,6 +49,9 @@ def setup(cfg: DictConfig) -> SimpleNamespace:
         if faults:
             raise faults_error(faults, cfg.data.root)
     dataset = resolve_data(cfg)  # fills data.num_classes etc., which the other groups interpolate
+    if cfg.get("activation") == "sigmoid" and cfg.data.num_classes != 2:
+        raise InputError(f"{cfg.data.root}: activation=sigmoid (loss=bce, bce_tv) needs binary labels; this dataset has "
+                         f"{cfg.data.num_classes} classes (use a softmax loss such as loss=dicece)")
     set_determinism(seed=cfg.seed)  # python, numpy, torch and MONAI transform states
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", False)), warn_only=True)
     s = cfg.data.split

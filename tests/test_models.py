@@ -1,13 +1,18 @@
 """Every network x loss trains a step in 2D and 3D; accumulation, early stopping, deep supervision and weight init."""
 
+import json
 import math
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 from monai.losses import DeepSupervisionLoss
 
 from pipeline import checkpoint, engine
+from pipeline.errors import InputError
+from pipeline.infer import infer
 from pipeline.models.weights import initialise, kaiming_
 from pipeline.train import train
 from tests.conftest import CONF, TINY_MODEL, compose_config, tiny_config
@@ -111,3 +116,29 @@ def test_kaiming_init_and_encoder_weights_from_a_local_file(tmp_path):
     assert any(n.startswith("model.0.") for n in convs) and not all(n.startswith("model.0.") for n in convs)
     for name in convs:  # the encoder's first level copied, every other convolution left as initialised
         assert torch.equal(target.state_dict()[name], source.state_dict()[name]) == name.startswith("model.0."), name
+
+
+def binary_folders(phantom, root):
+    """The phantom as plain folder pairs with one foreground class (organ and lesion merged)."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for case in json.loads((phantom / "dataset.json").read_text())["training"]:
+        name = case["image"].split("/")[-1]
+        (root / "images" / name).symlink_to(phantom / case["image"])
+        label = nib.load(phantom / case["label"])
+        nib.save(nib.Nifti1Image((np.asarray(label.dataobj) > 0).astype(np.uint8), label.affine), root / "labels" / name)
+    return root
+
+
+def test_binary_data_trains_with_one_sigmoid_channel_and_predicts_labels(tiny_phantom, tmp_path):
+    root = binary_folders(tiny_phantom, tmp_path / "binary")
+    cfg = tiny_config(tiny_phantom, tmp_path, overrides=["data=folders", f"data.root={root}", "data.class_names=[background,organ]",
+                                                         "loss=bce_tv", "optimizer.lr=0.01", "tracking=none"])
+    result = train(cfg)
+    bundle = checkpoint.load(tmp_path / "checkpoints" / "best.pt")
+    assert bundle["config"]["model"]["out_channels"] == 1 and "val_dice_organ" in result["best"]
+    assert math.isfinite(result["best"]["val_dice_organ"]) and result["run_name"] == "UNet_Adam_BCETotalVariationLoss"
+    [out] = infer(tmp_path / "checkpoints" / "best.pt", root / "images" / "phantom_000.nii.gz", tmp_path / "pred")["written"]
+    assert set(map(int, nib.load(out).get_fdata().ravel())) <= {0, 1}
+    with pytest.raises(InputError, match="needs binary labels; this dataset has 3 classes"):
+        train(tiny_config(tiny_phantom, tmp_path / "three", overrides=["loss=bce", "tracking=none"]))
