@@ -24,6 +24,7 @@ from pipeline.errors import InputError, exit_on_input_error, faults_error
 from pipeline.losses import inverse_frequency_weights
 from pipeline.models.weights import initialise
 from pipeline.planning import apply_plan
+from pipeline.sweep import sweep_tags
 from pipeline.tracking import git_dirty
 
 
@@ -95,17 +96,15 @@ def resume_from(cfg: DictConfig) -> Path | None:
     raise InputError(f"{path}: no last.pt to resume from")
 
 
-def rerun_command() -> str:
-    """The command line that re-runs this run at the tagged git commit (empty outside a Hydra entry point)."""
-    if not HydraConfig.initialized():
-        return ""
-    return " ".join(["python -m pipeline.train", *(shlex.quote(o) for o in HydraConfig.get().overrides.task)])
+def overrides() -> str:
+    """This job's command-line overrides (empty outside a Hydra entry point)."""
+    return " ".join(shlex.quote(o) for o in HydraConfig.get().overrides.task) if HydraConfig.initialized() else ""
 
 
 def run_tags(cfg: DictConfig, device, dtype, cases: list[dict]) -> dict:
     """What it takes to tell runs apart and redo one: code, data, seed, software, hardware, command."""
     return {
-        "rerun": rerun_command(),
+        "rerun": f"python -m pipeline.train {overrides()}".strip(), "overrides": overrides(), **sweep_tags(),
         "seed": cfg.seed, "device": str(device), "amp": str(dtype).removeprefix("torch.") if dtype else "fp32",
         "git_dirty": git_dirty(), "data_fingerprint": cache_key(cases), "python": platform.python_version(),
         "torch": torch.__version__, "monai": monai.__version__,
@@ -143,6 +142,7 @@ def train(cfg: DictConfig) -> dict:
             cfg.trainer, model, loss_fn, optimizer, run.scheduler, train_loader, val_loader, run.inferer,
             cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, dtype, resume=state,
         )
+        tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
         for ckpt in ("best.pt", "last.pt"):
             tracker.log_artifact(f"{cfg.paths.run_dir}/checkpoints/{ckpt}", "checkpoints")
         tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, Path(cfg.paths.run_dir) / "curves.png"))

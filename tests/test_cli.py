@@ -36,3 +36,10 @@ def test_multirun_gives_each_job_its_own_folder_and_mlflow_run(tiny_phantom, tmp
     for r in runs:  # each job's own command line, to re-run it
         loss = "dice" if r.info.run_name == "UNet_Adam_DiceLoss" else "dicefocal"
         assert r.data.tags["rerun"].startswith(f"python -m pipeline.train loss={loss} data.root=")
+        assert r.data.tags["sweep"] == str(tmp_path) and r.data.tags["sweep_job"] == ("0" if loss == "dice" else "1")
+    # the sweep's table: both runs, best first, with the override that differs between them (not the shared ones)
+    table = done.stdout[done.stdout.index(f"sweep {tmp_path}: 2 runs"):].splitlines()
+    best = {r.info.run_name: r.data.metrics["best_val_dice_mean"] for r in runs}
+    first = max(best, key=best.get)
+    assert first in table[2] and f"{best[first]:.4f}" in table[2]
+    assert {line.split()[-1] for line in table[2:4]} == {"loss=dice", "loss=dicefocal"}
