@@ -20,7 +20,7 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_options():
-    for group in ["data", "transforms", "transforms/normalize", "model", "loss", "optimizer", "scheduler", "trainer", "tracking", "experiment"]:
+    for group in ["data", "transforms", "transforms/normalize", "model", "loss", "optimizer", "scheduler", "trainer", "tracking", "experiment", "hparams_search", "hydra/launcher"]:
         assert options(group), group
 
 

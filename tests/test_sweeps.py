@@ -1,0 +1,60 @@
+"""Sweeps on the field's engines: an Optuna search (hydra-optuna-sweeper) and jobs launched through submitit."""
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline import project_root
+from tests.conftest import TINY, TINY_MODEL
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True, cwd=project_root())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def sweep_runs(mlflow_store: str, experiment: str) -> list:
+    mlflow.set_tracking_uri(mlflow_store)
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def test_optuna_search_maximizes_the_best_val_dice_that_train_returns(tiny_phantom, tmp_path, mlflow_store):
+    experiment = f"optuna-{tmp_path.name}"
+    done = run_train("hparams_search=optuna", "hydra.sweeper.n_trials=2", f"data.root={tiny_phantom}", *TINY,
+                     f"tracking.experiment={experiment}", f"hydra.sweep.dir={tmp_path}")
+    runs = sweep_runs(mlflow_store, experiment)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    best = max(r.data.metrics["best_val_dice_mean"] for r in runs)
+    result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert result["best_value"] == pytest.approx(best)  # Optuna saw what train returned, and maximized it
+    # the search space less data.patch_size, which TINY fixes on the command line (a given value is not searched)
+    assert set(result["best_params"]) == {"optimizer.lr", "loss", "model.channels"}
+    assert 1e-4 <= result["best_params"]["optimizer.lr"] <= 1e-2
+    assert all(r.data.tags["sweep"] == str(tmp_path) for r in runs)
+    assert f"sweep {tmp_path}: 2 runs" in done.stdout
+
+
+def test_submitit_local_launcher_runs_each_job_in_its_own_process(tiny_phantom, tmp_path, mlflow_store):
+    experiment = f"submitit-{tmp_path.name}"
+    run_train("--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "loss=dice,dicefocal",
+              f"data.root={tiny_phantom}", *TINY, *TINY_MODEL["unet3d"], f"tracking.experiment={experiment}", f"hydra.sweep.dir={tmp_path}")
+    runs = sweep_runs(mlflow_store, experiment)
+    assert sorted(r.info.run_name for r in runs) == ["UNet_Adam_DiceFocalLoss", "UNet_Adam_DiceLoss"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    logs = list((tmp_path / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2  # submitit's own job logs: the jobs ran as separate submitted processes
+    assert len({r.data.tags["sweep"] for r in runs}) == 1
+
+
+def test_slurm_launcher_config_composes_with_the_cluster_settings(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
