@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 OVERRIDES := $(foreach o,$(call reverse,$(MAKEOVERRIDES)),'$(o)')
 
-.PHONY: install train infer sweep evaluate test test-slow bench mlflow-ui data clean
+.PHONY: install train infer sweep evaluate test test-slow bench mlflow-ui mlflow-server data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,9 +45,18 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
-# The UI binds to loopback only; put a reverse proxy with auth in front to share it.
+# The MLflow server (UI, REST API, model registry, proxied artifacts) on the project's sqlite store, with one worker and
+# without MLflow's GenAI job runner (seven more processes, ~1.5 GiB): enough for a small machine. It binds to loopback
+# only; put a reverse proxy with auth in front to share it. The same by hand, from the project root:
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow server --backend-store-uri sqlite:///$PWD/outputs/mlflow.db \
+#     --serve-artifacts --artifacts-destination $PWD/outputs/mlartifacts --host 127.0.0.1 --port 5000 --workers 1
+# Train through it with `make train tracking.uri=http://127.0.0.1:5000`: checkpoints are uploaded through the server.
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port 5000
+	mkdir -p $(CURDIR)/outputs
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \
+		--serve-artifacts --artifacts-destination $(CURDIR)/outputs/mlartifacts --host 127.0.0.1 --port 5000 --workers 1
+
+mlflow-server: mlflow-ui
 
 clean:
 	rm -rf outputs data/phantom

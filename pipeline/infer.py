@@ -30,9 +30,18 @@ from pipeline.io import Reference, Volume, find_inputs, label_dtype
 PREPROCESSING = ("load", "orient", "resample", "normalize")
 
 
-def checkpoints(ckpt) -> list[Path]:
-    """One checkpoint, a list of them, or a folder of *.pt (an ensemble, e.g. the k folds)."""
-    paths = [Path(p) for p in ckpt] if isinstance(ckpt, (list, tuple, ListConfig)) else [Path(ckpt)]
+def checkpoints(ckpt, cache: Path | None = None) -> list[Path]:
+    """One checkpoint, a list of them, or a folder of *.pt (an ensemble, e.g. the k folds). Any of them may be a registered
+    model version, `models:/<name>/<version>` (or `/latest`, `@<alias>`), fetched from the MLflow registry at
+    MLFLOW_TRACKING_URI (default: the project's sqlite store) into `cache` (default outputs/registry)."""
+    paths = []
+    for p in ckpt if isinstance(ckpt, (list, tuple, ListConfig)) else [ckpt]:
+        if str(p).startswith("models:/"):
+            from pipeline.tracking import download_registered  # imports mlflow: only when asked for
+
+            paths += download_registered(str(p), cache)
+        else:
+            paths.append(Path(p))
     if len(paths) == 1 and paths[0].is_dir():
         paths = sorted(paths[0].glob("*.pt"))
         if not paths:

@@ -1,9 +1,24 @@
 """Experiment tracking behind a small interface: the engine reports to a Tracker and knows nothing of MLflow."""
 
+import json
+import os
+import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 from pipeline import project_root
+from pipeline.errors import InputError
+
+# MLflow's HTTP client retries a dead server for minutes by default (7 retries, backoff factor 2, 120 s timeout).
+# A tracker gives up on the first failure instead (see MLflowTracker), so one short try is enough; set in `start`,
+# unless the environment already says otherwise.
+HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -36,55 +51,221 @@ def git_dirty() -> str:
 
 
 class NullTracker:
-    """Tracks nothing; `tracking=none`."""
+    """Tracks nothing remotely; `tracking=none`. With `local_dir`, every log_metrics call also lands in metrics.jsonl there."""
 
     run_id = None
+    local_dir = None  # class defaults: subclasses (the benchmarks' recorders) need not call __init__
+
+    def __init__(self, local_dir: str | None = None):
+        self.local_dir = local_dir
 
     def start(self, run_name: str, config: dict, tags: dict, run_id: str | None = None) -> None:
         """Nothing to open."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Metrics reach the console through the engine's validation line only."""
+        """One JSON line per call in <local_dir>/metrics.jsonl; the console gets the engine's validation line."""
+        if self.local_dir is None:
+            return
+        path = Path(self.local_dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}, default=float) + "\n")
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         """Artifacts stay in the run folder only."""
+
+    def register(self, checkpoint: str | Path) -> str | None:
+        """No registry."""
+        return None
 
     def finish(self, status: str = "FINISHED") -> None:
         """Nothing to close."""
 
 
+def _tracking_errors() -> tuple[type[BaseException], ...]:
+    """What a store or server that went away raises: MlflowException (MLflow wraps HTTP and SQL failures in it), OSError."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException, OSError
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())  # MLflow's messages span lines; a warning is one
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 class MLflowTracker(NullTracker):
-    """One MLflow run per training run: flattened config as params, config.yaml, metrics per epoch, checkpoints."""
+    """One MLflow run per training run: flattened config as params, config.yaml, metrics per epoch, checkpoints.
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
-        import mlflow
+    Every call talks to the store through its own MlflowClient (no global MLflow state). A store or server that fails
+    never stops training: the first failure prints one warning line and the tracker stops trying; metrics.jsonl and the
+    checkpoints in the run folder are the record. With `register`, `register(best.pt)` makes the checkpoint a new
+    version of the registered model `model_name` (inference takes `ckpt=models:/<name>/<version>`).
+    """
 
-        self.mlflow = mlflow
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None, local_dir: str | None = None,
+                 register: bool = False, model_name: str | None = None):
+        super().__init__(local_dir)
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
+        self.registers, self.model_name = bool(register), model_name or experiment
+        self.client = None
+        self.failed = False  # after the first failure nothing more is sent
+        self.logged: dict[Path, str] = {}  # local file -> its artifact path in the run
+
+    def _fail(self, what: str, err: BaseException) -> None:
+        from tqdm.auto import tqdm  # a line of its own beside the engine's progress bars
+
+        if not self.failed:
+            self.failed = True
+            kept = f"; metrics.jsonl and checkpoints stay in {self.local_dir}" if self.local_dir else ""
+            tqdm.write(f"warning: MLflow tracking at {self.uri} failed in {what} ({_one_line(err)}); "
+                       f"no more tracking for this run{kept}", file=sys.stderr)
+
+    def _live(self) -> bool:
+        return self.client is not None and self.run_id is not None and not self.failed
 
     def start(self, run_name: str, config: dict, tags: dict, run_id: str | None = None) -> None:
-        """A new run, or with run_id the interrupted run continued (its params and config are already logged)."""
-        mlflow = self.mlflow
-        mlflow.set_tracking_uri(self.uri)
+        """A new run, or with run_id the interrupted run continued (its params and config are already logged).
+
+        A store that cannot be reached warns once and leaves the tracker off; a run_id the store does not know raises
+        (MlflowException RESOURCE_DOES_NOT_EXIST), so the caller can open a new run instead.
+        """
+        for key, value in HTTP_SETTINGS.items():
+            os.environ.setdefault(key, value)
+        try:
+            self._start(run_name, config, tags, run_id)
+        except _tracking_errors() as err:
+            if run_id is not None and getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                raise
+            self.run_id = None
+            self._fail("start", err)
+
+    def _start(self, run_name: str, config: dict, tags: dict, run_id: str | None) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+        from mlflow.tracking.context.registry import resolve_tags
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        if mlflow.get_experiment_by_name(self.experiment) is None:
-            # A local store would otherwise put artifacts in ./mlruns of whatever the cwd is.
-            local = self.uri.startswith(("sqlite:", "file:", "/")) and self.artifact_location
-            mlflow.create_experiment(self.experiment, artifact_location=Path(self.artifact_location, self.experiment).as_uri() if local else None)
-        mlflow.set_experiment(self.experiment)
+        self.client = client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:
-            self.run_id = mlflow.start_run(run_id=run_id).info.run_id
+            client.get_run(run_id)  # raises RESOURCE_DOES_NOT_EXIST for a run of another store
+            client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
             return
-        self.run_id = mlflow.start_run(run_name=run_name, tags={"git_commit": git_commit(), **tags}).info.run_id
-        mlflow.log_params(flatten(config))
-        mlflow.log_dict(config, "config.yaml")
+        experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            # A local store would otherwise put artifacts in ./mlruns of whatever the cwd is; a server picks its own
+            # (mlflow-artifacts:/ under --artifacts-destination).
+            local = self.uri.startswith(("sqlite:", "file:", "/")) and self.artifact_location
+            try:
+                experiment_id = client.create_experiment(
+                    self.experiment, artifact_location=Path(self.artifact_location, self.experiment).as_uri() if local else None)
+            except _tracking_errors()[0] as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another job of a sweep made it first
+                    raise
+                experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        all_tags = resolve_tags({"git_commit": git_commit(), **{k: str(v) for k, v in tags.items()}, MLFLOW_RUN_NAME: run_name})
+        self.run_id = client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
+        client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(config).items()])
+        client.log_dict(self.run_id, config, "config.yaml")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics(metrics, step=step)
+        super().log_metrics(metrics, step)  # on disk first, whatever happens to the store
+        if not self._live():
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        except _tracking_errors() as err:
+            self._fail("log_metrics", err)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path=folder)
+        if not self._live():
+            return
+        try:
+            self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+            self.logged[Path(path).resolve()] = f"{folder}/{Path(path).name}" if folder else Path(path).name
+        except _tracking_errors() as err:
+            self._fail("log_artifact", err)
+
+    def register(self, checkpoint: str | Path) -> str | None:
+        """With `register: true`, the checkpoint (logged under checkpoints/ unless it already is) becomes the next version
+        of the registered model `model_name`; returns and prints "models:/<name>/<version>". None when off or failed."""
+        if not (self.registers and self._live()):
+            return None
+        checkpoint = Path(checkpoint)
+        try:
+            if checkpoint.resolve() not in self.logged:
+                self.log_artifact(checkpoint, "checkpoints")
+                if self.failed:
+                    return None
+            source = f"runs:/{self.run_id}/{self.logged[checkpoint.resolve()]}"
+            # mlflow.register_model wants a logged MLflow model for a runs:/ URI; a plain file needs the client API.
+            try:
+                self.client.create_registered_model(self.model_name)
+            except _tracking_errors()[0] as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            version = self.client.create_model_version(self.model_name, source, run_id=self.run_id, await_creation_for=0,
+                                                       description=f"{checkpoint.name} of run {self.run_id}")
+        except _tracking_errors() as err:
+            self._fail("register", err)
+            return None
+        uri = f"models:/{self.model_name}/{version.version}"
+        print(f"registered {checkpoint} as {uri} (infer with ckpt={uri})")
+        return uri
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        if not self._live():
+            return
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except _tracking_errors() as err:
+            self._fail("finish", err)
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the project's sqlite store (as conf/tracking/mlflow.yaml)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root()}/outputs/mlflow.db"
+
+
+def download_registered(uri: str, cache: str | Path | None = None) -> list[Path]:
+    """`models:/<name>/<version>`, `models:/<name>/latest` or `models:/<name>@<alias>` -> the version's checkpoint file(s),
+    downloaded from the registry at tracking_uri() into <cache>/<name>/<version> (default outputs/registry)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    store = tracking_uri()
+    ref = uri.removeprefix("models:/")
+    name, alias = ref.split("@", 1) if "@" in ref else (ref, None)
+    if alias is None:
+        name, _, number = ref.rpartition("/")
+    if not name or not (alias or number):
+        raise InputError(f"{uri}: expected models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias>")
+    client = mlflow.MlflowClient(tracking_uri=store)
+    try:
+        if alias is not None:
+            version = client.get_model_version_by_alias(name, alias)
+        elif number == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise InputError(f"{uri}: registered model {name} has no versions in {store}")
+            version = max(versions, key=lambda v: int(v.version))
+        else:
+            version = client.get_model_version(name, number)
+        folder = Path(cache or project_root() / "outputs" / "registry") / name / str(version.version)
+        shutil.rmtree(folder, ignore_errors=True)  # a fresh copy: another store may number its versions alike
+        folder.mkdir(parents=True)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(folder), tracking_uri=store))
+    except (MlflowException, OSError) as err:
+        raise InputError(f"{uri}: cannot fetch it from the registry at {store} ({_one_line(err, 200)})") from None
+    paths = sorted(local.rglob("*.pt")) if local.is_dir() else [local]
+    if not paths:
+        raise InputError(f"{uri}: version {version.version} ({version.source}) holds no .pt checkpoint")
+    return paths
