@@ -12,7 +12,8 @@ from monai.losses import DeepSupervisionLoss
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint, plots
+from pipeline import checkpoint, distributed, plots
+from pipeline.data.sources import case_id
 from pipeline.io import ras_spacing
 from pipeline.models.teaching import MirrorPadded, centre_crop
 from pipeline.metrics import SegmentationScores
@@ -75,10 +76,14 @@ def predict(model, image: torch.Tensor, inferer, device: torch.device, dtype: to
 
 
 def validate(model, loader, inferer, scores: SegmentationScores, device, dtype) -> dict[str, float]:
+    """Scores over the loader's volumes; under DDP over every rank's volumes (each rank scores its own share)."""
     for batch in loader:
         logits = predict(model, batch["image"], inferer, device, dtype)
         scores.update(logits.argmax(1, keepdim=True), batch["label"].to(device))
-    return scores.compute()
+    volumes = {k: v.tolist() for k, v in scores.per_volume().items()}
+    metrics = scores.compute(reduce=distributed.all_reduce)
+    distributed.debug("validation", cases=[case_id(c) for c in loader.dataset.data], volumes=volumes, metrics=metrics)
+    return metrics
 
 
 def validation_overlay(model, loader, inferer, class_names, spacing, device, dtype, path: Path) -> Path:
@@ -117,7 +122,11 @@ def fit(
     resume: dict | None = None,
 ) -> dict:
     """Train for trainer.max_epochs (or until trainer.max_minutes of training); validate every trainer.val_every
-    epochs and after the last; keep best.pt and last.pt in ckpt_dir. `resume`: a loaded last.pt to continue from."""
+    epochs and after the last; keep best.pt and last.pt in ckpt_dir. `resume`: a loaded last.pt to continue from.
+
+    Under DDP (trainer=ddp) every rank runs this on its own share of the cases: gradients, the training loss and the
+    validation scores are averaged over ranks, so every rank takes the same decisions; rank 0 alone writes files.
+    """
     ckpt_dir = Path(ckpt_dir)
     model.to(device)
     scores = SegmentationScores(class_names)
@@ -138,20 +147,27 @@ def fit(
         scaler.load_state_dict(resume["scaler"])
         best, epoch, train_seconds = resume["metrics"], resume["epoch"], 60 * resume["train_minutes"]
         history, stale = resume.get("history", []), resume.get("stale", 0)
-        checkpoint.restore_rng(resume["rng"], augment)
+        if (rng := distributed.own_rng(resume["rng"])) is not None:
+            checkpoint.restore_rng(rng, augment)
+    # Under DDP the forward and backward passes run through the wrapper (it averages the gradients over ranks);
+    # validation and checkpoints use the plain model.
+    net = distributed.wrap(model, device, (trainer.get("ddp") or {}).get("find_unused_parameters", False))
+    quiet = not distributed.is_main()  # progress bars from rank 0 only
 
-    epochs = tqdm(range(epoch + 1, trainer.max_epochs + 1), desc="epochs", unit="epoch", initial=epoch, total=trainer.max_epochs)
+    epochs = tqdm(range(epoch + 1, trainer.max_epochs + 1), desc="epochs", unit="epoch", initial=epoch, total=trainer.max_epochs, disable=quiet)
     for epoch in epochs:
         model.train()
         start, losses = time.perf_counter(), []
         optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False), start=1):
-            loss = batch_loss(model, batch, supervised, device, dtype)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch}: loss is {loss.item()}; lower optimizer.lr or set trainer.amp=false")
-            # Gradients of `accumulate` batches add up before one step: the mean over a k-times larger batch.
-            scaler.scale(loss / accumulate).backward()
-            if i % accumulate == 0 or i == len(train_loader):
+        for i, batch in enumerate(tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=quiet), start=1):
+            stepping = i % accumulate == 0 or i == len(train_loader)
+            with distributed.local_gradients(net, not stepping):
+                loss = batch_loss(net, batch, supervised, device, dtype)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"epoch {epoch}: loss is {loss.item()}; lower optimizer.lr or set trainer.amp=false")
+                # Gradients of `accumulate` batches add up before one step: the mean over a k-times larger batch.
+                scaler.scale(loss / accumulate).backward()
+            if stepping:
                 if trainer.grad_clip:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.grad_clip)
@@ -160,10 +176,10 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
         step_losses += losses
-        train_seconds += time.perf_counter() - start
+        train_seconds += distributed.maximum(time.perf_counter() - start)  # the slowest rank's: all stop together
         out_of_time = trainer.get("max_minutes") is not None and train_seconds >= 60 * trainer.max_minutes
         log = {
-            "train_loss": sum(losses) / len(losses),
+            "train_loss": distributed.mean(sum(losses), len(losses)),  # over every rank's steps
             "lr": optimizer.param_groups[0]["lr"],
             "train_minutes": train_seconds / 60,  # training only, validation excluded
         }
@@ -172,7 +188,7 @@ def fit(
             log.update(validate(model, val_loader, inferer, scores, device, dtype))
             per_class = ", ".join(f"{n} {log[f'val_dice_{n}']:.3f}" for n in class_names[1:])
             tqdm.write(f"epoch {epoch:3d}  loss {log['train_loss']:.4f}  val dice {log['val_dice_mean']:.3f} ({per_class})  iou {log['val_iou_mean']:.3f}")
-            if trainer.get("overlay_every") and epoch % trainer.overlay_every == 0:
+            if trainer.get("overlay_every") and epoch % trainer.overlay_every == 0 and distributed.is_main():
                 spacing = config["data"]["spacing"] or ras_spacing(nib.load(val_loader.dataset.data[0]["image"]).affine)
                 png = validation_overlay(model, val_loader, inferer, class_names, spacing, device, dtype,
                                          ckpt_dir.parent / "overlays" / f"epoch{epoch:04d}.png")
@@ -182,7 +198,8 @@ def fit(
             stale = 0 if log["val_dice_mean"] > best["val_dice_mean"] + stop.get("min_delta", 0.0) else stale + 1
             if log["val_dice_mean"] > best["val_dice_mean"]:
                 best = {k: v for k, v in log.items() if k.startswith("val_")} | {"epoch": epoch}
-                checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best, run_id=tracker.run_id)
+                if distributed.is_main():
+                    checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best, run_id=tracker.run_id)
         if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step()
         log["epoch_time"] = time.perf_counter() - start
@@ -190,12 +207,15 @@ def fit(
         tracker.log_metrics(log, step=epoch)
         history.append({"epoch": epoch} | log)
         epochs.set_postfix(loss=f"{log['train_loss']:.4f}", best_dice=f"{best['val_dice_mean']:.3f}")
+        distributed.debug("epoch", epoch=epoch, log=log)
         # last.pt carries what a resume needs; best.pt only what inference needs.
-        checkpoint.save(
-            ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best, train_minutes=train_seconds / 60,
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
-            rng=checkpoint.rng_state(augment), run_id=tracker.run_id, history=history, stale=stale,
-        )
+        rng = distributed.rng_states(checkpoint.rng_state(augment))  # under DDP every rank's augmentation streams
+        if distributed.is_main():
+            checkpoint.save(
+                ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best, train_minutes=train_seconds / 60,
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
+                rng=rng, run_id=tracker.run_id, history=history, stale=stale,
+            )
         if out_of_time:
             tqdm.write(f"stopping after epoch {epoch}: trainer.max_minutes={trainer.max_minutes} of training reached")
             break

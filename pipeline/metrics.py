@@ -28,22 +28,40 @@ class SegmentationScores:
         # from every reference volume into 0, which would drag the mean down for a class that was never there.
         self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
         self.iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)
+        # This process's scores, kept here: MONAI's own buffers all-gather across DDP ranks when read, which hangs
+        # where one rank has no volume; the ranks' totals are reduced explicitly instead (see compute).
+        self.rows = {"dice": [], "iou": []}
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
         """pred, label: integer label maps shaped (B, 1, *spatial)."""
         p, y = one_hot(pred, self.num_classes), one_hot(label, self.num_classes)
-        self.dice(p, y)
-        self.iou(p, y)
+        self.rows["dice"].append(self.dice(p, y))
+        self.rows["iou"].append(self.iou(p, y))
 
-    def compute(self, prefix: str = "val_") -> dict[str, float]:
+    def per_volume(self) -> dict[str, torch.Tensor]:
+        """This process's scores so far, (volumes, foreground classes) per metric; NaN where a class is absent from
+        a reference."""
+        return {name: torch.cat(rows).float() if rows else torch.zeros(0, self.num_classes - 1)
+                for name, rows in self.rows.items()}
+
+    def totals(self) -> torch.Tensor:
+        """(metric, [sum, count], class) for dice and iou: the sum of the defined per-volume scores and their number."""
+        return torch.stack([torch.stack([torch.nansum(v, 0), (~torch.isnan(v)).sum(0).float()])
+                            for v in self.per_volume().values()])
+
+    def compute(self, prefix: str = "val_", reduce=None) -> dict[str, float]:
+        """Per class the mean over volumes where it is defined (nanmean), then the mean over classes. `reduce`
+        (distributed.all_reduce under DDP) sums the totals of every rank first: each rank gets the mean over all volumes."""
+        totals = self.totals() if reduce is None else reduce(self.totals())
         out = {}
-        for metric, per_volume in (("dice", self.dice.aggregate()), ("iou", self.iou.aggregate())):
-            values = torch.nanmean(per_volume.float(), dim=0)
+        for metric, (sums, counts) in zip(("dice", "iou"), totals):
+            values = sums / counts  # torch.nanmean's own arithmetic
             for name, v in zip(self.names, values.tolist()):
                 out[f"{prefix}{metric}_{name}"] = v
             out[f"{prefix}{metric}_mean"] = float(torch.nanmean(values))
         self.dice.reset()
         self.iou.reset()
+        self.rows = {"dice": [], "iou": []}
         return out
 
 

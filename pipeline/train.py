@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import checkpoint, engine, plots
+from pipeline import checkpoint, distributed, engine, plots
 from pipeline.check import check
 from pipeline.data.fingerprint import cache_key, fingerprint
 from pipeline.data.sources import case_id, ensure_demo_data, resolve_data, split
@@ -25,7 +25,7 @@ from pipeline.losses import inverse_frequency_weights
 from pipeline.models.weights import initialise
 from pipeline.planning import apply_plan
 from pipeline.sweep import sweep_tags
-from pipeline.tracking import git_dirty
+from pipeline.tracking import NullTracker, git_dirty
 
 
 def run_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> str:
@@ -43,12 +43,34 @@ def save_splits(splits: dict[str, list[dict]], run_dir: str) -> Path:
 
 
 def setup(cfg: DictConfig) -> SimpleNamespace:
-    """Data, split, plan and every component, built from the config (shared by `train` and the benchmarks)."""
-    ensure_demo_data(cfg)
-    if cfg.data.get("check", True):  # every fault of the dataset, before anything is cached or trained
-        faults = check(cfg, progress=False)["faults"]
-        if faults:
-            raise faults_error(faults, cfg.data.root)
+    """Data, split, plan and every component, built from the config (shared by `train` and the benchmarks).
+
+    Under DDP rank 0 generates, checks and fingerprints the data first; the other ranks then read its caches.
+    """
+    with distributed.main_first():
+        ensure_demo_data(cfg)
+        if cfg.data.get("check", True) and distributed.is_main():  # every fault, before anything is cached or trained
+            faults = check(cfg, progress=False)["faults"]
+            if faults:
+                raise faults_error(faults, cfg.data.root)
+        splits = _prepare(cfg)
+    model = initialise(instantiate(cfg.model), cfg.get("init"))  # the same weights on every rank (seed, not rank)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    device = distributed.local_device(engine.pick_device(cfg.trainer.device))  # cuda:LOCAL_RANK under DDP
+    return SimpleNamespace(
+        splits=splits,
+        model=model,
+        loss_fn=instantiate(cfg.loss),
+        optimizer=optimizer,
+        scheduler=instantiate(cfg.scheduler)(optimizer) if cfg.scheduler else None,
+        inferer=instantiate(cfg.trainer.inferer),
+        device=device,
+        dtype=engine.amp_dtype(cfg.trainer.amp, device),
+    )
+
+
+def _prepare(cfg: DictConfig) -> dict[str, list[dict]]:
+    """Resolve the data, seed everything, split, and plan (filling the `auto` values of the config): the split."""
     dataset = resolve_data(cfg)  # fills data.num_classes etc., which the other groups interpolate
     if cfg.get("activation") == "sigmoid" and cfg.data.num_classes != 2:
         raise InputError(f"{cfg.data.root}: activation=sigmoid (loss=bce, bce_tv) needs binary labels; this dataset has "
@@ -64,19 +86,7 @@ def setup(cfg: DictConfig) -> SimpleNamespace:
         with open_dict(cfg):
             cfg.loss.weight = inverse_frequency_weights(frequencies)
         print(f"loss.weight (inverse class frequency of the training voxels): {[round(w, 3) for w in cfg.loss.weight]}")
-    model = initialise(instantiate(cfg.model), cfg.get("init"))
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
-    device = engine.pick_device(cfg.trainer.device)
-    return SimpleNamespace(
-        splits=splits,
-        model=model,
-        loss_fn=instantiate(cfg.loss),
-        optimizer=optimizer,
-        scheduler=instantiate(cfg.scheduler)(optimizer) if cfg.scheduler else None,
-        inferer=instantiate(cfg.trainer.inferer),
-        device=device,
-        dtype=engine.amp_dtype(cfg.trainer.amp, device),
-    )
+    return splits
 
 
 def resume_from(cfg: DictConfig) -> Path | None:
@@ -108,13 +118,15 @@ def run_tags(cfg: DictConfig, device, dtype, cases: list[dict]) -> dict:
         "seed": cfg.seed, "device": str(device), "amp": str(dtype).removeprefix("torch.") if dtype else "fp32",
         "git_dirty": git_dirty(), "data_fingerprint": cache_key(cases), "python": platform.python_version(),
         "torch": torch.__version__, "monai": monai.__version__,
+        **({"world_size": distributed.world_size()} if distributed.active() else {}),  # DDP: results depend on it
     }
 
 
 def train(cfg: DictConfig) -> dict:
     """Build every component from the config, train, and return {"best": metrics, "step_losses": [...], ...}.
 
-    With `resume`, the interrupted run's own config, checkpoint folder and MLflow run are continued.
+    With `resume`, the interrupted run's own config, checkpoint folder and MLflow run are continued. Under torchrun
+    with trainer=ddp each process runs this as one rank of a DistributedDataParallel run (see conf/trainer/ddp.yaml).
     """
     state = None
     if (path := resume_from(cfg)) is not None:
@@ -122,20 +134,30 @@ def train(cfg: DictConfig) -> dict:
         if "optimizer" not in state:
             raise InputError(f"{path}: holds no optimizer state (a best.pt?); resume from last.pt")
         cfg = OmegaConf.create(state["config"])
-        print(f"resuming {path} after epoch {state['epoch']}")
+    with distributed.session(cfg.trainer, engine.pick_device(cfg.trainer.device)):  # a process group under torchrun
+        if state is not None:
+            print(f"resuming {path} after epoch {state['epoch']}")
+        return _train(cfg, state)
+
+
+def _train(cfg: DictConfig, state: dict | None) -> dict:
+    """One training run (or this rank's part of one) from a composed config; `state`: a loaded last.pt to continue."""
     run = setup(cfg)
     splits, model, optimizer, loss_fn, device, dtype = run.splits, run.model, run.optimizer, run.loss_fn, run.device, run.dtype
     train_cases, val_cases = splits["train"], splits["val"]
-    train_loader, val_loader = loaders(cfg, train_cases, val_cases)
+    distributed.seed_rank(cfg.seed)  # DDP: each rank augments and shuffles with seed + rank
+    train_loader, val_loader = loaders(cfg, train_cases, val_cases)  # DDP: this rank's share
+    distributed.debug("shares", **{k: [case_id(c) for c in d.dataset.data] for k, d in (("train", train_loader), ("val", val_loader))})
 
     config = OmegaConf.to_container(cfg, resolve=True)
     name = run_name(model, optimizer, loss_fn)
-    tracker = instantiate(cfg.tracking)
+    tracker = instantiate(cfg.tracking) if distributed.is_main() else NullTracker()  # DDP: one run, from rank 0
     every_case = [c for part in splits.values() for c in part]
     tracker.start(name, config, run_tags(cfg, device, dtype, every_case), run_id=state and state.get("run_id"))
-    if state is None:
+    if state is None and distributed.is_main():
         tracker.log_artifact(save_splits(splits, cfg.paths.run_dir))
-    print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases from {cfg.data.root} on {device}, amp {dtype}")
+    ranks = f", DDP over {distributed.world_size()} ranks" if distributed.active() else ""
+    print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases from {cfg.data.root} on {device}, amp {dtype}{ranks}")
     status, start = "FAILED", time.perf_counter()
     try:
         result = engine.fit(
@@ -145,7 +167,10 @@ def train(cfg: DictConfig) -> dict:
         tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
         for ckpt in ("best.pt", "last.pt"):
             tracker.log_artifact(f"{cfg.paths.run_dir}/checkpoints/{ckpt}", "checkpoints")
-        tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, Path(cfg.paths.run_dir) / "curves.png"))
+        if distributed.is_main():
+            tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, Path(cfg.paths.run_dir) / "curves.png"))
+        # tracking.register=true: the best checkpoint becomes a version of the registered model (None otherwise)
+        result["model_uri"] = tracker.register(Path(cfg.paths.run_dir) / "checkpoints" / "best.pt")
         status = "FINISHED"
     finally:
         tracker.finish(status)

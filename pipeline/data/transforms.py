@@ -11,6 +11,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, Thr
 from monai.transforms import Compose, EnsureTyped
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import distributed
 from pipeline.errors import InputError
 
 KEYS = ["image", "label"]
@@ -49,13 +50,15 @@ def val_transforms(cfg: DictConfig) -> Compose:
 
 def cache_mode(cfg: DictConfig, cases: list[dict]) -> str:
     """Where preprocessed cases are kept. In memory only within the RAM budget (data.cache_ram_gb, default a
-    quarter of RAM): a larger estimate falls back to disk rather than have the OS kill the run."""
+    quarter of RAM): a larger estimate falls back to disk rather than have the OS kill the run. Under DDP the ranks
+    on one machine share its budget, each for its own `cases`."""
     mode = cfg.data.cache
     if mode not in ("auto", "memory"):
         return mode
     # float32 image channels + label, from the headers only (no voxel data is read)
     need = sum(4 * (cfg.data.in_channels + 1) * _voxels(c["image"]) for c in cases)
     budget = cfg.data.get("cache_ram_gb") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / 2**30
+    budget /= distributed.local_world_size()
     if need <= budget * 2**30:
         return "memory"
     print(f"data.cache: the cache needs about {need / 2**30:.2f} GiB, over the {budget:.2f} GiB RAM budget; caching on disk")
@@ -82,7 +85,11 @@ def dataset(cfg: DictConfig, cases: list[dict], transform: Compose, mode: str):
 
 
 def loaders(cfg: DictConfig, train_cases: list[dict], val_cases: list[dict]):
+    """Training (shuffled, augmented patches) and validation (whole volumes) loaders. Under DDP each rank loads and
+    caches only its share of the cases: as many training cases on every rank, the validation cases as they fall."""
     d = cfg.data
+    train_cases = distributed.partition(train_cases, even=True)  # DDP steps every rank in lockstep
+    val_cases = distributed.partition(val_cases)  # the scores are summed over ranks: uneven shares are fine
     mode = cache_mode(cfg, train_cases + val_cases)
     train = dataset(cfg, train_cases, train_transforms(cfg), mode)
     val = dataset(cfg, val_cases, val_transforms(cfg), mode)
