@@ -64,7 +64,9 @@ class ForInference(torch.nn.Module):
 
 
 def for_inference(model: torch.nn.Module) -> ForInference:
-    return model if isinstance(model, ForInference) else ForInference(model)
+    """`model` wrapped for inference, in eval mode (a new wrapper would be in training mode, and so would its network
+    after anything, e.g. torch.onnx.export, restores the wrapper's mode)."""
+    return model if isinstance(model, ForInference) else ForInference(model).eval()
 
 
 @torch.no_grad()
