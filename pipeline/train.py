@@ -55,6 +55,11 @@ def setup(cfg: DictConfig) -> SimpleNamespace:
                 raise faults_error(faults, cfg.data.root)
         splits = _prepare(cfg)
     model = initialise(instantiate(cfg.model), cfg.get("init"))  # the same weights on every rank (seed, not rank)
+    if hasattr(model, "valid_input_size"):  # unpadded (valid) convolutions: every pooling must be exact on the patch
+        patch, valid = list(cfg.data.patch_size), [model.valid_input_size(n) for n in cfg.data.patch_size]
+        if patch != valid:
+            raise InputError(f"data.patch_size={patch}: {type(model).__name__} needs sizes whose poolings are exact; "
+                             f"the nearest valid patch is {valid}")
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     device = distributed.local_device(engine.pick_device(cfg.trainer.device))  # cuda:LOCAL_RANK under DDP
     return SimpleNamespace(

@@ -142,3 +142,9 @@ def test_binary_data_trains_with_one_sigmoid_channel_and_predicts_labels(tiny_ph
     assert set(map(int, nib.load(out).get_fdata().ravel())) <= {0, 1}
     with pytest.raises(InputError, match="needs binary labels; this dataset has 3 classes"):
         train(tiny_config(tiny_phantom, tmp_path / "three", overrides=["loss=bce", "tracking=none"]))
+
+
+def test_a_valid_unet_refuses_a_patch_its_poolings_cannot_halve(tiny_phantom, tmp_path):
+    cfg = tiny_config(tiny_phantom, tmp_path, "unet_valid", ["model.channels=[4,8,16]", "tracking=none"])  # two poolings
+    with pytest.raises(InputError, match=r"data.patch_size=\[32, 32, 16\]: ValidUNet .* nearest valid patch is \[44, 44, 44\]"):
+        train(cfg)
