@@ -1,6 +1,7 @@
 """Training against a real `mlflow server` (sqlite store, proxied artifacts, one worker): the run read back over REST,
 the best checkpoint registered and fetched back as models:/<name>/<version>, and a server that dies mid-run."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -51,12 +52,10 @@ class Server:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
         deadline = time.monotonic() + 120
         while True:
-            try:
+            with contextlib.suppress(OSError):  # not listening yet
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
                     if r.status == 200:
                         return
-            except OSError:
-                pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 pytest.fail(f"mlflow server did not come up on {self.uri}:\n{self.log.read_text()[-3000:]}")
@@ -68,10 +67,8 @@ class Server:
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # already gone
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.process.wait(timeout=30)
 
 
