@@ -230,6 +230,9 @@ def test_conv3dnet_keeps_its_state_dict_keys():
         "up.0.weight", "up.0.bias", *(f"decoders.0.{k}" for k in block), "head.weight", "head.bias",
     ]
     assert isinstance(Conv3DNet(1, 2, norm="batch").stem.body[1], nn.BatchNorm3d)
+    dropped = Conv3DNet(1, 2, channels=(4, 8), dropout=0.2)
+    assert nn.Dropout3d in kinds(dropped) and nn.Dropout3d not in kinds(Conv3DNet(1, 2, channels=(4, 8)))
+    assert list(dropped.state_dict()) == keys  # dropout has no parameters: the same checkpoint keys
 
 
 # --- configs --------------------------------------------------------------------------------------------------------
