@@ -182,10 +182,15 @@ def own_rng(state: dict) -> dict | None:
     return None
 
 
+def debugging() -> bool:
+    """$PIPELINE_DDP_DEBUG_DIR is set: callers build their debug records only then."""
+    return bool(os.environ.get(DEBUG_DIR))
+
+
 def debug(kind: str, **record) -> None:
     """With $PIPELINE_DDP_DEBUG_DIR set: append {kind, rank, world_size, **record} as one JSON line to rank<r>.jsonl."""
-    folder = os.environ.get(DEBUG_DIR)
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with open(Path(folder) / f"rank{rank()}.jsonl", "a") as f:
+    if debugging():
+        folder = Path(os.environ[DEBUG_DIR])
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"rank{rank()}.jsonl", "a") as f:
             f.write(json.dumps({"kind": kind, "rank": rank(), "world_size": world_size(), **record}) + "\n")

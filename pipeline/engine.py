@@ -82,7 +82,9 @@ def validate(model, loader, inferer, scores: SegmentationScores, device, dtype) 
     for batch in loader:
         logits = predict(model, batch["image"], inferer, device, dtype)
         scores.update(logits.argmax(1, keepdim=True), batch["label"].to(device))
-    volumes = {k: v.tolist() for k, v in scores.per_volume().items()}
+    if not distributed.debugging():
+        return scores.compute(reduce=distributed.all_reduce)
+    volumes = {k: v.tolist() for k, v in scores.per_volume().items()}  # read before compute() clears them
     metrics = scores.compute(reduce=distributed.all_reduce)
     distributed.debug("validation", cases=[case_id(c) for c in loader.dataset.data], volumes=volumes, metrics=metrics)
     return metrics

@@ -99,9 +99,10 @@ def split_cases(ckpt: Path, split_name: str, out_dir: Path, cfg: DictConfig) -> 
     splits_file = ckpt.parent.parent / "splits.json"
     if not splits_file.is_file():
         raise InputError(f"{splits_file}: not found; split= needs the splits.json that training writes beside checkpoints/")
-    ids = json.loads(splits_file.read_text()).get(split_name)
+    recorded = json.loads(splits_file.read_text())
+    ids = recorded.get(split_name)
     if not ids:
-        raise InputError(f"{splits_file}: split {split_name!r} is missing or empty (have: {', '.join(json.loads(splits_file.read_text()))})")
+        raise InputError(f"{splits_file}: split {split_name!r} is missing or empty (have: {', '.join(recorded)})")
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise InputError(f"{data.root}: case {missing[0]} of {splits_file} is not in the dataset any more")

@@ -21,13 +21,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint, engine
-from pipeline.data.transforms import preprocess
+from pipeline.data.transforms import preprocess, preprocessing_config
 from pipeline.errors import InputError, exit_on_input_error
 from pipeline.export import OnnxRuntimeModel, build_model, export_model
 from pipeline.files import atomic
 from pipeline.io import Reference, Volume, find_inputs, label_dtype
-
-PREPROCESSING = ("load", "orient", "resample", "normalize")
 
 
 def checkpoints(ckpt, cache: Path | None = None) -> list[Path]:
@@ -49,10 +47,6 @@ def checkpoints(ckpt, cache: Path | None = None) -> list[Path]:
     return paths
 
 
-def preprocessing_of(config: dict) -> dict:
-    return {k: config["transforms"][k] for k in PREPROCESSING} | {"spacing": config["data"]["spacing"]}
-
-
 class Predictor:
     """Rebuilds models, preprocessing and inferers from checkpoints; turns one volume into probabilities on its grid."""
 
@@ -61,7 +55,7 @@ class Predictor:
                  backend: str = "torch", work_dir: Path | None = None, compile: bool = False):
         first_path, first = next(iter(bundles.items()))
         for path, bundle in bundles.items():  # ensemble members must see the same input
-            if preprocessing_of(bundle["config"]) != preprocessing_of(first["config"]):
+            if preprocessing_config(bundle["config"]) != preprocessing_config(first["config"]):
                 raise InputError(f"{path}: preprocessing differs from {first_path}'s; ensemble members must share it")
         cfg = OmegaConf.create(first["config"])
         self.num_classes = cfg.data.num_classes

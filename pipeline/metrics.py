@@ -5,8 +5,6 @@ import warnings
 import numpy as np
 import torch
 from monai.metrics import (
-    DiceMetric,
-    MeanIoU,
     compute_average_surface_distance,
     compute_confusion_matrix_metric,
     compute_dice,
@@ -19,24 +17,22 @@ from monai.networks.utils import one_hot
 
 
 class SegmentationScores:
-    """Accumulates MONAI DiceMetric and MeanIoU over volumes; foreground classes only, as nnU-Net reports them."""
+    """Accumulates MONAI's per-volume Dice and IoU; foreground classes only, as nnU-Net reports them."""
 
     def __init__(self, class_names: list[str]):
         self.names = list(class_names)[1:]
         self.num_classes = len(class_names)
-        # Per-volume scores (reduction "none"), averaged here with nanmean: MONAI's "mean_batch" turns a class absent
-        # from every reference volume into 0, which would drag the mean down for a class that was never there.
-        self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-        self.iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)
-        # This process's scores, kept here: MONAI's own buffers all-gather across DDP ranks when read, which hangs
-        # where one rank has no volume; the ranks' totals are reduced explicitly instead (see compute).
+        # Per-volume scores (NaN where the reference lacks a class), averaged here with nanmean: MONAI's "mean_batch"
+        # turns a class absent from every reference volume into 0, dragging the mean down for a class never there.
+        # Kept here rather than in MONAI's metric objects, whose buffers all-gather across DDP ranks when read (which
+        # hangs where one rank has no volume); the ranks' totals are reduced explicitly instead (see compute).
         self.rows = {"dice": [], "iou": []}
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
         """pred, label: integer label maps shaped (B, 1, *spatial)."""
         p, y = one_hot(pred, self.num_classes), one_hot(label, self.num_classes)
-        self.rows["dice"].append(self.dice(p, y))
-        self.rows["iou"].append(self.iou(p, y))
+        self.rows["dice"].append(compute_dice(p, y, include_background=False, ignore_empty=True))
+        self.rows["iou"].append(compute_iou(p, y, include_background=False, ignore_empty=True))
 
     def per_volume(self) -> dict[str, torch.Tensor]:
         """This process's scores so far, (volumes, foreground classes) per metric; NaN where a class is absent from
@@ -59,8 +55,6 @@ class SegmentationScores:
             for name, v in zip(self.names, values.tolist()):
                 out[f"{prefix}{metric}_{name}"] = v
             out[f"{prefix}{metric}_mean"] = float(torch.nanmean(values))
-        self.dice.reset()
-        self.iou.reset()
         self.rows = {"dice": [], "iou": []}
         return out
 

@@ -152,7 +152,8 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     train_cases, val_cases = splits["train"], splits["val"]
     distributed.seed_rank(cfg.seed)  # DDP: each rank augments and shuffles with seed + rank
     train_loader, val_loader = loaders(cfg, train_cases, val_cases)  # DDP: this rank's share
-    distributed.debug("shares", **{k: [case_id(c) for c in d.dataset.data] for k, d in (("train", train_loader), ("val", val_loader))})
+    if distributed.debugging():
+        distributed.debug("shares", **{k: [case_id(c) for c in d.dataset.data] for k, d in (("train", train_loader), ("val", val_loader))})
 
     config = OmegaConf.to_container(cfg, resolve=True)
     name = run_name(model, optimizer, loss_fn)

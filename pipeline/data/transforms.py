@@ -15,6 +15,14 @@ from pipeline import distributed
 from pipeline.errors import InputError
 
 KEYS = ["image", "label"]
+PREPROCESSING = ("load", "orient", "resample", "normalize")
+
+
+def preprocessing_config(cfg) -> dict:
+    """The settings that decide preprocessing, as plain data (a config or a checkpoint's dict): what a disk cache is
+    keyed by and what ensemble members must share."""
+    stages = {k: cfg["transforms"][k] for k in PREPROCESSING} | {"spacing": cfg["data"]["spacing"]}
+    return OmegaConf.to_container(OmegaConf.create(stages), resolve=True)
 
 
 def preprocess(cfg: DictConfig) -> list:
@@ -76,8 +84,7 @@ def dataset(cfg: DictConfig, cases: list[dict], transform: Compose, mode: str):
         return CacheDataset(cases, transform, num_workers=None, progress=False)
     if mode == "disk":
         # The cache folder is keyed by the preprocessing config, so a changed pipeline never reads stale tensors.
-        stages = {k: cfg.transforms[k] for k in ("load", "orient", "resample", "normalize")} | {"spacing": cfg.data.spacing}
-        key = hashlib.sha1(json.dumps(OmegaConf.to_container(OmegaConf.create(stages), resolve=True), sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha1(json.dumps(preprocessing_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
         return PersistentDataset(cases, transform, cache_dir=Path(cfg.paths.outputs) / "cache" / key)
     if mode == "none":
         return Dataset(cases, transform)
