@@ -1,29 +1,41 @@
-"""Mixed precision vs fp32: seconds per training step of each model, and the speed-up, measured in the same run.
+"""Seconds per training step by precision and kernel option, against plain fp32 measured in the same run.
 
-    .venv/bin/python bench/amp_step.py [--models unet3d conv3d unet2d] [--steps 8] [--batch 4]
+    .venv/bin/python bench/amp_step.py [--models unet3d conv3d] [--steps 5] [--batch 4] [--no-compile]
 
-On CPU `trainer.amp=auto` means bf16 autocast; on CUDA fp16 autocast with a GradScaler.
+Rows per model, each a fresh copy of the same initial weights on the same batch (the demo's: batch 2 x 2 patches of
+64x64x32, 1 channel, 3 classes), one step = forward, DiceLoss, backward, Adam:
+  fp32                 plain fp32, NCDHW weights: the baseline every ratio is against
+  fp32 1 thread        the same on one thread (what the thread count buys)
+  fp32 channels_last   channels_last_3d weights (oneDNN's channels-last kernels)
+  fp32 compile (+cl)   torch.compile of the network; its compile seconds and the steps they take to pay back
+  bf16 (+cl)           bf16 autocast; where the CPU only emulates bf16 one step is timed (it takes minutes)
+  auto                 what `trainer.amp=auto` with the default `trainer.channels_last` runs here, and its ratio to the
+                       fastest row
+The first line names the CPU class: these figures hold for that class only.
 """
 
 import argparse
+import copy
+import statistics
 import time
 
 import torch
 from hydra.utils import instantiate
+from monai.losses import DeepSupervisionLoss
 
-from pipeline import engine
+from pipeline import engine, hardware
 from pipeline.config import compose
 
 
-def seconds_per_step(model, loss_fn, x, y, device, dtype, steps: int) -> float:
+def seconds_per_step(model, loss_fn, batch: dict, device, dtype, steps: int, give_up_after: float | None = None):
+    """(median seconds per step after two warm-up steps, steps timed). A first step slower than `give_up_after`
+    seconds is the answer on its own (emulated bf16: minutes per step)."""
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     times = []
-    for _ in range(steps + 2):  # two warm-up steps (allocator, oneDNN/cuDNN kernel choice)
+    for i in range(steps + 2):  # two warm-up steps (allocator, oneDNN/cuDNN kernel choice, compilation)
         start = time.perf_counter()
-        with engine.autocast(device, dtype):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
+        loss = engine.batch_loss(model, batch, loss_fn, device, dtype)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -31,30 +43,73 @@ def seconds_per_step(model, loss_fn, x, y, device, dtype, steps: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times[2:])[len(times[2:]) // 2]  # median
+        if i == 0 and give_up_after is not None and times[0] > give_up_after:
+            return times[0], 1
+    return statistics.median(times[2:]), steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["unet3d", "conv3d", "unet2d"])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--models", nargs="+", default=["unet3d", "conv3d"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4, help="patches per step (the demo: batch_size 2 x num_samples 2)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (about a minute each)")
     args = parser.parse_args()
     device = engine.pick_device(args.device)
-    amp = engine.amp_dtype("auto", device)
-    print(f"device {device}, threads {torch.get_num_threads()}, amp {amp}, batch {args.batch}, median of {args.steps} steps")
+    auto = hardware.resolve("auto", device)
+    defaults = compose("train", ["data.root=unused"])
+    print(f"CPU: {hardware.cpu_class()}" if device.type == "cpu" else f"device: {torch.cuda.get_device_name(device)}")
+    print(f"{auto}; trainer.channels_last={defaults.trainer.channels_last}; batch {args.batch}, median of {args.steps} steps")
     for name in args.models:
         cfg = compose("train", [f"model={name}", "data.root=unused", "+data.num_classes=3", "+data.in_channels=1"])
         torch.manual_seed(0)
         patch = list(cfg.data.patch_size)
-        x = torch.randn(args.batch, 1, *patch, device=device)
-        y = torch.randint(0, 3, (args.batch, 1, *patch), device=device)
-        loss_fn = instantiate(cfg.loss)
-        fp32 = seconds_per_step(instantiate(cfg.model).to(device), loss_fn, x, y, device, None, args.steps)
-        mixed = seconds_per_step(instantiate(cfg.model).to(device), loss_fn, x, y, device, amp, args.steps)
-        print(f"{name:8s} patch {patch}: fp32 {fp32:.3f} s/step, {str(amp).removeprefix('torch.')} {mixed:.3f} s/step, speed-up x{fp32 / mixed:.2f}")
+        batch = {"image": torch.randn(args.batch, 1, *patch), "label": torch.randint(0, 3, (args.batch, 1, *patch))}
+        loss_fn = DeepSupervisionLoss(instantiate(cfg.loss), weight_mode="exp")
+        initial = instantiate(cfg.model).to(device)
+        rows = {}
 
+        def run(label, dtype=None, cl=False, compiled=False, threads=None, give_up_after=None):
+            model = copy.deepcopy(initial)
+            if cl:
+                hardware.channels_last(model)
+            net = torch.compile(model) if compiled else model
+            before = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(threads)
+            start = time.perf_counter()
+            seconds, timed = seconds_per_step(net, loss_fn, batch, device, dtype, args.steps, give_up_after)
+            total = time.perf_counter() - start
+            torch.set_num_threads(before)
+            rows[label] = seconds
+            base = rows["fp32"]
+            extra = f"  ({timed} step timed)" if timed == 1 else ""
+            if compiled:  # the compile is paid once: the warm-up steps' excess over two ordinary steps
+                compile_s = total - seconds * (timed + 2)
+                saved = base - seconds
+                pays = f"pays back after {compile_s / saved:.0f} steps" if saved > 0 else "never pays back"
+                extra += f"  compile {compile_s:.0f} s, {pays}"
+            print(f"{name:8s} {label:22s} {seconds:8.3f} s/step  x{base / seconds:5.2f} vs fp32{extra}", flush=True)
+
+        run("fp32")
+        run("fp32 1 thread", threads=1)
+        run("fp32 channels_last", cl=True)
+        if not args.no_compile:
+            run("fp32 compile", compiled=True)
+            run("fp32 compile + cl", cl=True, compiled=True)
+        for dtype in (torch.bfloat16,) + ((torch.float16,) if device.type == "cuda" else ()):
+            tag = hardware.NAMES[dtype]
+            run(tag, dtype, give_up_after=20 * rows["fp32"])
+            if rows[tag] < 5 * rows["fp32"]:  # channels_last with an emulated dtype: minutes more to learn nothing
+                run(f"{tag} channels_last", dtype, cl=True)
+        label = f"{auto.name} channels_last" if defaults.trainer.channels_last else auto.name
+        label = label if label in rows else auto.name
+        # The fastest precision and memory format; compiling is a separate choice (its minute of compile is paid per
+        # run, so trainer.compile stays opt-in) and one thread is no choice at all.
+        fastest = min((k for k in rows if "compile" not in k and "thread" not in k), key=rows.get)
+        print(f"{name:8s} {'auto = ' + label:22s} {rows[label]:8.3f} s/step  x{rows['fp32'] / rows[label]:5.2f} vs fp32, "
+              f"{rows[label] / rows[fastest]:.2f}x the fastest precision ({fastest})", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,8 @@
 Both train on the same split for the same wall-clock budget and are scored on the same held-out test cases with
 sliding-window inference at intervals (scoring time is not counted as training time). Prints the final test mean
 Dice (anterior, posterior), the training minutes each took to reach a mean Dice of 0.85 and their ratio, and the
-throughput of (b) against this machine's bf16 matrix-multiply rate measured in the same run.
+throughput of (b) against this machine's matrix-multiply rate at (b)'s precision, measured in the same run, and
+the CPU class (the figures hold for that class only).
 
     .venv/bin/python bench/hippocampus.py [--minutes 20] [--data ../shared/data/msd_hippocampus]
 """
@@ -19,7 +20,8 @@ from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, RandFlipd, RandSpatialCropd, SpatialPadd
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import engine, project_root
+from pipeline import engine, hardware, project_root
+from pipeline.hardware import autocast
 from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
 from pipeline.metrics import SegmentationScores
@@ -85,7 +87,7 @@ def project(data: str, minutes: float, test_cases_out: list) -> tuple[list, dict
     train_loader, test_loader = loaders(cfg, run.splits["train"], run.splits["test"])
     recorder = Recorder()
     result = engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, test_loader, run.inferer,
-                        cfg.data.class_names, recorder, f"{cfg.paths.run_dir}/checkpoints", {}, run.device, run.dtype)
+                        cfg.data.class_names, recorder, f"{cfg.paths.run_dir}/checkpoints", {}, run.device, run.precision)
     patch = list(cfg.data.patch_size)
     voxels = cfg.data.batch_size * cfg.transforms.patch.num_samples * int(torch.tensor(patch).prod())
     return recorder.points, {"steps": len(result["step_losses"]), "voxels_per_step": voxels, "patch": patch,
@@ -96,14 +98,14 @@ def step_flops(model, loss_fn, batch: int, patch: list[int], dtype) -> int:
     """FLOPs of one forward + backward training step (torch's flop counter: convolutions and matmuls)."""
     x, y = torch.randn(batch, 1, *patch), torch.randint(0, 3, (batch, 1, *patch))
     with FlopCounterMode(display=False) as counter:
-        with engine.autocast(torch.device("cpu"), dtype):
+        with autocast(torch.device("cpu"), dtype):
             logits = model(x)
         loss_fn(logits.float(), y).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
-def matmul_gflops(dtype=torch.bfloat16, n: int = 2048, repeats: int = 10) -> float:
+def matmul_gflops(dtype=torch.float32, n: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         a @ b
@@ -125,7 +127,7 @@ def main() -> None:
     parser.add_argument("--data", default=default_data)
     parser.add_argument("--only", choices=["a", "b"], help="run one recipe only")
     args = parser.parse_args()
-    print(f"threads {torch.get_num_threads()}, budget {args.minutes} min of training per recipe")
+    print(f"CPU: {hardware.cpu_class()}; {hardware.resolve('auto', engine.pick_device())}; budget {args.minutes} min of training per recipe")
 
     test_cases = []
     results = {}
@@ -164,11 +166,11 @@ def main() -> None:
         points, info = results["b"]
         run, cfg = extra["run"], extra["cfg"]
         seconds = points[-1][0] * 60
-        flops = step_flops(run.model, run.loss_fn, info["batch"], info["patch"], run.dtype)
-        peak = matmul_gflops()
+        flops = step_flops(run.model, run.loss_fn, info["batch"], info["patch"], run.precision.dtype)
+        peak = matmul_gflops(run.precision.dtype or torch.float32)
         achieved = flops * info["steps"] / seconds / 1e9
         print(f"(b) throughput: {info['steps']} steps, {info['voxels_per_step'] * info['steps'] / seconds / 1e6:.2f} M voxels/s, "
-              f"model step {flops / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s; bf16 matmul {peak:.1f} GFLOP/s "
+              f"model step {flops / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s; {run.precision.name} matmul {peak:.1f} GFLOP/s "
               f"(model at {100 * achieved / peak:.0f}% of it)")
 
 

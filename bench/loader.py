@@ -45,7 +45,7 @@ def main() -> None:
         train_loader, val_loader = loaders(cfg, run.splits["train"], run.splits["val"][:1])
         times = EpochTimes()
         engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, val_loader, run.inferer,
-                   cfg.data.class_names, times, f"{cfg.paths.run_dir}/checkpoints", {}, run.device, run.dtype)
+                   cfg.data.class_names, times, f"{cfg.paths.run_dir}/checkpoints", {}, run.device, run.precision)
         per_epoch = sorted(60 * (b - a) for a, b in zip([0.0] + times.minutes, times.minutes))
         results[name] = per_epoch[len(per_epoch) // 2]
     base = results["DataLoader, main process"]

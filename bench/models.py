@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from monai.losses import DeepSupervisionLoss
 
-from pipeline import engine, project_root
+from pipeline import engine, hardware, project_root
 from pipeline.config import compose
 
 
@@ -26,13 +26,15 @@ def main() -> None:
     parser.add_argument("--amp", default="auto")
     args = parser.parse_args()
     device = engine.pick_device()
-    dtype = engine.amp_dtype(args.amp, device)
-    print(f"patch {args.patch}, batch {args.batch}, {device}, amp {dtype}")
+    chosen = hardware.resolve(args.amp, device)
+    dtype = chosen.dtype
+    print(f"CPU: {hardware.cpu_class()}" if device.type == "cpu" else f"device: {torch.cuda.get_device_name(device)}")
+    print(f"patch {args.patch}, batch {args.batch}, {device}, {chosen}, channels_last_3d weights")
     print(f"{'model':16s} {'class':22s} {'parameters':>12s} {'s/step':>8s}")
     for model in sorted(p.stem for p in (project_root() / "conf" / "model").glob("*.yaml")):
         overrides = [f"model={model}", "data.in_channels=1", "data.num_classes=3", f"data.patch_size={args.patch}"]
         cfg = compose("train", overrides)
-        net = instantiate(cfg.model).to(device).train()
+        net = hardware.channels_last(instantiate(cfg.model).to(device).train())  # as training runs it (trainer.channels_last)
         size = list(args.patch)
         if hasattr(net, "valid_input_size"):  # the 2015 valid U-Net needs exact poolings: nearest valid patch
             size = [net.valid_input_size(s) for s in size]

@@ -2,7 +2,6 @@
 
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import nibabel as nib
@@ -17,23 +16,11 @@ from pipeline.data.sources import case_id
 from pipeline.io import ras_spacing
 from pipeline.models.teaching import MirrorPadded, centre_crop
 from pipeline.metrics import SegmentationScores
+from pipeline.hardware import Precision, autocast, channels_last
 
 
 def pick_device(name: str = "auto") -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def amp_dtype(amp, device: torch.device, cpu: torch.dtype | None = torch.bfloat16) -> torch.dtype | None:
-    """auto/true: fp16 on CUDA (with a GradScaler), `cpu` on CPU (bf16 for training); false: fp32 (None)."""
-    if amp in (False, None, "false", "fp32"):
-        return None
-    if amp in ("auto", True, "true"):
-        return torch.float16 if device.type == "cuda" else cpu
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def outputs(out, label: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -122,7 +109,7 @@ def fit(
     ckpt_dir: str | Path,
     config: dict,
     device: torch.device,
-    dtype: torch.dtype | None,
+    precision: Precision,
     resume: dict | None = None,
 ) -> dict:
     """Train for trainer.max_epochs (or until trainer.max_minutes of training); validate every trainer.val_every
@@ -133,13 +120,16 @@ def fit(
     """
     ckpt_dir = Path(ckpt_dir)
     model.to(device)
+    if trainer.get("channels_last"):  # before any state is loaded: load_state_dict keeps the parameters' format
+        channels_last(model)
+    dtype = precision.dtype
     scores = SegmentationScores(class_names)
     # Several outputs (deep supervision): MONAI weighs their losses 1, 1/2, 1/4, ... against a resized label.
     supervised = DeepSupervisionLoss(loss_fn, weight_mode="exp")
     accumulate = trainer.get("accumulate") or 1  # optimizer steps every `accumulate` batches
     stop = trainer.get("early_stopping") or {}
     stale = 0  # validations since the best one (early stopping)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 has fp32's range: no scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 has fp32's range: no scaling
     best = {"val_dice_mean": -math.inf, "epoch": 0}
     step_losses, history, train_seconds, epoch = [], [], 0.0, 0
     augment = train_loader.dataset.transform  # its random transforms' states go into last.pt
@@ -154,8 +144,10 @@ def fit(
         if (rng := distributed.own_rng(resume["rng"])) is not None:
             checkpoint.restore_rng(rng, augment)
     # Under DDP the forward and backward passes run through the wrapper (it averages the gradients over ranks);
-    # validation and checkpoints use the plain model.
-    net = distributed.wrap(model, device, (trainer.get("ddp") or {}).get("find_unused_parameters", False))
+    # validation and checkpoints use the plain model. trainer.compile compiles the training step only: validation's
+    # whole volumes differ in shape and would recompile.
+    stepper = torch.compile(model) if trainer.get("compile") else model
+    net = distributed.wrap(stepper, device, (trainer.get("ddp") or {}).get("find_unused_parameters", False))
     quiet = not distributed.is_main()  # progress bars from rank 0 only
 
     epochs = tqdm(range(epoch + 1, trainer.max_epochs + 1), desc="epochs", unit="epoch", initial=epoch, total=trainer.max_epochs, disable=quiet)
@@ -203,7 +195,8 @@ def fit(
             if log["val_dice_mean"] > best["val_dice_mean"]:
                 best = {k: v for k, v in log.items() if k.startswith("val_")} | {"epoch": epoch}
                 if distributed.is_main():
-                    checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best, run_id=tracker.run_id)
+                    checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best, run_id=tracker.run_id,
+                                    precision=precision.record())
         if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step()
         log["epoch_time"] = time.perf_counter() - start
@@ -218,7 +211,7 @@ def fit(
             checkpoint.save(
                 ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best, train_minutes=train_seconds / 60,
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
-                rng=rng, run_id=tracker.run_id, history=history, stale=stale,
+                rng=rng, run_id=tracker.run_id, history=history, stale=stale, precision=precision.record(),
             )
         if out_of_time:
             tqdm.write(f"stopping after epoch {epoch}: trainer.max_minutes={trainer.max_minutes} of training reached")

@@ -20,7 +20,7 @@ from monai.transforms import Compose, FillHoles, Invertd, KeepLargestConnectedCo
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint, engine
+from pipeline import checkpoint, engine, hardware
 from pipeline.data.transforms import preprocess, preprocessing_config
 from pipeline.errors import InputError, exit_on_input_error
 from pipeline.export import OnnxRuntimeModel, build_model, export_model
@@ -52,7 +52,7 @@ class Predictor:
 
     def __init__(self, bundles: dict[Path, dict], device="auto", amp="auto", overlap=None, sw_batch_size=None,
                  stitch_device=None, tta: bool = False, tta_axes=(0, 1, 2), uncertainty: str | None = None,
-                 backend: str = "torch", work_dir: Path | None = None, compile: bool = False):
+                 backend: str = "torch", work_dir: Path | None = None, compile: bool = False, channels_last: bool = True):
         first_path, first = next(iter(bundles.items()))
         for path, bundle in bundles.items():  # ensemble members must see the same input
             if preprocessing_config(bundle["config"]) != preprocessing_config(first["config"]):
@@ -60,17 +60,20 @@ class Predictor:
         cfg = OmegaConf.create(first["config"])
         self.num_classes = cfg.data.num_classes
         self.device = engine.pick_device(device)
-        # amp=auto keeps fp32 on the CPU: bf16 is 2x faster there but moves about 0.3% of the boundary voxels
-        # (bench/infer.py: label-map Dice 0.997 against fp32), below the >= 0.999 a clinic may expect; amp=bf16 opts in.
-        self.dtype = engine.amp_dtype(amp, self.device, cpu=None)
+        # amp=auto keeps fp32 on the CPU: bf16, where the CPU has it, is 2x faster but moves about 0.3% of the
+        # boundary voxels (bench/infer.py: label-map Dice 0.997 against fp32), below the >= 0.999 a clinic may expect.
+        self.precision = hardware.resolve(amp, self.device, inference=True)
         window = {k: v for k, v in {"overlap": overlap, "sw_batch_size": sw_batch_size, "device": stitch_device}.items() if v is not None}
         if backend not in ("torch", "onnxruntime"):
             raise InputError(f"backend={backend}: must be torch or onnxruntime")
-        if backend == "onnxruntime":  # ONNX Runtime runs fp32 on the CPU
-            self.device, self.dtype = torch.device("cpu"), None
+        if backend == "onnxruntime":
+            self.device, self.precision = torch.device("cpu"), hardware.Precision(None, "ONNX Runtime runs fp32 on the CPU")
+        self.dtype = self.precision.dtype
         self.members = []
         for i, bundle in enumerate(bundles.values()):
             model = build_model(bundle).to(self.device).eval()
+            if channels_last and backend == "torch" and not compile:  # compiled: Inductor picks its own layouts
+                hardware.channels_last(model)
             if backend == "onnxruntime":
                 model = OnnxRuntimeModel(export_model(model, bundle["config"], "onnx", Path(work_dir) / f"member{i}.onnx"))
             elif compile:
@@ -182,6 +185,7 @@ def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch
     report = {"written": [], "skipped": [], "failed": {}}
     with tempfile.TemporaryDirectory(prefix="pipeline-infer-") as tmp:
         predictor = Predictor(bundles, device, amp, overlap, sw_batch_size, stitch_device, tta, tta_axes, uncertainty, backend, Path(tmp), compile)
+        tqdm.write(str(predictor.precision))
         for volume in tqdm(volumes, desc="infer", unit="volume"):
             target = out_dir / volume.output_name(format)
             if target.exists() and not overwrite:

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import checkpoint, distributed, engine, plots
+from pipeline import checkpoint, distributed, engine, hardware, plots
 from pipeline.check import check
 from pipeline.data.fingerprint import cache_key, fingerprint
 from pipeline.data.sources import case_id, ensure_demo_data, resolve_data, split
@@ -70,7 +70,7 @@ def setup(cfg: DictConfig) -> SimpleNamespace:
         scheduler=instantiate(cfg.scheduler)(optimizer) if cfg.scheduler else None,
         inferer=instantiate(cfg.trainer.inferer),
         device=device,
-        dtype=engine.amp_dtype(cfg.trainer.amp, device),
+        precision=hardware.resolve(cfg.trainer.amp, device),  # from the hardware: bf16 only where the CPU has it
     )
 
 
@@ -116,11 +116,12 @@ def overrides() -> str:
     return " ".join(shlex.quote(o) for o in HydraConfig.get().overrides.task) if HydraConfig.initialized() else ""
 
 
-def run_tags(cfg: DictConfig, device, dtype, cases: list[dict]) -> dict:
+def run_tags(cfg: DictConfig, device, chosen: hardware.Precision, cases: list[dict]) -> dict:
     """What it takes to tell runs apart and redo one: code, data, seed, software, hardware, command."""
     return {
         "rerun": f"python -m pipeline.train {overrides()}".strip(), "overrides": overrides(), **sweep_tags(),
-        "seed": cfg.seed, "device": str(device), "amp": str(dtype).removeprefix("torch.") if dtype else "fp32",
+        "seed": cfg.seed, "device": str(device), "amp": chosen.name, "amp_reason": chosen.reason,
+        "cpu": hardware.cpu_class(),
         "git_dirty": git_dirty(), "data_fingerprint": cache_key(cases), "python": platform.python_version(),
         "torch": torch.__version__, "monai": monai.__version__,
         **({"world_size": distributed.world_size()} if distributed.active() else {}),  # DDP: results depend on it
@@ -148,7 +149,7 @@ def train(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, state: dict | None) -> dict:
     """One training run (or this rank's part of one) from a composed config; `state`: a loaded last.pt to continue."""
     run = setup(cfg)
-    splits, model, optimizer, loss_fn, device, dtype = run.splits, run.model, run.optimizer, run.loss_fn, run.device, run.dtype
+    splits, model, optimizer, loss_fn, device = run.splits, run.model, run.optimizer, run.loss_fn, run.device
     train_cases, val_cases = splits["train"], splits["val"]
     distributed.seed_rank(cfg.seed)  # DDP: each rank augments and shuffles with seed + rank
     train_loader, val_loader = loaders(cfg, train_cases, val_cases)  # DDP: this rank's share
@@ -159,16 +160,17 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     name = run_name(model, optimizer, loss_fn)
     tracker = instantiate(cfg.tracking) if distributed.is_main() else NullTracker()  # DDP: one run, from rank 0
     every_case = [c for part in splits.values() for c in part]
-    tracker.start(name, config, run_tags(cfg, device, dtype, every_case), run_id=state and state.get("run_id"))
+    tracker.start(name, config, run_tags(cfg, device, run.precision, every_case), run_id=state and state.get("run_id"))
     if state is None and distributed.is_main():
         tracker.log_artifact(save_splits(splits, cfg.paths.run_dir))
     ranks = f", DDP over {distributed.world_size()} ranks" if distributed.active() else ""
-    print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases from {cfg.data.root} on {device}, amp {dtype}{ranks}")
+    print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases from {cfg.data.root} on {device}{ranks}")
+    print(run.precision)
     status, start = "FAILED", time.perf_counter()
     try:
         result = engine.fit(
             cfg.trainer, model, loss_fn, optimizer, run.scheduler, train_loader, val_loader, run.inferer,
-            cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, dtype, resume=state,
+            cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, run.precision, resume=state,
         )
         tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
         for ckpt in ("best.pt", "last.pt"):

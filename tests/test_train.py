@@ -7,7 +7,7 @@ import mlflow
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, hardware
 from pipeline.train import train
 from tests.conftest import tiny_config
 
@@ -20,7 +20,7 @@ RUN_NAMES = {
 
 
 @pytest.mark.parametrize("model,loss", list(RUN_NAMES))
-def test_one_epoch_trains_checkpoints_and_tracks(model, loss, tiny_phantom, tmp_path, mlflow_store):
+def test_one_epoch_trains_checkpoints_and_tracks(model, loss, tiny_phantom, tmp_path, mlflow_store, capsys):
     cfg = tiny_config(tiny_phantom, tmp_path, model, [f"loss={loss}", "optimizer.lr=0.01"])
     result = train(cfg)
 
@@ -43,8 +43,12 @@ def test_one_epoch_trains_checkpoints_and_tracks(model, loss, tiny_phantom, tmp_
     assert run.data.metrics["val_dice_mean"] == pytest.approx(result["best"]["val_dice_mean"])
     assert run.data.params["loss._target_"] == cfg.loss._target_
     assert run.data.params["data.num_classes"] == "3"
-    assert {"git_commit", "seed", "device", "amp"} <= run.data.tags.keys()
-    assert run.data.tags["amp"] == "bfloat16"  # trainer.amp=auto on CPU
+    assert {"git_commit", "seed", "device", "amp", "amp_reason", "cpu"} <= run.data.tags.keys()
+    chosen = hardware.resolve("auto", torch.device("cpu"))  # trainer.amp=auto: whatever this CPU runs natively
+    assert str(chosen) in capsys.readouterr().out.splitlines()  # e.g. "amp: fp32 (CPU has AVX2, no native bf16)"
+    assert (run.data.tags["amp"], run.data.tags["amp_reason"]) == (chosen.name, chosen.reason)
+    for name in ("best.pt", "last.pt"):
+        assert checkpoint.load(tmp_path / "checkpoints" / name)["precision"] == chosen.record()
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoints")}
     assert artifacts == {"checkpoints/best.pt", "checkpoints/last.pt"}
     assert {"config.yaml", "splits.json"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
