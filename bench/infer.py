@@ -122,6 +122,7 @@ class OpenVinoModel:
     def __init__(self, path: Path):
         import openvino
 
+        self.eval = lambda: self  # what engine.predict calls on a torch module
         self.compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
     def __call__(self, x):

@@ -21,6 +21,7 @@ SHARED_DATA = shared_data()
 TINY = [
     "data.patch_size=[32,32,16]",
     "data.batch_size=1",
+    "transforms.patch.num_samples=2",  # two crops per case: a 1-case batch of one crop makes six steps too noisy
     "trainer.max_epochs=1",
     "trainer.val_every=1",
     "trainer.inferer.sw_batch_size=2",

@@ -62,6 +62,6 @@ def test_tracking_none_still_trains(tiny_phantom, tmp_path):
 
 
 def test_cosine_schedule_lowers_the_learning_rate(tiny_phantom, tmp_path, mlflow_store):
-    result = train(tiny_config(tiny_phantom, tmp_path, overrides=["scheduler=cosine", "trainer.max_epochs=2", "trainer.val_every=2"]))
+    result = train(tiny_config(tiny_phantom, tmp_path, overrides=["scheduler=cosine", "optimizer.lr=0.001", "trainer.max_epochs=2", "trainer.val_every=2"]))
     history = mlflow.MlflowClient(mlflow_store).get_metric_history(result["run_id"], "lr")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([1e-3, 0.5 * (1e-3 + 1e-6)])
