@@ -7,25 +7,22 @@ outputs/bench/brats/) segments one 240x240x155 FLAIR+T1c volume several ways, ea
 its own, each timed on a first and a second (warm) call, as in a folder run:
   baseline            `monai.inferers.sliding_window_inference` with MONAI's defaults (fp32, sw_batch_size 1, overlap 0.25)
   project             `pipeline.infer.Predictor` as `python -m pipeline.infer` runs it (amp=auto: fp32 on the CPU,
-                      channels_last_3d weights), sw_batch_size 2
+                      backend=auto: the network exported to ONNX and run by OpenVINO at f32), sw_batch_size 2
+  project-torch       the same on `backend=torch` (eager PyTorch, channels_last_3d weights)
   project-ncdhw       the same with plain NCDHW weights (what channels_last buys)
   project-compile     the same with `compile=true` (torch.compile, frozen weights), sw_batch_size 1
-  project-onnxruntime the same with `backend=onnxruntime` (the network exported to ONNX, ONNX Runtime's CPU kernels)
-  project-openvino    the exported ONNX network run by OpenVINO's CPU plugin at f32, if `openvino` is installed
-                      (it is not a dependency: `pip install openvino` to add this row)
-  project-bf16        the same with `amp=bf16` (30-90x slower where the CPU has no native bf16: skipped there)
+  project-onnxruntime the same with `backend=onnxruntime` (ONNX Runtime's CPU kernels)
+  project-bf16        the same with `amp=bf16` on torch (30-90x slower where the CPU has no native bf16: skipped there)
 All share the window size, overlap and blending (only speed may differ), preprocessing and its inversion. Prints
 the CPU class, seconds, voxels/s and peak RSS of each, the speed ratios and the Dice between each label map and the
 baseline's. `--large` adds the peak RSS of the project path on a synthetic 512x512x400 volume.
 """
 
 import argparse
-import importlib.util
 import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,11 +37,11 @@ OUT = project_root() / "outputs" / "bench" / "brats"
 # (one static window shape; 2.27 s against 2.29 with 2).
 PROJECT = {
     "project": {"amp": "auto", "sw_batch_size": 2},
-    "project-ncdhw": {"amp": "auto", "sw_batch_size": 2, "channels_last": False},
+    "project-torch": {"amp": "auto", "sw_batch_size": 2, "backend": "torch"},
+    "project-ncdhw": {"amp": "auto", "sw_batch_size": 2, "backend": "torch", "channels_last": False},
     "project-compile": {"amp": "auto", "sw_batch_size": 1, "compile": True},
     "project-onnxruntime": {"sw_batch_size": 2, "backend": "onnxruntime"},
-    "project-openvino": {"sw_batch_size": 2, "backend": "onnxruntime"},  # then its ONNX session swapped for OpenVINO's
-    "project-bf16": {"amp": "bf16", "sw_batch_size": 2},
+    "project-bf16": {"amp": "bf16", "sw_batch_size": 2, "backend": "torch"},
 }
 
 
@@ -100,12 +97,12 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
             return Invertd(keys="pred", transform=pre, orig_keys="image")(data)["pred"].numpy()[0]
     else:
         bundle["config"]["trainer"]["inferer"]["mode"] = "constant"  # the baseline's blending: only speed may differ
-        with tempfile.TemporaryDirectory() as tmp:
-            predictor = Predictor({ckpt: bundle}, overlap=0.25, work_dir=Path(tmp), **PROJECT[mode])
-            if mode == "project-openvino":
-                predictor.members = [(OpenVinoModel(Path(tmp) / "member0.onnx"), inferer) for _, inferer in predictor.members]
+        predictor = None
 
         def segment():
+            nonlocal predictor
+            if predictor is None:  # built inside the first call: an export or a compile counts there
+                predictor = Predictor({ckpt: bundle}, overlap=0.25, **PROJECT[mode])
             return predictor(volume)[0]
     times = []
     for _ in range(1 if "512" in volume.name else 2):  # a fresh process, then warm (kernels chosen, memory mapped)
@@ -114,21 +111,6 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
         times.append(time.perf_counter() - start)
     np.save(out, labels.astype(np.uint8))
     print(json.dumps({"first": times[0], "seconds": times[-1], "rss_mb": peak_rss_mb(), "voxels": int(labels.size)}))
-
-
-class OpenVinoModel:
-    """An ONNX file compiled by OpenVINO's CPU plugin at f32 (its default on CPUs with bf16 would be bf16)."""
-
-    def __init__(self, path: Path):
-        import openvino
-
-        self.eval = lambda: self  # what engine.predict calls on a torch module
-        self.compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-
-    def __call__(self, x):
-        import torch
-
-        return torch.from_numpy(self.compiled(x.float().cpu().numpy())[0])
 
 
 def peak_rss_mb() -> float:
@@ -178,9 +160,6 @@ def main() -> None:
     base, base_labels = run("baseline", ckpt, volume)
     print(f"{'MONAI sliding_window_inference, fp32':38s} {line(base)}")
     for mode in PROJECT:
-        if mode == "project-openvino" and importlib.util.find_spec("openvino") is None:
-            print(f"{mode:38s} skipped: openvino is not installed")
-            continue
         if mode == "project-bf16" and not hardware.cpu_bf16()[0]:
             print(f"{mode:38s} skipped: {hardware.cpu_bf16()[1]} (oneDNN would emulate bf16, 30-90x slower)")
             continue

@@ -23,9 +23,14 @@ from tqdm.auto import tqdm
 from pipeline import checkpoint, engine, hardware
 from pipeline.data.transforms import preprocess, preprocessing_config
 from pipeline.errors import InputError, exit_on_input_error
-from pipeline.export import OnnxRuntimeModel, build_model, export_model
+from pipeline.export import OnnxRuntimeModel, OpenVinoModel, build_model, export_model
 from pipeline.files import atomic
 from pipeline.io import Reference, Volume, find_inputs, label_dtype
+
+
+# Networks exported to ONNX and run by another CPU runtime; backend=auto picks OpenVINO on a CPU in fp32.
+EXPORTED = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
+BACKENDS = ("auto", "torch", *EXPORTED)
 
 
 def checkpoints(ckpt, cache: Path | None = None) -> list[Path]:
@@ -52,7 +57,7 @@ class Predictor:
 
     def __init__(self, bundles: dict[Path, dict], device="auto", amp="auto", overlap=None, sw_batch_size=None,
                  stitch_device=None, tta: bool = False, tta_axes=(0, 1, 2), uncertainty: str | None = None,
-                 backend: str = "torch", work_dir: Path | None = None, compile: bool = False, channels_last: bool = True):
+                 backend: str = "auto", work_dir: Path | None = None, compile: bool = False, channels_last: bool = True):
         first_path, first = next(iter(bundles.items()))
         for path, bundle in bundles.items():  # ensemble members must see the same input
             if preprocessing_config(bundle["config"]) != preprocessing_config(first["config"]):
@@ -64,25 +69,21 @@ class Predictor:
         # boundary voxels (bench/infer.py: label-map Dice 0.997 against fp32), below the >= 0.999 a clinic may expect.
         self.precision = hardware.resolve(amp, self.device, inference=True)
         window = {k: v for k, v in {"overlap": overlap, "sw_batch_size": sw_batch_size, "device": stitch_device}.items() if v is not None}
-        if backend not in ("torch", "onnxruntime"):
-            raise InputError(f"backend={backend}: must be torch or onnxruntime")
-        if backend == "onnxruntime":
-            self.device, self.precision = torch.device("cpu"), hardware.Precision(None, "ONNX Runtime runs fp32 on the CPU")
+        if backend not in BACKENDS:
+            raise InputError(f"backend={backend}: must be one of {', '.join(BACKENDS)}")
+        if backend == "auto":  # the fastest path whose labels match fp32's (bench/infer.py); compile=true asks for torch
+            cpu_fp32 = self.device.type == "cpu" and self.precision.dtype is None and not compile
+            backend = "openvino" if cpu_fp32 else "torch"
+        self.backend = backend
+        if backend in EXPORTED:  # CPU runtimes, run at fp32
+            self.device = torch.device("cpu")
+            if self.precision.dtype is not None:
+                self.precision = hardware.Precision(None, f"{backend} runs fp32 on the CPU")
         self.dtype = self.precision.dtype
         self.members = []
-        for i, bundle in enumerate(bundles.values()):
-            model = build_model(bundle).to(self.device).eval()
-            if channels_last and backend == "torch" and not compile:  # compiled: Inductor picks its own layouts
-                hardware.channels_last(model)
-            if backend == "onnxruntime":
-                model = OnnxRuntimeModel(export_model(model, bundle["config"], "onnx", Path(work_dir) / f"member{i}.onnx"))
-            elif compile:
-                # Inductor with frozen weights (constant-folded, prepacked for oneDNN): about 2x faster per fp32 window
-                # on a CPU after a one-off compile of 5-10 s, so it pays on folder runs. Windows share one shape.
-                inductor_config.freezing = True
-                model = torch.compile(model, dynamic=False)
-            inferer = instantiate(OmegaConf.create(bundle["config"]).trainer.inferer, **window)
-            self.members.append((model, inferer))
+        # An exported network is read into its runtime's memory when loaded: the ONNX files need not outlive this.
+        with tempfile.TemporaryDirectory(prefix="pipeline-onnx-") as own_dir:
+            self._load_members(bundles, backend, Path(work_dir or own_dir), compile, channels_last, window)
         # nnU-Net-style mirroring: every subset of the chosen axes, the unflipped pass included
         axes = list(tta_axes) if tta else []
         self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
@@ -91,6 +92,22 @@ class Predictor:
         self.resampled = cfg.data.spacing is not None
         # Invert orientation/resampling on probabilities (interpolated like the image), then take the argmax.
         self.invert = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False)
+
+    def _load_members(self, bundles: dict, backend: str, work_dir: Path, compile: bool, channels_last: bool, window: dict):
+        """(network, inferer) per checkpoint, on the chosen backend."""
+        for i, bundle in enumerate(bundles.values()):
+            model = build_model(bundle).to(self.device).eval()
+            if channels_last and backend == "torch" and not compile:  # compiled: Inductor picks its own layouts
+                hardware.channels_last(model)
+            if backend in EXPORTED:
+                model = EXPORTED[backend](export_model(model, bundle["config"], "onnx", work_dir / f"member{i}.onnx"))
+            elif compile:
+                # Inductor with frozen weights (constant-folded, prepacked for oneDNN): about 2x faster per fp32 window
+                # on a CPU after a one-off compile of 5-10 s, so it pays on folder runs. Windows share one shape.
+                inductor_config.freezing = True
+                model = torch.compile(model, dynamic=False)
+            inferer = instantiate(OmegaConf.create(bundle["config"]).trainer.inferer, **window)
+            self.members.append((model, inferer))
 
     def __call__(self, nifti_path: Path, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(labels (x, y, z), probabilities (K, x, y, z) or None, uncertainty (x, y, z) or None), on the input grid."""
@@ -167,7 +184,7 @@ def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 
 
 def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch_size=None, stitch_device=None,
           tta=False, tta_axes=(0, 1, 2), format="nifti", overwrite=False, save_probabilities=False, uncertainty=None,
-          postprocessing: dict | None = None, backend: str = "torch", compile: bool = False) -> dict:
+          postprocessing: dict | None = None, backend: str = "auto", compile: bool = False) -> dict:
     """Predict every input (a path or a list of them) into `output`; returns {"written": [...], "skipped": [...],
     "failed": {input: message}}."""
     volumes = [v for path in (input if isinstance(input, (list, tuple, ListConfig)) else [input]) for v in find_inputs(path)]
@@ -185,7 +202,7 @@ def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch
     report = {"written": [], "skipped": [], "failed": {}}
     with tempfile.TemporaryDirectory(prefix="pipeline-infer-") as tmp:
         predictor = Predictor(bundles, device, amp, overlap, sw_batch_size, stitch_device, tta, tta_axes, uncertainty, backend, Path(tmp), compile)
-        tqdm.write(str(predictor.precision))
+        tqdm.write(f"{predictor.precision}; backend {predictor.backend}")
         for volume in tqdm(volumes, desc="infer", unit="volume"):
             target = out_dir / volume.output_name(format)
             if target.exists() and not overwrite:

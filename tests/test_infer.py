@@ -58,6 +58,23 @@ def test_compiled_network_gives_the_same_labels_and_cpu_inference_defaults_to_fp
     assert Predictor(bundle).dtype is None and Predictor(bundle, amp="bf16").dtype == torch.bfloat16
 
 
+def test_auto_backend_runs_openvino_on_a_cpu_in_fp32_with_the_labels_of_torch(tiny_phantom, tmp_path):
+    train(tiny_config(tiny_phantom, tmp_path, overrides=["tracking=none", "trainer.max_epochs=3", "optimizer.lr=0.01"]))
+    ckpt = tmp_path / "checkpoints" / "best.pt"
+    bundle = {ckpt: checkpoint.load(ckpt)}
+    auto = Predictor(bundle)
+    assert auto.backend == "openvino" and auto.dtype is None
+    assert Predictor(bundle, compile=True).backend == "torch"  # compile asks for torch; so does a half precision
+    assert Predictor(bundle, amp="bf16").backend == "torch"
+    eager = Predictor(bundle, backend="torch", channels_last=False)  # plain fp32 NCDHW torch: the reference
+    for image in sorted((tiny_phantom / "imagesTr").glob("*.nii.gz"))[:2]:
+        ours, ref = auto(image)[0], eager(image)[0]
+        assert ours.shape == ref.shape and (ours == ref).mean() >= 0.999
+        for k in np.unique(ref)[1:]:  # every class the reference finds, by Dice
+            dice = 2 * ((ours == k) & (ref == k)).sum() / ((ours == k).sum() + (ref == k).sum())
+            assert dice >= 0.999, (image.name, k, dice)
+
+
 def test_resampling_is_inverted_onto_the_input_grid(threshold_ckpt, tmp_path):
     (tmp_path / "in").mkdir()
     src = write_volume(tmp_path / "in" / "case.nii")
