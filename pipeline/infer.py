@@ -5,6 +5,7 @@ averaged over several checkpoints), and MONAI's inverse of the preprocessing, so
 exact grid (shape, affine, orientation). Inputs: NIfTI, NRRD, MHA, DICOM series folders (see pipeline/io.py).
 """
 
+import importlib.util
 import itertools
 import sys
 import tempfile
@@ -73,7 +74,7 @@ class Predictor:
             raise InputError(f"backend={backend}: must be one of {', '.join(BACKENDS)}")
         if backend == "auto":  # the fastest path whose labels match fp32's (bench/infer.py); compile=true asks for torch
             cpu_fp32 = self.device.type == "cpu" and self.precision.dtype is None and not compile
-            backend = "openvino" if cpu_fp32 else "torch"
+            backend = "openvino" if cpu_fp32 and importlib.util.find_spec("openvino") else "torch"  # no wheel: torch
         self.backend = backend
         if backend in EXPORTED:  # CPU runtimes, run at fp32
             self.device = torch.device("cpu")
