@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/amp_step.py [--models unet3d conv3d] [--steps 5] [--batch 4] [--no-compile]
 
-Rows per model, each a fresh copy of the same initial weights on the same batch (the demo's: batch 2 x 2 patches of
-64x64x32, 1 channel, 3 classes), one step = forward, DiceLoss, backward, Adam:
+Rows per model, each a fresh copy of the same initial weights on the same batch (4 patches of 64x64x32, 1 channel,
+3 classes), one step = forward, DiceLoss, backward, Adam:
   fp32                 plain fp32, NCDHW weights: the baseline every ratio is against
   fp32 1 thread        the same on one thread (what the thread count buys)
   fp32 channels_last   channels_last_3d weights (oneDNN's channels-last kernels)
   fp32 compile (+cl)   torch.compile of the network; its compile seconds and the steps they take to pay back
-  bf16 (+cl)           bf16 autocast; where the CPU only emulates bf16 one step is timed (it takes minutes)
+  bf16 (+cl)           bf16 autocast; where the CPU only emulates bf16 one step is timed (20x fp32 or more)
   auto                 what `trainer.amp=auto` with the default `trainer.channels_last` runs here, and its ratio to the
                        fastest row
 The first line names the CPU class: these figures hold for that class only.
@@ -52,14 +52,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["unet3d", "conv3d"])
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4, help="patches per step (the demo: batch_size 2 x num_samples 2)")
+    parser.add_argument("--batch", type=int, default=4, help="patches per step")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (about a minute each)")
     args = parser.parse_args()
     device = engine.pick_device(args.device)
     auto = hardware.resolve("auto", device)
     defaults = compose("train", ["data.root=unused"])
-    print(f"CPU: {hardware.cpu_class()}" if device.type == "cpu" else f"device: {torch.cuda.get_device_name(device)}")
+    print(hardware.describe(device))
     print(f"{auto}; trainer.channels_last={defaults.trainer.channels_last}; batch {args.batch}, median of {args.steps} steps")
     for name in args.models:
         cfg = compose("train", [f"model={name}", "data.root=unused", "+data.num_classes=3", "+data.in_channels=1"])
@@ -84,7 +84,7 @@ def main() -> None:
             torch.set_num_threads(before)
             rows[label] = seconds
             base = rows["fp32"]
-            extra = f"  ({timed} step timed)" if timed == 1 else ""
+            extra = "  (first step only: over 20x fp32)" if timed < args.steps else ""
             if compiled:  # the compile is paid once: the warm-up steps' excess over two ordinary steps
                 compile_s = total - seconds * (timed + 2)
                 saved = base - seconds

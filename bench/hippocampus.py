@@ -21,7 +21,6 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Normalize
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import engine, hardware, project_root
-from pipeline.hardware import autocast
 from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
 from pipeline.metrics import SegmentationScores
@@ -98,7 +97,7 @@ def step_flops(model, loss_fn, batch: int, patch: list[int], dtype) -> int:
     """FLOPs of one forward + backward training step (torch's flop counter: convolutions and matmuls)."""
     x, y = torch.randn(batch, 1, *patch), torch.randint(0, 3, (batch, 1, *patch))
     with FlopCounterMode(display=False) as counter:
-        with autocast(torch.device("cpu"), dtype):
+        with hardware.autocast(torch.device("cpu"), dtype):
             logits = model(x)
         loss_fn(logits.float(), y).backward()
     model.zero_grad(set_to_none=True)
@@ -127,7 +126,8 @@ def main() -> None:
     parser.add_argument("--data", default=default_data)
     parser.add_argument("--only", choices=["a", "b"], help="run one recipe only")
     args = parser.parse_args()
-    print(f"CPU: {hardware.cpu_class()}; {hardware.resolve('auto', engine.pick_device())}; budget {args.minutes} min of training per recipe")
+    device = engine.pick_device()
+    print(f"{hardware.describe(device)}; {hardware.resolve('auto', device)}; budget {args.minutes} min of training per recipe")
 
     test_cases = []
     results = {}

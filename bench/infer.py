@@ -28,6 +28,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from pipeline import hardware, project_root
 from pipeline.config import compose, shared_data
@@ -155,13 +156,14 @@ def main() -> None:
 
     root, ckpt = prepare(Path(args.data))
     volume = sorted((root / "imagesTr").iterdir())[-1]
-    print(f"CPU: {hardware.cpu_class()}")
+    print(hardware.describe(torch.device("cpu")))
+    native_bf16, why = hardware.cpu_bf16()
     print(f"volume {volume.name} {nib.load(volume).shape}, model {ckpt}")
     base, base_labels = run("baseline", ckpt, volume)
     print(f"{'MONAI sliding_window_inference, fp32':38s} {line(base)}")
     for mode in PROJECT:
-        if mode == "project-bf16" and not hardware.cpu_bf16()[0]:
-            print(f"{mode:38s} skipped: {hardware.cpu_bf16()[1]} (oneDNN would emulate bf16, 30-90x slower)")
+        if mode == "project-bf16" and not native_bf16:
+            print(f"{mode:38s} skipped: {why} (oneDNN would emulate bf16, 30-90x slower)")
             continue
         r, labels = run(mode, ckpt, volume)
         print(f"{mode:38s} {line(r)}  speed ratio x{base['seconds'] / r['seconds']:.2f} warm (x{base['first'] / r['first']:.2f} first)"

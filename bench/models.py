@@ -28,7 +28,7 @@ def main() -> None:
     device = engine.pick_device()
     chosen = hardware.resolve(args.amp, device)
     dtype = chosen.dtype
-    print(f"CPU: {hardware.cpu_class()}" if device.type == "cpu" else f"device: {torch.cuda.get_device_name(device)}")
+    print(hardware.describe(device))
     print(f"patch {args.patch}, batch {args.batch}, {device}, {chosen}, channels_last_3d weights")
     print(f"{'model':16s} {'class':22s} {'parameters':>12s} {'s/step':>8s}")
     for model in sorted(p.stem for p in (project_root() / "conf" / "model").glob("*.yaml")):

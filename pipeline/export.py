@@ -55,32 +55,34 @@ def export(ckpt: str | Path, fmt: str, output: str | Path | None = None) -> Path
     return path
 
 
-class OnnxRuntimeModel(torch.nn.Module):
-    """An ONNX Runtime session behind the nn.Module call the MONAI inferers expect (CPU execution provider)."""
+class CpuRuntimeModel(torch.nn.Module):
+    """An exported ONNX network behind the nn.Module call the MONAI inferers expect: float32 arrays in and out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.run(x.float().cpu().numpy()))
+
+
+class OnnxRuntimeModel(CpuRuntimeModel):
+    """ONNX Runtime's CPU execution provider."""
 
     def __init__(self, path: str | Path):
         super().__init__()
         import onnxruntime
 
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"image": x.float().cpu().numpy()})[0])
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.run = lambda array: session.run(None, {"image": array})[0]
 
 
-class OpenVinoModel(torch.nn.Module):
-    """An ONNX file compiled by OpenVINO's CPU plugin, at f32: on CPUs with bf16 its default would be bf16, whose label
-    maps differ from fp32's. On an AVX2 CPU its fused kernels run a 3D U-Net window about 1.3x faster than eager
-    torch (bench/infer.py)."""
+class OpenVinoModel(CpuRuntimeModel):
+    """OpenVINO's CPU plugin, held at f32: on CPUs with bf16 its default would be bf16, whose label maps differ from
+    fp32's. On an AVX2 CPU its fused kernels ran BRATS windows 1.3-1.4x faster than eager torch (bench/infer.py)."""
 
     def __init__(self, path: str | Path):
         super().__init__()
         import openvino
 
-        self.compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.compiled(x.float().cpu().numpy())[0])
+        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self.run = lambda array: compiled(array)[0]
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")

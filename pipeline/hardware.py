@@ -22,6 +22,7 @@ import torch
 from pipeline.errors import InputError
 
 NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = {name: dtype for dtype, name in NAMES.items()}
 # oneDNN ISA levels below the first with native bf16 (AVX512_CORE_BF16); ONEDNN_MAX_CPU_ISA at one of these keeps
 # oneDNN's convolutions and matmuls from bf16 instructions the CPU may have.
 ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
@@ -100,10 +101,9 @@ def resolve(amp, device: torch.device, inference: bool = False) -> Precision:
             return Precision(torch.float16, "CUDA: fp16 autocast" + ("" if inference else " with a GradScaler"))
         if want == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
             _warn(f"amp=bf16 on {torch.cuda.get_device_name(device)}, which has no native bf16: expect it slower than fp16")
-        return Precision({"bf16": torch.bfloat16, "fp16": torch.float16}[want], f"amp={want} on CUDA")
+        return Precision(DTYPES[want], f"amp={want} on CUDA")
     if device.type != "cpu":
-        return Precision(None if want == "auto" else {"bf16": torch.bfloat16, "fp16": torch.float16}[want],
-                         f"amp={want} on {device.type}")
+        return Precision(None if want == "auto" else DTYPES[want], f"amp={want} on {device.type}")
     native, why = cpu_bf16()
     if want == "auto":
         if not native:
@@ -127,24 +127,25 @@ def _warn(message: str) -> None:
 
 def cpu_class() -> str:
     """The CPU and the instruction sets that decide speed, e.g. 'AMD EPYC, 2 threads: AVX2 (no AVX512-BF16, no AMX)'."""
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), []))
+    path = Path("/proc/cpuinfo")
+    info = dict(line.split(":", 1) for line in (path.read_text().splitlines() if path.exists() else []) if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}  # the last processor's entries: all cores are alike
+    model, flags = info.get("model name") or platform.processor() or platform.machine(), set(info.get("flags", "").split())
     named = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX", "avx512f": "AVX-512", "amx_fp16": "AMX-FP16"}
     has = [v for k, v in named.items() if k in flags]
-    lacks = [v for k, v in named.items() if k not in flags and v in ("AVX512-BF16", "AMX")]
-    isa = torch.backends.cpu.get_cpu_capability()
-    detail = ", ".join(has + [f"no {v}" for v in lacks]) if flags else cpu_bf16()[1]
-    return f"{model or platform.machine()}, {torch.get_num_threads()} threads: {isa} ({detail})"
+    lacks = [f"no {v}" for k, v in named.items() if k not in flags and v in ("AVX512-BF16", "AMX")]
+    detail = ", ".join(has + lacks) if flags else cpu_bf16()[1]
+    return f"{model}, {torch.get_num_threads()} threads: {torch.backends.cpu.get_cpu_capability()} ({detail})"
 
 
-def _cpuinfo() -> list[str]:
-    path = Path("/proc/cpuinfo")
-    return path.read_text().splitlines() if path.exists() else []
+def describe(device: torch.device) -> str:
+    """The line benchmarks print first: the CPU class, or the GPU's name."""
+    return f"CPU: {cpu_class()}" if device.type == "cpu" else f"device: {torch.cuda.get_device_name(device)}"
 
 
 def channels_last(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with its 5-D (3D convolution) weights in channels_last_3d, in place. oneDNN then picks its channels-last
-    kernels, whose weight gradients run about 2x faster than on NCDHW tensors on an AVX2 CPU (bench/train_step.py);
+    kernels, whose weight gradients run about 2x faster than on NCDHW tensors on an AVX2 CPU (bench/amp_step.py);
     inputs need no conversion, the convolution follows the weight's format. 2-D networks are left as they are."""
     for p in model.parameters():
         if p.dim() == 5:

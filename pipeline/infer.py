@@ -58,7 +58,7 @@ class Predictor:
 
     def __init__(self, bundles: dict[Path, dict], device="auto", amp="auto", overlap=None, sw_batch_size=None,
                  stitch_device=None, tta: bool = False, tta_axes=(0, 1, 2), uncertainty: str | None = None,
-                 backend: str = "auto", work_dir: Path | None = None, compile: bool = False, channels_last: bool = True):
+                 backend: str = "auto", compile: bool = False, channels_last: bool = True):
         first_path, first = next(iter(bundles.items()))
         for path, bundle in bundles.items():  # ensemble members must see the same input
             if preprocessing_config(bundle["config"]) != preprocessing_config(first["config"]):
@@ -83,8 +83,20 @@ class Predictor:
         self.dtype = self.precision.dtype
         self.members = []
         # An exported network is read into its runtime's memory when loaded: the ONNX files need not outlive this.
-        with tempfile.TemporaryDirectory(prefix="pipeline-onnx-") as own_dir:
-            self._load_members(bundles, backend, Path(work_dir or own_dir), compile, channels_last, window)
+        with tempfile.TemporaryDirectory(prefix="pipeline-onnx-") as onnx_dir:
+            for i, bundle in enumerate(bundles.values()):
+                model = build_model(bundle).to(self.device).eval()
+                if backend in EXPORTED:
+                    model = EXPORTED[backend](export_model(model, bundle["config"], "onnx", Path(onnx_dir) / f"{i}.onnx"))
+                elif compile:
+                    # Inductor with frozen weights (constant-folded, prepacked for oneDNN): about 2x faster per fp32
+                    # window on a CPU after a one-off compile of 5-10 s, so it pays on folder runs. Windows share one shape.
+                    inductor_config.freezing = True
+                    model = torch.compile(model, dynamic=False)
+                elif channels_last:  # eager torch; Inductor picks its own layouts
+                    hardware.channels_last(model)
+                inferer = instantiate(OmegaConf.create(bundle["config"]).trainer.inferer, **window)
+                self.members.append((model, inferer))
         # nnU-Net-style mirroring: every subset of the chosen axes, the unflipped pass included
         axes = list(tta_axes) if tta else []
         self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
@@ -93,22 +105,6 @@ class Predictor:
         self.resampled = cfg.data.spacing is not None
         # Invert orientation/resampling on probabilities (interpolated like the image), then take the argmax.
         self.invert = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False)
-
-    def _load_members(self, bundles: dict, backend: str, work_dir: Path, compile: bool, channels_last: bool, window: dict):
-        """(network, inferer) per checkpoint, on the chosen backend."""
-        for i, bundle in enumerate(bundles.values()):
-            model = build_model(bundle).to(self.device).eval()
-            if channels_last and backend == "torch" and not compile:  # compiled: Inductor picks its own layouts
-                hardware.channels_last(model)
-            if backend in EXPORTED:
-                model = EXPORTED[backend](export_model(model, bundle["config"], "onnx", work_dir / f"member{i}.onnx"))
-            elif compile:
-                # Inductor with frozen weights (constant-folded, prepacked for oneDNN): about 2x faster per fp32 window
-                # on a CPU after a one-off compile of 5-10 s, so it pays on folder runs. Windows share one shape.
-                inductor_config.freezing = True
-                model = torch.compile(model, dynamic=False)
-            inferer = instantiate(OmegaConf.create(bundle["config"]).trainer.inferer, **window)
-            self.members.append((model, inferer))
 
     def __call__(self, nifti_path: Path, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(labels (x, y, z), probabilities (K, x, y, z) or None, uncertainty (x, y, z) or None), on the input grid."""
@@ -202,7 +198,8 @@ def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"written": [], "skipped": [], "failed": {}}
     with tempfile.TemporaryDirectory(prefix="pipeline-infer-") as tmp:
-        predictor = Predictor(bundles, device, amp, overlap, sw_batch_size, stitch_device, tta, tta_axes, uncertainty, backend, Path(tmp), compile)
+        predictor = Predictor(bundles, device, amp, overlap, sw_batch_size, stitch_device, tta, tta_axes, uncertainty,
+                              backend=backend, compile=compile)
         tqdm.write(f"{predictor.precision}; backend {predictor.backend}")
         for volume in tqdm(volumes, desc="infer", unit="volume"):
             target = out_dir / volume.output_name(format)
