@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 OVERRIDES := $(foreach o,$(call reverse,$(MAKEOVERRIDES)),'$(o)')
 
-.PHONY: install train infer sweep evaluate test test-slow bench mlflow-ui mlflow-server data clean
+.PHONY: install train cv infer sweep evaluate test test-slow bench mlflow-ui mlflow-server data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ data: $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/python -m pipeline.train $(OVERRIDES)
+
+# k-fold cross-validation (data.fold=0..4, one run each, in one Hydra multirun), then the folds' ensemble with mirror
+# TTA scored on the held-out test split, which no fold trained on: `make cv experiment=hippocampus`.
+CV_DIR := outputs/cv/$(shell date +%Y-%m-%d_%H-%M-%S)
+cv: $(STAMP)
+	$(BIN)/python -m pipeline.train --multirun 'data.fold=range(0,5)' hydra.sweep.dir=$(CV_DIR) $(OVERRIDES)
+	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=test tta=true output=$(CV_DIR)/ensemble_test
 
 sweep: $(STAMP)
 	$(BIN)/python -m pipeline.train --multirun $(OVERRIDES)

@@ -95,6 +95,29 @@ def batch_loss(model, batch: dict, loss_fn, device, dtype) -> torch.Tensor:
     return loss_fn(out, centre_crop(label, main.shape[2:]))
 
 
+def budgeted_epochs(trainer: DictConfig, epoch: int, train_seconds: float, epoch_seconds: list[float]) -> int | None:
+    """The epoch the run should end at so that it ends at trainer.max_minutes of training on this machine (None
+    without a budget): the remaining minutes divided by the mean epoch time so far (the first epoch, which pays
+    one-off costs such as compilation, left out once others are measured), capped by trainer.max_epochs."""
+    if trainer.get("max_minutes") is None or not trainer.get("fit_to_budget", True) or not epoch_seconds:
+        return None
+    mean = sum(epoch_seconds[1:] or epoch_seconds) / len(epoch_seconds[1:] or epoch_seconds)
+    remaining = round((60 * trainer.max_minutes - train_seconds) / mean)
+    return max(epoch, min(trainer.max_epochs, epoch + remaining))
+
+
+def reschedule(schedule, optimizer, epochs: int, done: int):
+    """schedule(epochs) rebuilt for a new run length and advanced past the `done` epochs already trained (the
+    learning rate jumps to where the new schedule has it). Cosine and poly compute each rate from the previous
+    one, so every group restarts from its initial rate before the advance."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+    scheduler = schedule(epochs)
+    for _ in range(done):
+        scheduler.step()
+    return scheduler
+
+
 def fit(
     trainer: DictConfig,
     model: torch.nn.Module,
@@ -111,9 +134,14 @@ def fit(
     device: torch.device,
     precision: Precision,
     resume: dict | None = None,
+    schedule=None,
 ) -> dict:
     """Train for trainer.max_epochs (or until trainer.max_minutes of training); validate every trainer.val_every
     epochs and after the last; keep best.pt and last.pt in ckpt_dir. `resume`: a loaded last.pt to continue from.
+
+    With a time budget (trainer.max_minutes, trainer.fit_to_budget) the run length is re-estimated after every
+    epoch from the measured epoch times, and `schedule` (epochs -> a new scheduler, the config's with that length)
+    rebuilds the learning-rate schedule to match, so it anneals by the budget's end on whatever machine runs it.
 
     Under DDP (trainer=ddp) every rank runs this on its own share of the cases: gradients, the training loss and the
     validation scores are averaged over ranks, so every rank takes the same decisions; rank 0 alone writes files.
@@ -132,6 +160,7 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 has fp32's range: no scaling
     best = {"val_dice_mean": -math.inf, "epoch": 0}
     step_losses, history, train_seconds, epoch = [], [], 0.0, 0
+    end, epoch_seconds = trainer.max_epochs, []  # the last epoch (fitted to the time budget, if there is one)
     augment = train_loader.dataset.transform  # its random transforms' states go into last.pt
     if resume is not None:  # continue where last.pt left off: weights, optimizer moments, LR, every RNG stream
         model.load_state_dict(resume["state_dict"])
@@ -141,8 +170,10 @@ def fit(
         scaler.load_state_dict(resume["scaler"])
         best, epoch, train_seconds = resume["metrics"], resume["epoch"], 60 * resume["train_minutes"]
         history, stale = resume.get("history", []), resume.get("stale", 0)
+        end, epoch_seconds = resume.get("end_epoch", end), resume.get("epoch_seconds", [])
         if (rng := distributed.own_rng(resume["rng"])) is not None:
             checkpoint.restore_rng(rng, augment)
+    scheduled = end  # the run length the scheduler was built for (a resumed one: as it was saved)
     # Under DDP the forward and backward passes run through the wrapper (it averages the gradients over ranks);
     # validation and checkpoints use the plain model. trainer.compile compiles the training step only: validation's
     # whole volumes differ in shape and would recompile.
@@ -150,8 +181,9 @@ def fit(
     net = distributed.wrap(stepper, device, (trainer.get("ddp") or {}).get("find_unused_parameters", False))
     quiet = not distributed.is_main()  # progress bars from rank 0 only
 
-    epochs = tqdm(range(epoch + 1, trainer.max_epochs + 1), desc="epochs", unit="epoch", initial=epoch, total=trainer.max_epochs, disable=quiet)
-    for epoch in epochs:
+    epochs = tqdm(desc="epochs", unit="epoch", initial=epoch, total=end, disable=quiet)
+    while epoch < end:
+        epoch += 1
         model.train()
         start, losses = time.perf_counter(), []
         optimizer.zero_grad(set_to_none=True)
@@ -172,15 +204,24 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
         step_losses += losses
-        train_seconds += distributed.maximum(time.perf_counter() - start)  # the slowest rank's: all stop together
-        out_of_time = trainer.get("max_minutes") is not None and train_seconds >= 60 * trainer.max_minutes
+        epoch_seconds.append(distributed.maximum(time.perf_counter() - start))  # the slowest rank's: all stop together
+        train_seconds += epoch_seconds[-1]
+        if (fitted := budgeted_epochs(trainer, epoch, train_seconds, epoch_seconds)) is not None:
+            if len(epoch_seconds) == 2 and not quiet:  # the first estimate without the first epoch's one-off costs
+                tqdm.write(f"trainer.max_minutes={trainer.max_minutes}: {fitted} epochs fit ({epoch_seconds[-1]:.1f} s each); "
+                           f"the learning-rate schedule ends there")
+            end, epochs.total = fitted, fitted
+        out_of_time = fitted is None and trainer.get("max_minutes") is not None and train_seconds >= 60 * trainer.max_minutes
         log = {
             "train_loss": distributed.mean(sum(losses), len(losses)),  # over every rank's steps
             "lr": optimizer.param_groups[0]["lr"],
             "train_minutes": train_seconds / 60,  # training only, validation excluded
+            **({"planned_epochs": end} if fitted is not None else {}),
         }
 
-        if epoch % trainer.val_every == 0 or epoch == trainer.max_epochs or out_of_time:
+        # trainer.val_minutes: also validate at the first epoch end past each of these training minutes (a curve)
+        passed = any(train_seconds - epoch_seconds[-1] < 60 * m <= train_seconds for m in trainer.get("val_minutes") or [])
+        if epoch % trainer.val_every == 0 or epoch >= end or out_of_time or passed:
             log.update(validate(model, val_loader, inferer, scores, device, dtype))
             per_class = ", ".join(f"{n} {log[f'val_dice_{n}']:.3f}" for n in class_names[1:])
             tqdm.write(f"epoch {epoch:3d}  loss {log['train_loss']:.4f}  val dice {log['val_dice_mean']:.3f} ({per_class})  iou {log['val_iou_mean']:.3f}")
@@ -199,6 +240,8 @@ def fit(
                                     precision=precision.record())
         if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step()
+            if schedule is not None and scheduled != end and epoch < end:  # the run's length changed: so does the schedule
+                scheduler, scheduled = reschedule(schedule, optimizer, end, epoch), end
         log["epoch_time"] = time.perf_counter() - start
 
         tracker.log_metrics(log, step=epoch)
@@ -212,7 +255,9 @@ def fit(
                 ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best, train_minutes=train_seconds / 60,
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
                 rng=rng, run_id=tracker.run_id, history=history, stale=stale, precision=precision.record(),
+                end_epoch=end, epoch_seconds=epoch_seconds,
             )
+        epochs.update()
         if out_of_time:
             tqdm.write(f"stopping after epoch {epoch}: trainer.max_minutes={trainer.max_minutes} of training reached")
             break
@@ -220,4 +265,5 @@ def fit(
             tqdm.write(f"early stopping after epoch {epoch}: val Dice has not risen by more than {stop.get('min_delta', 0.0)} "
                        f"for {stale} validations (best {best['val_dice_mean']:.4f} at epoch {best['epoch']})")
             break
+    epochs.close()
     return {"best": best, "step_losses": step_losses, "history": history, "epochs": epoch, "train_minutes": train_seconds / 60}

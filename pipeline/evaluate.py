@@ -27,7 +27,7 @@ from pipeline import checkpoint, plots, report
 from pipeline.data.sources import case_id, read_folders, read_msd
 from pipeline.errors import InputError, exit_on_input_error
 from pipeline.files import atomic
-from pipeline.infer import infer, postprocess
+from pipeline.infer import checkpoints, infer, postprocess
 from pipeline.io import NIFTI, SITK, Volume, in_ras, ras_spacing, read_array
 from pipeline.metrics import METRICS, case_scores, summarize
 
@@ -89,26 +89,35 @@ def match(pred: Path, truth: Path, images: Path | None) -> tuple[list[Case], lis
     return cases, names
 
 
-def split_cases(ckpt: Path, split_name: str, out_dir: Path, cfg: DictConfig) -> tuple[list[Case], dict]:
-    """Predict one split of a checkpoint's dataset into out_dir/predictions; the cases and the checkpoint."""
-    bundle = checkpoint.load(ckpt)
+def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictConfig) -> tuple[list[Case], dict]:
+    """Predict one split of a checkpoint's dataset into out_dir/predictions; the cases and the checkpoint. Several
+    members are an ensemble (e.g. the k folds) that must hold out the same cases; its scores then go to a new MLflow
+    run rather than to one member's."""
+    bundle = checkpoint.load(members[0])
     data = OmegaConf.create(bundle["config"]).data
     dataset = read_msd(data.root) if data.layout == "msd" else read_folders(data.root, data.images, data.labels, data.class_names)
     by_id = {case_id(c): c for c in dataset.cases}
-    # The run's own record of its split (splits.json beside checkpoints/) decides; it also survives a changed seed.
-    splits_file = ckpt.parent.parent / "splits.json"
-    if not splits_file.is_file():
-        raise InputError(f"{splits_file}: not found; split= needs the splits.json that training writes beside checkpoints/")
-    recorded = json.loads(splits_file.read_text())
-    ids = recorded.get(split_name)
-    if not ids:
-        raise InputError(f"{splits_file}: split {split_name!r} is missing or empty (have: {', '.join(recorded)})")
+    ids = None
+    for member in members:
+        # The run's own record of its split (splits.json beside checkpoints/) decides; it also survives a changed seed.
+        splits_file = member.parent.parent / "splits.json"
+        if not splits_file.is_file():
+            raise InputError(f"{splits_file}: not found; split= needs the splits.json that training writes beside checkpoints/")
+        recorded = json.loads(splits_file.read_text())
+        if not recorded.get(split_name):
+            raise InputError(f"{splits_file}: split {split_name!r} is missing or empty (have: {', '.join(recorded)})")
+        if ids is not None and recorded[split_name] != ids:
+            raise InputError(f"{splits_file}: its {split_name} split differs from {members[0].parent.parent / 'splits.json'}'s; "
+                             f"an ensemble is scored on cases every member held out (split=test for the k folds)")
+        ids = recorded[split_name]
+    if len(members) > 1:
+        bundle = bundle | {"run_id": None}
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise InputError(f"{data.root}: case {missing[0]} of {splits_file} is not in the dataset any more")
     cases = [by_id[i] for i in ids]
     predictions = out_dir / "predictions"
-    result = infer(ckpt, [c["image"] for c in cases], predictions, cfg.device, cfg.amp, tta=cfg.tta,
+    result = infer(members, [c["image"] for c in cases], predictions, cfg.device, cfg.amp, tta=cfg.tta,
                    overwrite=True, postprocessing=OmegaConf.to_container(cfg.postprocess))
     if result["failed"]:
         raise InputError(next(iter(result["failed"].values())))
@@ -175,10 +184,12 @@ def evaluate(cfg: DictConfig) -> dict:
     """Score, write files, log; returns the summary."""
     out_dir = Path(cfg.output)
     bundle, source = None, {}
-    if cfg.ckpt is not None:
-        cases, bundle = split_cases(Path(cfg.ckpt), cfg.split, out_dir, cfg)
+    members = checkpoints(cfg.ckpt) if cfg.ckpt is not None else []  # one, or an ensemble (a list, a folder, the k folds)
+    if members:
+        cases, bundle = split_cases(members, cfg.split, out_dir, cfg)
         class_names = list(bundle["config"]["data"]["class_names"])
-        source = {"name": f"{bundle['config']['data']['name']} {cfg.split} split", "ckpt": str(Path(cfg.ckpt).resolve()), "split": cfg.split}
+        source = {"name": f"{bundle['config']['data']['name']} {cfg.split} split", "split": cfg.split,
+                  "ckpt": ", ".join(str(p.resolve()) for p in members)}
     elif cfg.pred is not None and cfg.truth is not None:
         cases, class_names = match(Path(cfg.pred), Path(cfg.truth), cfg.get("images"))
         source = {"name": Path(cfg.pred).resolve().name, "pred": str(Path(cfg.pred).resolve()), "truth": str(Path(cfg.truth).resolve())}
@@ -233,7 +244,7 @@ def evaluate(cfg: DictConfig) -> dict:
                             out_dir / "overlays" / f"{cid}.png", title=f"{cid}: mean Dice {case_dice[cid]:.3f}")
         overlays[cid] = (png, case_dice[cid])
         files.append(png)
-    curves = Path(cfg.ckpt).parent.parent / "curves.png" if cfg.ckpt is not None else None
+    curves = members[0].parent.parent / "curves.png" if len(members) == 1 else None
     files.append(report.write(out_dir / "report.html", rows, summary, source, overlays, curves if curves and curves.is_file() else None))
 
     print(table(summary))

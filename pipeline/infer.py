@@ -47,9 +47,10 @@ def checkpoints(ckpt, cache: Path | None = None) -> list[Path]:
         else:
             paths.append(Path(p))
     if len(paths) == 1 and paths[0].is_dir():
-        paths = sorted(paths[0].glob("*.pt"))
+        # a folder of checkpoints, or of runs (a multirun's, e.g. the k folds): each run's best.pt
+        paths = sorted(paths[0].glob("*.pt")) or sorted(paths[0].glob("*/checkpoints/best.pt"), key=lambda p: p.parent.parent.name)
         if not paths:
-            raise InputError(f"{ckpt}: folder holds no .pt checkpoints")
+            raise InputError(f"{ckpt}: folder holds no .pt checkpoints, nor runs with checkpoints/best.pt")
     return paths
 
 

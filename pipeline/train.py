@@ -62,12 +62,18 @@ def setup(cfg: DictConfig) -> SimpleNamespace:
                              f"the nearest valid patch is {valid}")
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     device = distributed.local_device(engine.pick_device(cfg.trainer.device))  # cuda:LOCAL_RANK under DDP
+
+    def schedule(epochs: int):
+        """The configured scheduler for a run of `epochs` epochs (its length interpolates trainer.max_epochs)."""
+        return instantiate(OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs}}).scheduler)(optimizer)
+
     return SimpleNamespace(
         splits=splits,
         model=model,
         loss_fn=instantiate(cfg.loss),
         optimizer=optimizer,
-        scheduler=instantiate(cfg.scheduler)(optimizer) if cfg.scheduler else None,
+        scheduler=schedule(cfg.trainer.max_epochs) if cfg.scheduler else None,
+        schedule=schedule if cfg.scheduler else None,  # the engine fits the schedule to a time budget with it
         inferer=instantiate(cfg.trainer.inferer),
         device=device,
         precision=hardware.resolve(cfg.trainer.amp, device),  # from the hardware: bf16 only where the CPU has it
@@ -171,6 +177,7 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
         result = engine.fit(
             cfg.trainer, model, loss_fn, optimizer, run.scheduler, train_loader, val_loader, run.inferer,
             cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, run.precision, resume=state,
+            schedule=run.schedule,
         )
         tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
         for ckpt in ("best.pt", "last.pt"):

@@ -20,7 +20,7 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_options():
-    for group in ["data", "transforms", "transforms/normalize", "model", "loss", "optimizer", "scheduler", "trainer", "tracking", "experiment", "hparams_search", "hydra/launcher"]:
+    for group in ["data", "transforms", "transforms/normalize", "transforms/augment", "model", "loss", "optimizer", "scheduler", "trainer", "tracking", "experiment", "hparams_search", "hydra/launcher"]:
         assert options(group), group
 
 
@@ -87,14 +87,19 @@ def test_normalize_options_preprocess_a_case(normalize, tiny_phantom, tmp_path):
         assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
 
 
-def test_training_transforms_give_patches_of_the_configured_size(tiny_phantom, tmp_path):
-    cfg = tiny_config(tiny_phantom, tmp_path)
+@pytest.mark.parametrize("augment", options("transforms/augment"))
+def test_training_transforms_give_patches_of_the_configured_size(augment, tiny_phantom, tmp_path):
+    cfg = tiny_config(tiny_phantom, tmp_path, overrides=[f"transforms/augment={augment}"])
     dataset = resolve_data(cfg)
-    patches = train_transforms(cfg)(dataset.cases[0])
-    assert len(patches) == cfg.transforms.patch.num_samples
-    for p in patches:
-        assert p["image"].shape == p["label"].shape == (1, 32, 32, 16)
-        assert set(p["label"].unique().tolist()) <= {0.0, 1.0, 2.0}
+    transform = train_transforms(cfg)
+    transform.set_random_state(0)
+    for _ in range(5):  # every random branch of the augmentations gets a chance to run
+        patches = transform(dataset.cases[0])
+        assert len(patches) == cfg.transforms.patch.num_samples
+        for p in patches:
+            assert p["image"].shape == p["label"].shape == (1, 32, 32, 16)
+            assert set(p["label"].unique().tolist()) <= {0.0, 1.0, 2.0}
+            assert torch.isfinite(p["image"]).all()
 
 
 def test_augmentations_switch_off_one_by_one(tiny_phantom, tmp_path):

@@ -215,3 +215,19 @@ def test_bad_predictions_are_one_line_errors_naming_the_file(tiny_phantom, tmp_p
                            f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=project_root())
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nothing'}: pred must be a folder of label maps"
+
+
+def test_the_folds_of_a_multirun_are_scored_as_one_ensemble_on_the_test_split(tiny_phantom, tmp_path, mlflow_store):
+    for fold in (0, 1):  # the layout `make cv` leaves: <sweep dir>/<job number>/checkpoints/best.pt
+        train(tiny_config(tiny_phantom, tmp_path / "cv" / str(fold), overrides=["tracking=none", f"data.fold={fold}"]))
+    members = [tmp_path / "cv" / str(fold) / "checkpoints" / "best.pt" for fold in (0, 1)]
+    cfg = compose_config("evaluate", [f"ckpt={tmp_path / 'cv'}", "split=test", f"output={tmp_path / 'eval'}"], tmp_path)
+    summary = evaluate(cfg)
+    test_ids = json.loads((tmp_path / "cv" / "0" / "splits.json").read_text())["test"]
+    assert sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir()) == [f"{i}.nii.gz" for i in test_ids]
+    assert summary["source"]["ckpt"] == ", ".join(str(m.resolve()) for m in members)
+    runs = mlflow.MlflowClient(mlflow_store).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(mlflow_store).search_experiments()], "tags.evaluation = 'true'")
+    assert any(r.data.metrics.get("test_dice_mean") == pytest.approx(summary["mean"]["dice"]) for r in runs)
+    with pytest.raises(InputError, match="val split differs"):  # each fold validates on its own cases
+        evaluate(compose_config("evaluate", [f"ckpt={tmp_path / 'cv'}", "split=val", f"output={tmp_path / 'val'}"], tmp_path))

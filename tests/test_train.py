@@ -2,14 +2,17 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from pipeline import checkpoint, hardware
+from pipeline import checkpoint, engine, hardware
 from pipeline.train import train
-from tests.conftest import tiny_config
+from tests.conftest import compose_config, tiny_config
 
 RUN_NAMES = {
     ("unet3d", "dice"): "UNet_Adam_DiceLoss",
@@ -65,3 +68,57 @@ def test_cosine_schedule_lowers_the_learning_rate(tiny_phantom, tmp_path, mlflow
     result = train(tiny_config(tiny_phantom, tmp_path, overrides=["scheduler=cosine", "optimizer.lr=0.001", "trainer.max_epochs=2", "trainer.val_every=2"]))
     history = mlflow.MlflowClient(mlflow_store).get_metric_history(result["run_id"], "lr")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([1e-3, 0.5 * (1e-3 + 1e-6)])
+
+
+def test_budget_estimate_leaves_out_the_first_epoch_and_caps_at_max_epochs():
+    trainer = OmegaConf.create({"max_minutes": 1.0, "max_epochs": 1000})
+    # 60 s budget, 15 s spent; the first epoch (10 s) paid one-off costs, so epochs take 5 s: 9 more fit
+    assert engine.budgeted_epochs(trainer, 2, 15.0, [10.0, 5.0]) == 11
+    assert engine.budgeted_epochs(OmegaConf.merge(trainer, {"max_epochs": 8}), 2, 15.0, [10.0, 5.0]) == 8
+    assert engine.budgeted_epochs(trainer, 3, 62.0, [30.0, 16.0, 16.0]) == 3  # over budget: this epoch is the last
+    assert engine.budgeted_epochs(OmegaConf.merge(trainer, {"max_minutes": None}), 2, 15.0, [10.0, 5.0]) is None
+    assert engine.budgeted_epochs(OmegaConf.merge(trainer, {"fit_to_budget": False}), 2, 15.0, [10.0, 5.0]) is None
+
+
+@pytest.mark.parametrize("name", ["cosine", "onecycle", "poly", "warmup_cosine"])
+def test_a_rebuilt_schedule_continues_as_if_built_for_that_length(name, tmp_path):
+    def schedule(epochs):
+        cfg = compose_config("train", [f"scheduler={name}", f"trainer.max_epochs={epochs}", "optimizer.lr=0.01"], tmp_path)
+        return instantiate(cfg.scheduler)(optimizer)
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = schedule(100)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    scheduler = engine.reschedule(schedule, optimizer, 10, 4)  # after 4 epochs the budget says 10 in all
+    rebuilt = [optimizer.param_groups[0]["lr"]]
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+        rebuilt.append(optimizer.param_groups[0]["lr"])
+
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    optimizer = reference
+    scheduler, fresh = schedule(10), []
+    for epoch in range(10):
+        if epoch >= 4:
+            fresh.append(reference.param_groups[0]["lr"])
+        reference.step()
+        scheduler.step()
+    fresh.append(reference.param_groups[0]["lr"])
+    assert rebuilt == pytest.approx(fresh, rel=1e-9)
+
+
+def test_a_time_budget_ends_the_schedule_at_the_budget(tiny_phantom, tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 5))  # every clock reading 5 s later: each epoch "takes" 5 s (start, end)
+    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    overrides = ["tracking=none", "scheduler=cosine", "trainer.max_epochs=1000", "trainer.max_minutes=0.5", "trainer.val_every=100",
+                 "trainer.val_minutes=[0.2]"]  # validate once 12 s of training have passed, and after the last epoch
+    result = train(tiny_config(tiny_phantom, tmp_path, overrides=overrides))
+    assert result["epochs"] == 6  # 30 s of 5 s epochs, though max_epochs allowed 1000
+    last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert last["scheduler"]["T_max"] == 6 and last["end_epoch"] == 6
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6)  # annealed to eta_min at the budget
+    assert [h["planned_epochs"] for h in result["history"]] == [6] * 6
+    assert [h["epoch"] for h in result["history"] if "val_dice_mean" in h] == [3, 6]
