@@ -1,16 +1,19 @@
-"""Hippocampus: a plainly written MONAI tutorial recipe (a) against `experiment=hippocampus` (b), one run.
+"""Hippocampus: held-out test Dice against minutes of CPU training, in one process on one machine, for
+(a) a plainly written MONAI tutorial recipe, (b) the kept recipe (`experiment=hippocampus`, its schedule fitted to the
+budget) and (c) its k-fold ensemble with mirror TTA, whose minutes count every member's.
 
-Both train on the same split for the same wall-clock budget and are scored on the same held-out test cases with
-sliding-window inference at intervals (scoring time is not counted as training time). Prints the final test mean
-Dice (anterior, posterior), the training minutes each took to reach a mean Dice of 0.85 and their ratio, and the
-throughput of (b) against this machine's matrix-multiply rate at (b)'s precision, measured in the same run, and
-the CPU class (the figures hold for that class only).
+Every recipe trains on the default split's training cases (the folds: on the non-test cases) and is scored on the
+same 31 held-out test cases with sliding-window inference; scoring time is not training time. (a) and (b) are scored
+once their training time passes each mark, (c) once, at the largest mark. Prints the curve table, the minutes each
+took to a mean Dice of 0.85 and their ratio, (b)'s throughput against this machine's matrix-multiply rate, and the
+CPU class (the figures hold for that class only).
 
-    .venv/bin/python bench/hippocampus.py [--minutes 20] [--data ../shared/data/msd_hippocampus]
+    .venv/bin/python bench/hippocampus.py [--marks 5 10 20 40 80] [--folds 5] [--only a b c] [--data ...]
 """
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from monai.data import DataLoader, Dataset
@@ -23,16 +26,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline import engine, hardware, project_root
 from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
+from pipeline.evaluate import evaluate
 from pipeline.metrics import SegmentationScores
 from pipeline.tracking import NullTracker
-from pipeline.train import setup
+from pipeline.train import setup, train
 
 TARGET = 0.85
 CLASSES = ["background", "Anterior", "Posterior"]
+OUT = project_root() / "outputs" / "bench" / "hippocampus"
 
 
 class Recorder(NullTracker):
-    """A Tracker that keeps (training minutes, test scores) in memory."""
+    """A Tracker that keeps (training minutes, test mean, anterior, posterior) in memory."""
 
     def __init__(self):
         self.points = []
@@ -42,8 +47,8 @@ class Recorder(NullTracker):
             self.points.append((metrics["train_minutes"], metrics["val_dice_mean"], metrics["val_dice_Anterior"], metrics["val_dice_Posterior"]))
 
 
-def tutorial(train_cases, test_cases, minutes: float, eval_every_min: float) -> tuple[list, dict]:
-    """(a) The recipe as a MONAI tutorial writes it: fp32, plain Dataset + DataLoader, random crops, flips."""
+def tutorial(train_cases, test_cases, marks: list[float]) -> list[tuple]:
+    """(a) The recipe as a MONAI tutorial writes it: fp32, plain Dataset + DataLoader, random crops, flips, Adam."""
     keys = ["image", "label"]
     load = [LoadImaged(keys), EnsureChannelFirstd(keys), NormalizeIntensityd(keys="image")]
     crop = [SpatialPadd(keys, (48, 64, 48)), RandSpatialCropd(keys, (48, 64, 48), random_size=False)]
@@ -53,8 +58,8 @@ def tutorial(train_cases, test_cases, minutes: float, eval_every_min: float) -> 
     model = UNet(3, 1, 3, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
     loss_fn, optimizer = DiceCELoss(to_onehot_y=True, softmax=True), torch.optim.Adam(model.parameters(), 1e-3)
     inferer = SlidingWindowInferer((48, 64, 48), sw_batch_size=4, overlap=0.5)
-    scores, points, trained, next_eval, steps = SegmentationScores(CLASSES), [], 0.0, eval_every_min, 0
-    while trained < minutes:
+    scores, points, trained, todo = SegmentationScores(CLASSES), [], 0.0, sorted(marks)
+    while todo:
         model.train()
         start = time.perf_counter()
         for batch in train_loader:
@@ -63,34 +68,45 @@ def tutorial(train_cases, test_cases, minutes: float, eval_every_min: float) -> 
             loss.backward()
             optimizer.step()
             trained += (time.perf_counter() - start) / 60  # wall time, loading included, as the engine counts it
-            start = time.perf_counter()
-            steps += 1
-            if trained >= next_eval or trained >= minutes:
+            if trained >= todo[0]:
                 s = engine.validate(model, test_loader, inferer, scores, torch.device("cpu"), None)
                 points.append((trained, s["val_dice_mean"], s["val_dice_Anterior"], s["val_dice_Posterior"]))
                 print(f"  (a) {trained:5.1f} min  test dice {s['val_dice_mean']:.3f}", flush=True)
-                next_eval += eval_every_min
+                todo = [m for m in todo if m > trained]
                 model.train()
-                start = time.perf_counter()  # scoring is not training time
-            if trained >= minutes:
-                break
-    return points, {"steps": steps, "voxels_per_step": 2 * 48 * 64 * 48}
+                if not todo:
+                    break
+            start = time.perf_counter()  # scoring is not training time
+    return points
 
 
-def project(data: str, minutes: float, test_cases_out: list) -> tuple[list, dict, dict]:
-    """(b) `experiment=hippocampus`, trained by the project's engine, scored on the test split."""
-    cfg = compose("train", ["experiment=hippocampus", f"data.root={data}", "tracking=none", f"trainer.max_minutes={minutes}",
-                                f"paths.run_dir={project_root()}/outputs/bench/hippocampus"])
+def kept(args, marks: list[float]) -> tuple[list[tuple], dict]:
+    """(b) the kept recipe, trained by the project's engine with its schedule fitted to the largest mark."""
+    cfg = compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
+                            f"trainer.max_minutes={max(marks)}", f"trainer.val_minutes=[{','.join(map(str, marks))}]",
+                            "trainer.val_every=1000000", f"paths.run_dir={OUT / 'kept'}"])
     run = setup(cfg)
-    test_cases_out.extend(run.splits["test"])
-    train_loader, test_loader = loaders(cfg, run.splits["train"], run.splits["test"])
+    train_loader, test_loader = loaders(cfg, run.splits["train"], run.splits["test"])  # scored on the test split
     recorder = Recorder()
     result = engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, test_loader, run.inferer,
-                        cfg.data.class_names, recorder, f"{cfg.paths.run_dir}/checkpoints", {}, run.device, run.precision)
-    patch = list(cfg.data.patch_size)
-    voxels = cfg.data.batch_size * cfg.transforms.patch.num_samples * int(torch.tensor(patch).prod())
-    return recorder.points, {"steps": len(result["step_losses"]), "voxels_per_step": voxels, "patch": patch,
-                             "batch": cfg.data.batch_size * cfg.transforms.patch.num_samples}, {"run": run, "cfg": cfg}
+                        cfg.data.class_names, recorder, OUT / "kept" / "checkpoints", {}, run.device, run.precision,
+                        schedule=run.schedule)
+    batch = cfg.data.batch_size * cfg.transforms.patch.num_samples
+    return recorder.points, {"run": run, "cfg": cfg, "steps": len(result["step_losses"]), "batch": batch}
+
+
+def ensemble(args, minutes: float) -> tuple:
+    """(c) k folds of the kept recipe, minutes / k of training each, scored together with mirror TTA by pipeline.evaluate."""
+    folder, trained = OUT / "folds", 0.0
+    for fold in range(args.folds):
+        result = train(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
+                                         f"data.fold={fold}", f"trainer.max_minutes={minutes / args.folds}",
+                                         f"paths.run_dir={folder / str(fold)}"]))
+        trained += result["train_minutes"]
+    summary = evaluate(compose("evaluate", [f"ckpt={folder}", "split=test", "tta=true", "tracking=none", f"output={OUT / 'folds_test'}",
+                                         f"paths.run_dir={OUT / 'folds_test'}"]))
+    dice = {name: summary["classes"][name]["dice"]["mean"] for name in CLASSES[1:]}
+    return trained, summary["mean"]["dice"], dice["Anterior"], dice["Posterior"]
 
 
 def step_flops(model, loss_fn, batch: int, patch: list[int], dtype) -> int:
@@ -98,8 +114,8 @@ def step_flops(model, loss_fn, batch: int, patch: list[int], dtype) -> int:
     x, y = torch.randn(batch, 1, *patch), torch.randint(0, 3, (batch, 1, *patch))
     with FlopCounterMode(display=False) as counter:
         with hardware.autocast(torch.device("cpu"), dtype):
-            logits = model(x)
-        loss_fn(logits.float(), y).backward()
+            out = engine.outputs(model(x), y)
+        sum(o.sum() for o in (out if isinstance(out, list) else [out])).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -118,58 +134,62 @@ def minutes_to(points, target=TARGET):
     return next((m for m, dice, *_ in points if dice >= target), None)
 
 
+def at(points, mark: float, last: bool) -> str:
+    """The score taken once training passed `mark` minutes (the first point at or after it); at the last mark, the
+    final score (a schedule fitted to the budget ends within half an epoch of it, either side)."""
+    hit = points[-1] if last and points and points[-1][0] >= 0.9 * mark else next((p for p in points if p[0] >= mark), None)
+    return f"{hit[1]:.3f}" if hit else "-"
+
+
 def main() -> None:
-    default_data = str(shared_data() / "msd_hippocampus")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=20.0, help="training budget of each recipe")
-    parser.add_argument("--eval-every", type=float, default=1.0, help="minutes of training between test scorings of (a)")
-    parser.add_argument("--data", default=default_data)
-    parser.add_argument("--only", choices=["a", "b"], help="run one recipe only")
+    parser.add_argument("--marks", type=float, nargs="+", default=[5, 10, 20, 40, 80], help="training minutes to score at")
+    parser.add_argument("--fine", type=float, default=10, help="also score every minute up to this one (for the minutes to 0.85)")
+    parser.add_argument("--tutorial-minutes", type=float, help="train (a) only this long (default: the largest mark)")
+    parser.add_argument("--folds", type=int, default=5, help="ensemble members of (c)")
+    parser.add_argument("--experiment", default="hippocampus", help="the kept recipe")
+    parser.add_argument("--only", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
+    parser.add_argument("--data", default=str(shared_data() / "msd_hippocampus"))
     args = parser.parse_args()
+    marks = sorted(set(args.marks) | {float(m) for m in range(1, int(args.fine) + 1)})
     device = engine.pick_device()
-    print(f"{hardware.describe(device)}; {hardware.resolve('auto', device)}; budget {args.minutes} min of training per recipe")
+    print(f"{hardware.describe(device)}; {hardware.resolve('auto', device)}; marks {args.marks} min of training")
 
-    test_cases = []
-    results = {}
-    if args.only != "a":
-        print("(b) experiment=hippocampus")
-        points, info, extra = project(args.data, args.minutes, test_cases)
-        results["b"] = (points, info)
-        for m, dice, *_ in points:
-            print(f"  (b) {m:5.1f} min  test dice {dice:.3f}")
-    if args.only != "b":
-        if not test_cases:  # the same split as (b) would use
-            cfg = compose("train", ["experiment=hippocampus", f"data.root={args.data}", "tracking=none", "paths.run_dir=/tmp"])
-            splits = setup(cfg).splits
-            train_cases, test_cases = splits["train"], splits["test"]
-        else:
-            train_cases = extra["run"].splits["train"]
+    split = setup(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
+                                    f"paths.run_dir={OUT / 'split'}"])).splits
+    rows = {}
+    if "b" in args.only:
+        print(f"(b) experiment={args.experiment}")
+        rows["b"], info = kept(args, marks)
+    if "a" in args.only:
         print("(a) tutorial recipe")
-        results["a"] = tutorial(train_cases, test_cases, args.minutes, args.eval_every)
+        rows["a"] = tutorial(split["train"], split["test"], [m for m in marks if m <= (args.tutorial_minutes or max(marks))])
+    if "c" in args.only:
+        print(f"(c) {args.folds}-fold ensemble of experiment={args.experiment}, {max(args.marks) / args.folds:g} min each, mirror TTA")
+        rows["c"] = [ensemble(args, max(args.marks))]
 
-    print(f"\nheld-out test split: {len(test_cases)} cases; target mean Dice {TARGET}")
-    for key, label in (("a", "tutorial recipe"), ("b", "experiment=hippocampus")):
-        if key in results:
-            points, info = results[key]
+    labels = {"a": "(a) MONAI tutorial recipe", "b": f"(b) experiment={args.experiment}",
+              "c": f"(c) {args.folds}-fold ensemble + TTA"}
+    print(f"\nheld-out test split: {len(split['test'])} cases; mean Dice after N minutes of training; {hardware.cpu_class()}")
+    print(f"{'recipe':34s}" + "".join(f"{f'{m:g} min':>9s}" for m in args.marks) + f"{f'to {TARGET}':>11s}  final (anterior, posterior)")
+    for key in ("a", "b", "c"):
+        if key in rows:
+            points = rows[key]
+            reach = minutes_to(points) if key != "c" else None
             m, dice, ant, post = points[-1]
-            reach = minutes_to(points)
-            print(f"({key}) {label:24s} final test mean Dice {dice:.3f} (anterior {ant:.3f}, posterior {post:.3f}) "
-                  f"after {m:.1f} min; reached {TARGET} after {f'{reach:.1f} min' if reach else 'never'}; "
-                  f"best {max(p[1] for p in points):.3f}")
-    if "a" in results and "b" in results:
-        ta, tb = minutes_to(results["a"][0]), minutes_to(results["b"][0])
+            cells = "".join(f"{at(points, m, m == max(args.marks)) if key != 'c' or m == max(args.marks) else '-':>9s}" for m in args.marks)
+            print(f"{labels[key]:34s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}  {dice:.3f} ({ant:.3f}, {post:.3f}) after {m:.1f} min")
+    if "a" in rows and "b" in rows:
+        ta, tb = minutes_to(rows["a"]), minutes_to(rows["b"])
         if ta and tb:
-            print(f"minutes to {TARGET}: (b)/(a) = {tb / ta:.3f}, i.e. (b) is x{ta / tb:.1f} sooner")
-        elif tb:
-            print(f"minutes to {TARGET}: (a) never within {args.minutes} min, so (b) is more than x{args.minutes / tb:.1f} sooner")
-    if "b" in results:
-        points, info = results["b"]
-        run, cfg = extra["run"], extra["cfg"]
-        seconds = points[-1][0] * 60
-        flops = step_flops(run.model, run.loss_fn, info["batch"], info["patch"], run.precision.dtype)
+            print(f"minutes to {TARGET}: (b) x{ta / tb:.1f} sooner than (a)")
+    if "b" in rows:
+        run, cfg = info["run"], info["cfg"]
+        seconds = rows["b"][-1][0] * 60
+        flops = step_flops(run.model, run.loss_fn, info["batch"], list(cfg.data.patch_size), run.precision.dtype)
         peak = matmul_gflops(run.precision.dtype or torch.float32)
         achieved = flops * info["steps"] / seconds / 1e9
-        print(f"(b) throughput: {info['steps']} steps, {info['voxels_per_step'] * info['steps'] / seconds / 1e6:.2f} M voxels/s, "
+        print(f"(b) throughput: {info['steps']} steps of {info['batch']} x {list(cfg.data.patch_size)}, "
               f"model step {flops / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s; {run.precision.name} matmul {peak:.1f} GFLOP/s "
               f"(model at {100 * achieved / peak:.0f}% of it)")
 
