@@ -60,6 +60,10 @@ def test_folds_share_the_test_split_and_validate_every_other_case_once():
         assert not {c["image"] for c in f["train"]} & {c["image"] for c in f["val"] + f["test"]}
     with pytest.raises(InputError, match="data.fold=5"):
         split(cases, 0.15, 0.15, 0, folds=5, fold=5)
+    final = split(cases, val=0.15, test=0.15, seed=0, folds=5, fold="all")  # nnU-Net's "all": every non-test case trains
+    assert final["test"] == test
+    assert sorted(c["image"] for c in final["train"]) == sorted(validated)
+    assert {c["image"] for c in final["val"]} <= {c["image"] for c in final["train"]} and final["val"]
 
 
 def test_folder_pairs_are_read_by_matching_names(tiny_phantom, tmp_path):

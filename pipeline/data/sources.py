@@ -92,17 +92,18 @@ def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5,
     """Deterministic train/val/test split from a seed.
 
     The test cases are held out first; the rest is split by the `val` fraction, or, when `fold` is given, into
-    `folds` nnU-Net-style cross-validation folds of which fold `fold` validates. No case is in two splits.
+    `folds` nnU-Net-style cross-validation folds of which fold `fold` validates. No case is in two splits, except
+    with fold="all" (nnU-Net's final model): every non-test case trains, and the `val` fraction of them is watched.
     """
     order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
     n_test = round(len(cases) * test)
     held_out, rest = order[:n_test], order[n_test:]
-    if fold is None:
+    if fold is None or fold == "all":
         n_val = min(max(1, round(len(cases) * val)), len(rest) - 1)
-        parts = {"train": rest[n_val:], "val": rest[:n_val]}
+        parts = {"train": rest if fold == "all" else rest[n_val:], "val": rest[:n_val]}
     else:
-        if not 0 <= fold < folds:
-            raise InputError(f"data.fold={fold}: must be in 0..{folds - 1}")
+        if not isinstance(fold, int) or not 0 <= fold < folds:
+            raise InputError(f"data.fold={fold}: must be in 0..{folds - 1}, or all")
         chunks = np.array_split(np.arange(len(rest)), folds)
         if len(rest) < folds:
             raise InputError(f"{len(cases)} cases are too few for {folds} folds after holding out {n_test} for test")
