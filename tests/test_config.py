@@ -121,7 +121,7 @@ def test_experiment_options_compose_and_build(experiment, tmp_path):
     cfg = compose_config("train", [f"experiment={experiment}", f"data.root={shared_dataset('msd_hippocampus')}"], tmp_path)
     dataset = resolve_data(cfg)
     apply_plan(cfg, dataset.modalities, dataset.cases[:20])
-    net = instantiate(cfg.model)
+    net = engine.for_inference(instantiate(cfg.model))  # as validation and inference run it (deep supervision off)
     patch = list(cfg.data.patch_size)
     assert net(torch.randn(1, cfg.data.in_channels, *patch)).shape == (1, cfg.data.num_classes, *patch)
 

@@ -4,11 +4,14 @@ import os
 
 import mlflow
 import numpy as np
+import torch
+from hydra.utils import instantiate
 
 from pipeline.data import fingerprint as fp_module
 from pipeline.data.fingerprint import fingerprint
-from pipeline.data.sources import read_msd
-from pipeline.planning import plan
+from pipeline.data.sources import read_msd, resolve_data
+from pipeline.engine import outputs
+from pipeline.planning import apply_plan, plan, topology
 from pipeline.train import train
 from tests.conftest import hippocampus_subset, tiny_config
 
@@ -56,6 +59,31 @@ def test_plan_shrinks_the_relatively_largest_side_and_resamples_anisotropic_data
     assert all(s % 8 == 0 for s in p["patch_size"]) and np.prod(p["patch_size"]) * 2 <= 2 * 64**3
     assert p["batch_size"] >= 2
     assert p["normalize"] == {"name": "ct", "a_min": -100.0, "a_max": 300.0}
+
+
+def test_network_topology_follows_nnunets_rule():
+    # hippocampus: 40 -> 20 -> 10 -> 5 and 56 -> 28 -> 14 -> 7 (odd: no further halving), isotropic: 3x3x3 throughout
+    iso = topology([40, 56, 40], [1.0, 1.0, 1.0])
+    assert iso["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]] and iso["upsample_kernel_size"] == iso["strides"][1:]
+    assert iso["kernel_size"] == [[3, 3, 3]] * 4 and iso["filters"] == [16, 32, 64, 128]
+    # 2.5 mm slices under 0.8 mm pixels: in-plane first (kernel 1 and no pooling along z until x, y reach 1.6 mm),
+    # then every axis down to 4 voxels
+    aniso = topology([64, 64, 32], [0.8, 0.8, 2.5])
+    assert aniso["strides"] == [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert aniso["kernel_size"] == [[3, 3, 1]] + [[3, 3, 3]] * 4 and aniso["filters"] == [16, 32, 64, 128, 256]
+    assert topology([512, 512, 512], [1.0, 1.0, 1.0])["filters"][-1] == 320  # capped as nnU-Net caps it
+
+
+def test_auto_topology_builds_a_dynunet_that_fits_the_patch(tiny_phantom, tmp_path):
+    cfg = tiny_config(tiny_phantom, tmp_path, "dynunet", ["model.kernel_size=auto", "model.strides=auto",
+                                                          "model.upsample_kernel_size=auto", "model.filters=auto"])
+    dataset = resolve_data(cfg)
+    apply_plan(cfg, dataset.modalities, dataset.cases)
+    assert cfg.model.strides == [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]]  # 32x32x16 at 1 x 1 x 2.5 mm
+    assert cfg.model.kernel_size == [[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+    net = instantiate(cfg.model)
+    heads = outputs(net(torch.randn(2, 1, 32, 32, 16)), torch.zeros(2, 1, 32, 32, 16))
+    assert [tuple(h.shape) for h in heads] == [(2, 3, 32, 32, 16)] * 3  # the main output and two deep-supervision heads
 
 
 def test_short_planned_training_on_real_hippocampus_improves_dice(tmp_path, mlflow_store):
