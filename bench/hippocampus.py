@@ -13,7 +13,6 @@ CPU class (the figures hold for that class only).
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from monai.data import DataLoader, Dataset
@@ -21,6 +20,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, RandFlipd, RandSpatialCropd, SpatialPadd
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import engine, hardware, project_root
@@ -29,7 +29,7 @@ from pipeline.data.transforms import loaders
 from pipeline.evaluate import evaluate
 from pipeline.metrics import SegmentationScores
 from pipeline.tracking import NullTracker
-from pipeline.train import setup, train
+from pipeline.train import save_splits, setup, train
 
 TARGET = 0.85
 CLASSES = ["background", "Anterior", "Posterior"]
@@ -86,10 +86,13 @@ def kept(args, marks: list[float]) -> tuple[list[tuple], dict]:
                             f"trainer.max_minutes={max(marks)}", f"trainer.val_minutes=[{','.join(map(str, marks))}]",
                             "trainer.val_every=1000000", f"paths.run_dir={OUT / 'kept'}"])
     run = setup(cfg)
+    save_splits(run.splits, cfg.paths.run_dir)  # so that `pipeline.evaluate ckpt=<kept>/checkpoints/last.pt split=test` works
     train_loader, test_loader = loaders(cfg, run.splits["train"], run.splits["test"])  # scored on the test split
     recorder = Recorder()
+    # last.pt is the final model; best.pt here is picked on the test scores, so only last.pt is a fair test model
+    config = OmegaConf.to_container(cfg, resolve=True)
     result = engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, test_loader, run.inferer,
-                        cfg.data.class_names, recorder, OUT / "kept" / "checkpoints", {}, run.device, run.precision,
+                        cfg.data.class_names, recorder, OUT / "kept" / "checkpoints", config, run.device, run.precision,
                         schedule=run.schedule)
     batch = cfg.data.batch_size * cfg.transforms.patch.num_samples
     return recorder.points, {"run": run, "cfg": cfg, "steps": len(result["step_losses"]), "batch": batch}
