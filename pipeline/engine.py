@@ -101,8 +101,8 @@ def budgeted_epochs(trainer: DictConfig, epoch: int, train_seconds: float, epoch
     one-off costs such as compilation, left out once others are measured), capped by trainer.max_epochs."""
     if trainer.get("max_minutes") is None or not trainer.get("fit_to_budget", True) or not epoch_seconds:
         return None
-    mean = sum(epoch_seconds[1:] or epoch_seconds) / len(epoch_seconds[1:] or epoch_seconds)
-    remaining = round((60 * trainer.max_minutes - train_seconds) / mean)
+    measured = epoch_seconds[1:] or epoch_seconds
+    remaining = round((60 * trainer.max_minutes - train_seconds) * len(measured) / sum(measured))
     return max(epoch, min(trainer.max_epochs, epoch + remaining))
 
 
