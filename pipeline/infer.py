@@ -14,7 +14,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-import torch._inductor.config as inductor_config
 from hydra.utils import instantiate
 from monai.data import MetaTensor
 from monai.transforms import Compose, FillHoles, Invertd, KeepLargestConnectedComponent, RemoveSmallObjects
@@ -92,6 +91,9 @@ class Predictor:
                 elif compile:
                     # Inductor with frozen weights (constant-folded, prepacked for oneDNN): about 2x faster per fp32
                     # window on a CPU after a one-off compile of 5-10 s, so it pays on folder runs. Windows share one shape.
+                    # Imported here: Inductor adds ~2 s to every start of this command otherwise.
+                    import torch._inductor.config as inductor_config
+
                     inductor_config.freezing = True
                     model = torch.compile(model, dynamic=False)
                 elif channels_last:  # eager torch; Inductor picks its own layouts

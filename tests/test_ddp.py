@@ -111,6 +111,7 @@ def test_the_loss_falls_and_rank_zero_alone_tracks_prints_and_writes(ddp_run, ml
     assert not torch.equal(first["torch"], second["torch"])
 
 
+@pytest.mark.slow  # a second 2-rank run (~25 s); one seed, one result is checked in one process by test_resume.py
 def test_one_seed_gives_one_result_for_one_world_size(ddp_run, tiny_phantom, tmp_path):
     again = torchrun(tiny_phantom, tmp_path)
     for r in range(WORLD):

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint, engine, project_root
-from pipeline.export import build_model, export_model
+from pipeline.export import build_model, export, export_model
 from pipeline.infer import infer
 from pipeline.train import train
 from tests.conftest import TINY_MODEL, compose_config, tiny_config
@@ -26,11 +26,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_onnx_and_torchscript_exports_agree_with_pytorch(tiny_phantom, tmp_path):
     train(tiny_config(tiny_phantom, tmp_path, overrides=["tracking=none", "trainer.max_epochs=2"]))
     ckpt = tmp_path / "checkpoints" / "best.pt"
-    for fmt in ("onnx", "torchscript"):
-        done = subprocess.run([sys.executable, "-m", "pipeline.export", f"ckpt={ckpt}", f"format={fmt}"],
-                              capture_output=True, text=True, cwd=project_root())
-        assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-m", "pipeline.export", f"ckpt={ckpt}", "format=onnx"],
+                          capture_output=True, text=True, cwd=project_root())
+    assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "checkpoints" / "best.json").exists()
+    assert export(ckpt, "torchscript") == tmp_path / "checkpoints" / "best.ts"  # in this process: a start costs ~10 s
 
     model = build_model(checkpoint.load(ckpt))
     x = torch.randn(2, 1, 32, 32, 16)

@@ -38,6 +38,7 @@ def test_optuna_search_maximizes_the_best_val_dice_that_train_returns(tiny_phant
     assert f"sweep {tmp_path}: 2 runs" in done.stdout
 
 
+@pytest.mark.slow  # three processes (~35 s): `make test-slow`
 def test_submitit_local_launcher_runs_each_job_in_its_own_process(tiny_phantom, tmp_path, mlflow_store):
     experiment = f"submitit-{tmp_path.name}"
     run_train("--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "loss=dice,dicefocal",
