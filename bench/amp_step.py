@@ -1,6 +1,6 @@
 """Seconds per training step by precision and kernel option, against plain fp32 measured in the same run.
 
-    .venv/bin/python bench/amp_step.py [--models unet3d conv3d] [--steps 5] [--batch 4] [--no-compile]
+    .venv/bin/python bench/amp_step.py [--models unet3d conv3d] [--steps 5] [--rounds 3] [--batch 4] [--no-compile]
 
 Rows per model, each a fresh copy of the same initial weights on the same batch (4 patches of 64x64x32, 1 channel,
 3 classes), one step = forward, DiceLoss, backward, Adam:
@@ -11,6 +11,8 @@ Rows per model, each a fresh copy of the same initial weights on the same batch 
   bf16 (+cl)           bf16 autocast; where the CPU only emulates bf16 one step is timed (20x fp32 or more)
   auto                 what `trainer.amp=auto` with the default `trainer.channels_last` runs here, and its ratio to the
                        fastest row
+The fp32 rows are measured in interleaved rounds and each keeps its best round: a shared VM's speed drifts by 20% or
+more between minutes, which one pass per row mistakes for a difference between rows.
 The first line names the CPU class: these figures hold for that class only.
 """
 
@@ -52,7 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["unet3d", "conv3d"])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved passes over the fp32 rows")
     parser.add_argument("--batch", type=int, default=4, help="patches per step")
+    parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 32])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (about a minute each)")
     args = parser.parse_args()
@@ -60,17 +64,20 @@ def main() -> None:
     auto = hardware.resolve("auto", device)
     defaults = compose("train", ["data.root=unused"])
     print(hardware.describe(device))
-    print(f"{auto}; trainer.channels_last={defaults.trainer.channels_last}; batch {args.batch}, median of {args.steps} steps")
+    print(f"{auto}; trainer.channels_last={defaults.trainer.channels_last}; {args.batch} patches of {args.patch}, median of "
+          f"{args.steps} steps, best of {args.rounds} rounds")
     for name in args.models:
-        cfg = compose("train", [f"model={name}", "data.root=unused", "+data.num_classes=3", "+data.in_channels=1"])
+        patch = args.patch
+        cfg = compose("train", [f"model={name}", "data.root=unused", "+data.num_classes=3", "+data.in_channels=1",
+                                f"data.patch_size=[{','.join(map(str, patch))}]"])
         torch.manual_seed(0)
-        patch = list(cfg.data.patch_size)
         batch = {"image": torch.randn(args.batch, 1, *patch), "label": torch.randint(0, 3, (args.batch, 1, *patch))}
         loss_fn = DeepSupervisionLoss(instantiate(cfg.loss), weight_mode="exp")
         initial = instantiate(cfg.model).to(device)
         rows = {}
 
-        def run(label, dtype=None, cl=False, compiled=False, threads=None, give_up_after=None):
+        def measure(label, dtype=None, cl=False, compiled=False, threads=None, give_up_after=None):
+            """Seconds per step of one row, kept if faster than an earlier round of it; returns the steps timed."""
             model = copy.deepcopy(initial)
             if cl:
                 hardware.channels_last(model)
@@ -80,29 +87,39 @@ def main() -> None:
                 torch.set_num_threads(threads)
             start = time.perf_counter()
             seconds, timed = seconds_per_step(net, loss_fn, batch, device, dtype, args.steps, give_up_after)
-            total = time.perf_counter() - start
-            torch.set_num_threads(before)
-            rows[label] = seconds
-            base = rows["fp32"]
-            extra = "  (first step only: over 20x fp32)" if timed < args.steps else ""
+            extra[label] = ""
             if compiled:  # the compile is paid once: the warm-up steps' excess over two ordinary steps
-                compile_s = total - seconds * (timed + 2)
-                saved = base - seconds
+                compile_s = time.perf_counter() - start - seconds * (timed + 2)
+                saved = rows["fp32"] - seconds
                 pays = f"pays back after {compile_s / saved:.0f} steps" if saved > 0 else "never pays back"
-                extra += f"  compile {compile_s:.0f} s, {pays}"
-            print(f"{name:8s} {label:22s} {seconds:8.3f} s/step  x{base / seconds:5.2f} vs fp32{extra}", flush=True)
+                extra[label] = f"  compile {compile_s:.0f} s, {pays}"
+            if timed < args.steps:
+                extra[label] = "  (first step only: over 20x fp32)"
+            torch.set_num_threads(before)
+            rows[label] = min(seconds, rows.get(label, seconds))
 
-        run("fp32")
-        run("fp32 1 thread", threads=1)
-        run("fp32 channels_last", cl=True)
+        def show(label):
+            print(f"{name:8s} {label:22s} {rows[label]:8.3f} s/step  x{rows['fp32'] / rows[label]:5.2f} vs fp32{extra[label]}",
+                  flush=True)
+
+        extra = {}
+        fp32_rows = {"fp32": {}, "fp32 1 thread": {"threads": 1}, "fp32 channels_last": {"cl": True}}
+        for _ in range(args.rounds):
+            for label, options in fp32_rows.items():
+                measure(label, **options)
+        for label in fp32_rows:
+            show(label)
         if not args.no_compile:
-            run("fp32 compile", compiled=True)
-            run("fp32 compile + cl", cl=True, compiled=True)
+            for label, options in {"fp32 compile": {}, "fp32 compile + cl": {"cl": True}}.items():
+                measure(label, compiled=True, **options)
+                show(label)
         for dtype in (torch.bfloat16,) + ((torch.float16,) if device.type == "cuda" else ()):
             tag = hardware.NAMES[dtype]
-            run(tag, dtype, give_up_after=20 * rows["fp32"])
+            measure(tag, dtype, give_up_after=20 * rows["fp32"])
+            show(tag)
             if rows[tag] < 5 * rows["fp32"]:  # channels_last with an emulated dtype: minutes more to learn nothing
-                run(f"{tag} channels_last", dtype, cl=True)
+                measure(f"{tag} channels_last", dtype, cl=True)
+                show(f"{tag} channels_last")
         label = f"{auto.name} channels_last" if defaults.trainer.channels_last else auto.name
         label = label if label in rows else auto.name
         # The fastest precision and memory format; compiling is a separate choice (its minute of compile is paid per
