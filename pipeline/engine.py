@@ -161,6 +161,7 @@ def fit(
     best = {"val_dice_mean": -math.inf, "epoch": 0}
     step_losses, history, train_seconds, epoch = [], [], 0.0, 0
     end, epoch_seconds = trainer.max_epochs, []  # the last epoch (fitted to the time budget, if there is one)
+    scheduled = end  # the run length the scheduler was built for (a resumed one: as it was saved)
     augment = train_loader.dataset.transform  # its random transforms' states go into last.pt
     if resume is not None:  # continue where last.pt left off: weights, optimizer moments, LR, every RNG stream
         model.load_state_dict(resume["state_dict"])
@@ -170,10 +171,13 @@ def fit(
         scaler.load_state_dict(resume["scaler"])
         best, epoch, train_seconds = resume["metrics"], resume["epoch"], 60 * resume["train_minutes"]
         history, stale = resume.get("history", []), resume.get("stale", 0)
-        end, epoch_seconds = resume.get("end_epoch", end), resume.get("epoch_seconds", [])
+        epoch_seconds, scheduled = resume.get("epoch_seconds", []), resume.get("end_epoch", end)
+        if trainer.get("max_minutes") is not None and trainer.get("fit_to_budget", True):
+            end = scheduled  # the length fitted to the budget; without one, max_epochs decides
         if (rng := distributed.own_rng(resume["rng"])) is not None:
             checkpoint.restore_rng(rng, augment)
-    scheduled = end  # the run length the scheduler was built for (a resumed one: as it was saved)
+    if schedule is not None and scheduled != end and not isinstance(scheduler, ReduceLROnPlateau):
+        scheduler, scheduled = reschedule(schedule, optimizer, end, epoch), end  # resumed with another max_epochs
     # Under DDP the forward and backward passes run through the wrapper (it averages the gradients over ranks);
     # validation and checkpoints use the plain model. trainer.compile compiles the training step only: validation's
     # whole volumes differ in shape and would recompile.

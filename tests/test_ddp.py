@@ -126,10 +126,12 @@ def test_one_seed_gives_one_result_for_one_world_size(ddp_run, tiny_phantom, tmp
 @pytest.mark.slow
 def test_a_resumed_ddp_run_matches_an_unbroken_one(ddp_run, tiny_phantom, tmp_path, mlflow_store):
     """Two epochs, then a third from last.pt (each rank from its own random state): as the 3-epoch run's third."""
-    short = torchrun(tiny_phantom, tmp_path / "short", ["trainer.max_epochs=2"])
+    # The 3-epoch run's cosine schedule (T_max=3), stopped after 2 epochs; then its config says 3 epochs, as if the
+    # 3-epoch run had stopped there.
+    short = torchrun(tiny_phantom, tmp_path / "short", ["trainer.max_epochs=2", "scheduler.T_max=3"])
     last = tmp_path / "short" / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
-    state["config"]["trainer"]["max_epochs"] = 3  # as if the 3-epoch run had stopped after epoch 2
+    state["config"]["trainer"]["max_epochs"] = 3
     torch.save(state, last)
     resumed = torchrun(tiny_phantom, tmp_path / "resumed", resume=last)
     for r in range(WORLD):
