@@ -50,6 +50,48 @@ def seconds_per_step(model, loss_fn, batch: dict, device, dtype, steps: int, giv
     return statistics.median(times[2:]), steps
 
 
+class Rows:
+    """One model's rows: seconds per step by setting, each from a fresh copy of the same weights on the same batch."""
+
+    def __init__(self, name: str, args, device):
+        self.name, self.steps, self.device = name, args.steps, device
+        cfg = compose("train", [f"model={name}", "data.root=unused", "+data.num_classes=3", "+data.in_channels=1",
+                                f"data.patch_size=[{','.join(map(str, args.patch))}]"])
+        torch.manual_seed(0)
+        self.batch = {"image": torch.randn(args.batch, 1, *args.patch),
+                      "label": torch.randint(0, 3, (args.batch, 1, *args.patch))}
+        self.loss_fn = DeepSupervisionLoss(instantiate(cfg.loss), weight_mode="exp")
+        self.initial = instantiate(cfg.model).to(device)
+        self.seconds, self.extra = {}, {}
+
+    def measure(self, label, dtype=None, cl=False, compiled=False, threads=None, give_up_after=None) -> None:
+        """Seconds per step of one row, kept if faster than an earlier round of it."""
+        model = copy.deepcopy(self.initial)
+        if cl:
+            hardware.channels_last(model)
+        net = torch.compile(model) if compiled else model
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        seconds, timed = seconds_per_step(net, self.loss_fn, self.batch, self.device, dtype, self.steps, give_up_after)
+        self.extra[label] = ""
+        if compiled:  # the compile is paid once: the warm-up steps' excess over two ordinary steps
+            compile_s = time.perf_counter() - start - seconds * (timed + 2)
+            saved = self.seconds["fp32"] - seconds
+            pays = f"pays back after {compile_s / saved:.0f} steps" if saved > 0 else "never pays back"
+            self.extra[label] = f"  compile {compile_s:.0f} s, {pays}"
+        if timed < self.steps:
+            self.extra[label] = "  (first step only: over 20x fp32)"
+        torch.set_num_threads(before)
+        self.seconds[label] = min(seconds, self.seconds.get(label, seconds))
+
+    def show(self, label: str, title: str | None = None, tail: str | None = None) -> None:
+        seconds, ratio = self.seconds[label], self.seconds["fp32"] / self.seconds[label]
+        print(f"{self.name:8s} {title or label:22s} {seconds:8.3f} s/step  x{ratio:5.2f} vs fp32"
+              f"{self.extra[label] if tail is None else tail}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["unet3d", "conv3d"])
@@ -64,69 +106,35 @@ def main() -> None:
     auto = hardware.resolve("auto", device)
     defaults = compose("train", ["data.root=unused"])
     print(hardware.describe(device))
-    print(f"{auto}; trainer.channels_last={defaults.trainer.channels_last}; {args.batch} patches of {args.patch}, median of "
-          f"{args.steps} steps, best of {args.rounds} rounds")
+    print(f"{auto}; trainer.channels_last={defaults.trainer.channels_last}; {args.batch} patches of {args.patch}, "
+          f"median of {args.steps} steps, best of {args.rounds} rounds")
     for name in args.models:
-        patch = args.patch
-        cfg = compose("train", [f"model={name}", "data.root=unused", "+data.num_classes=3", "+data.in_channels=1",
-                                f"data.patch_size=[{','.join(map(str, patch))}]"])
-        torch.manual_seed(0)
-        batch = {"image": torch.randn(args.batch, 1, *patch), "label": torch.randint(0, 3, (args.batch, 1, *patch))}
-        loss_fn = DeepSupervisionLoss(instantiate(cfg.loss), weight_mode="exp")
-        initial = instantiate(cfg.model).to(device)
-        rows = {}
-
-        def measure(label, dtype=None, cl=False, compiled=False, threads=None, give_up_after=None):
-            """Seconds per step of one row, kept if faster than an earlier round of it; returns the steps timed."""
-            model = copy.deepcopy(initial)
-            if cl:
-                hardware.channels_last(model)
-            net = torch.compile(model) if compiled else model
-            before = torch.get_num_threads()
-            if threads:
-                torch.set_num_threads(threads)
-            start = time.perf_counter()
-            seconds, timed = seconds_per_step(net, loss_fn, batch, device, dtype, args.steps, give_up_after)
-            extra[label] = ""
-            if compiled:  # the compile is paid once: the warm-up steps' excess over two ordinary steps
-                compile_s = time.perf_counter() - start - seconds * (timed + 2)
-                saved = rows["fp32"] - seconds
-                pays = f"pays back after {compile_s / saved:.0f} steps" if saved > 0 else "never pays back"
-                extra[label] = f"  compile {compile_s:.0f} s, {pays}"
-            if timed < args.steps:
-                extra[label] = "  (first step only: over 20x fp32)"
-            torch.set_num_threads(before)
-            rows[label] = min(seconds, rows.get(label, seconds))
-
-        def show(label):
-            print(f"{name:8s} {label:22s} {rows[label]:8.3f} s/step  x{rows['fp32'] / rows[label]:5.2f} vs fp32{extra[label]}",
-                  flush=True)
-
-        extra = {}
+        rows = Rows(name, args, device)
         fp32_rows = {"fp32": {}, "fp32 1 thread": {"threads": 1}, "fp32 channels_last": {"cl": True}}
         for _ in range(args.rounds):
             for label, options in fp32_rows.items():
-                measure(label, **options)
+                rows.measure(label, **options)
         for label in fp32_rows:
-            show(label)
+            rows.show(label)
         if not args.no_compile:
             for label, options in {"fp32 compile": {}, "fp32 compile + cl": {"cl": True}}.items():
-                measure(label, compiled=True, **options)
-                show(label)
+                rows.measure(label, compiled=True, **options)
+                rows.show(label)
         for dtype in (torch.bfloat16,) + ((torch.float16,) if device.type == "cuda" else ()):
             tag = hardware.NAMES[dtype]
-            measure(tag, dtype, give_up_after=20 * rows["fp32"])
-            show(tag)
-            if rows[tag] < 5 * rows["fp32"]:  # channels_last with an emulated dtype: minutes more to learn nothing
-                measure(f"{tag} channels_last", dtype, cl=True)
-                show(f"{tag} channels_last")
+            rows.measure(tag, dtype, give_up_after=20 * rows.seconds["fp32"])
+            rows.show(tag)
+            if rows.seconds[tag] < 5 * rows.seconds["fp32"]:  # with an emulated dtype: minutes more to learn nothing
+                rows.measure(f"{tag} channels_last", dtype, cl=True)
+                rows.show(f"{tag} channels_last")
         label = f"{auto.name} channels_last" if defaults.trainer.channels_last else auto.name
-        label = label if label in rows else auto.name
+        label = label if label in rows.seconds else auto.name
         # The fastest precision and memory format; compiling is a separate choice (its minute of compile is paid per
         # run, so trainer.compile stays opt-in) and one thread is no choice at all.
-        fastest = min((k for k in rows if "compile" not in k and "thread" not in k), key=rows.get)
-        print(f"{name:8s} {'auto = ' + label:22s} {rows[label]:8.3f} s/step  x{rows['fp32'] / rows[label]:5.2f} vs fp32, "
-              f"{rows[label] / rows[fastest]:.2f}x the fastest precision ({fastest})", flush=True)
+        fastest = min((k for k in rows.seconds if "compile" not in k and "thread" not in k), key=rows.seconds.get)
+        ratio = rows.seconds[label] / rows.seconds[fastest]
+        rows.show(label, f"auto = {label}", f", {ratio:.2f}x the fastest precision ({fastest})")
+
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,15 @@ from monai.data import DataLoader, Dataset
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, RandFlipd, RandSpatialCropd, SpatialPadd
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    NormalizeIntensityd,
+    RandFlipd,
+    RandSpatialCropd,
+    SpatialPadd,
+)
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -44,7 +52,8 @@ class Recorder(NullTracker):
 
     def log_metrics(self, metrics, step):
         if "val_dice_mean" in metrics:
-            self.points.append((metrics["train_minutes"], metrics["val_dice_mean"], metrics["val_dice_Anterior"], metrics["val_dice_Posterior"]))
+            self.points.append((metrics["train_minutes"], metrics["val_dice_mean"], metrics["val_dice_Anterior"],
+                                metrics["val_dice_Posterior"]))
 
 
 def tutorial(train_cases, test_cases, marks: list[float]) -> list[tuple]:
@@ -53,7 +62,8 @@ def tutorial(train_cases, test_cases, marks: list[float]) -> list[tuple]:
     load = [LoadImaged(keys), EnsureChannelFirstd(keys), NormalizeIntensityd(keys="image")]
     crop = [SpatialPadd(keys, (48, 64, 48)), RandSpatialCropd(keys, (48, 64, 48), random_size=False)]
     flips = [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(3)]
-    train_loader = DataLoader(Dataset(train_cases, Compose(load + crop + flips)), batch_size=2, shuffle=True, num_workers=2)
+    train_loader = DataLoader(Dataset(train_cases, Compose(load + crop + flips)), batch_size=2, shuffle=True,
+                              num_workers=2)
     test_loader = DataLoader(Dataset(test_cases, Compose(load)), batch_size=1)
     model = UNet(3, 1, 3, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
     loss_fn, optimizer = DiceCELoss(to_onehot_y=True, softmax=True), torch.optim.Adam(model.parameters(), 1e-3)
@@ -86,28 +96,30 @@ def kept(args, marks: list[float]) -> tuple[list[tuple], dict]:
                             f"trainer.max_minutes={max(marks)}", f"trainer.val_minutes=[{','.join(map(str, marks))}]",
                             "trainer.val_every=1000000", f"paths.run_dir={OUT / 'kept'}"])
     run = setup(cfg)
-    save_splits(run.splits, cfg.paths.run_dir)  # so that `pipeline.evaluate ckpt=<kept>/checkpoints/last.pt split=test` works
+    # so that `pipeline.evaluate ckpt=<kept>/checkpoints/last.pt split=test` works
+    save_splits(run.splits, cfg.paths.run_dir)
     train_loader, test_loader = loaders(cfg, run.splits["train"], run.splits["test"])  # scored on the test split
     recorder = Recorder()
     # last.pt is the final model; best.pt here is picked on the test scores, so only last.pt is a fair test model
     config = OmegaConf.to_container(cfg, resolve=True)
-    result = engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, test_loader, run.inferer,
-                        cfg.data.class_names, recorder, OUT / "kept" / "checkpoints", config, run.device, run.precision,
-                        schedule=run.schedule)
+    result = engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, test_loader,
+                        run.inferer, cfg.data.class_names, recorder, OUT / "kept" / "checkpoints", config, run.device,
+                        run.precision, schedule=run.schedule)
     batch = cfg.data.batch_size * cfg.transforms.patch.num_samples
     return recorder.points, {"run": run, "cfg": cfg, "steps": len(result["step_losses"]), "batch": batch}
 
 
 def ensemble(args, minutes: float) -> tuple:
-    """(c) k folds of the kept recipe, minutes / k of training each, scored together with mirror TTA by pipeline.evaluate."""
+    """(c) k folds of the kept recipe, minutes / k of training each, scored together with mirror TTA by
+    pipeline.evaluate."""
     folder, trained = OUT / "folds", 0.0
     for fold in range(args.folds):
         result = train(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
                                          f"data.fold={fold}", f"trainer.max_minutes={minutes / args.folds}",
                                          f"paths.run_dir={folder / str(fold)}"]))
         trained += result["train_minutes"]
-    summary = evaluate(compose("evaluate", [f"ckpt={folder}", "split=test", "tta=true", "tracking=none", f"output={OUT / 'folds_test'}",
-                                         f"paths.run_dir={OUT / 'folds_test'}"]))
+    summary = evaluate(compose("evaluate", [f"ckpt={folder}", "split=test", "tta=true", "tracking=none",
+                                            f"output={OUT / 'folds_test'}", f"paths.run_dir={OUT / 'folds_test'}"]))
     dice = {name: summary["classes"][name]["dice"]["mean"] for name in CLASSES[1:]}
     return trained, summary["mean"]["dice"], dice["Anterior"], dice["Posterior"]
 
@@ -140,14 +152,17 @@ def minutes_to(points, target=TARGET):
 def at(points, mark: float, last: bool) -> str:
     """The score taken once training passed `mark` minutes (the first point at or after it); at the last mark, the
     final score (a schedule fitted to the budget ends within half an epoch of it, either side)."""
-    hit = points[-1] if last and points and points[-1][0] >= 0.9 * mark else next((p for p in points if p[0] >= mark), None)
+    hit = (points[-1] if last and points and points[-1][0] >= 0.9 * mark
+           else next((p for p in points if p[0] >= mark), None))
     return f"{hit[1]:.3f}" if hit else "-"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--marks", type=float, nargs="+", default=[5, 10, 20, 40, 80], help="training minutes to score at")
-    parser.add_argument("--fine", type=float, default=10, help="also score every minute up to this one (for the minutes to 0.85)")
+    parser.add_argument("--marks", type=float, nargs="+", default=[5, 10, 20, 40, 80],
+                        help="training minutes to score at")
+    parser.add_argument("--fine", type=float, default=10,
+                        help="also score every minute up to this one (for the minutes to 0.85)")
     parser.add_argument("--tutorial-minutes", type=float, help="train (a) only this long (default: the largest mark)")
     parser.add_argument("--folds", type=int, default=5, help="ensemble members of (c)")
     parser.add_argument("--experiment", default="hippocampus", help="the kept recipe")
@@ -166,22 +181,28 @@ def main() -> None:
         rows["b"], info = kept(args, marks)
     if "a" in args.only:
         print("(a) tutorial recipe")
-        rows["a"] = tutorial(split["train"], split["test"], [m for m in marks if m <= (args.tutorial_minutes or max(marks))])
+        rows["a"] = tutorial(split["train"], split["test"],
+                             [m for m in marks if m <= (args.tutorial_minutes or max(marks))])
     if "c" in args.only:
-        print(f"(c) {args.folds}-fold ensemble of experiment={args.experiment}, {max(args.marks) / args.folds:g} min each, mirror TTA")
+        print(f"(c) {args.folds}-fold ensemble of experiment={args.experiment}, "
+              f"{max(args.marks) / args.folds:g} min each, mirror TTA")
         rows["c"] = [ensemble(args, max(args.marks))]
 
     labels = {"a": "(a) MONAI tutorial recipe", "b": f"(b) experiment={args.experiment}",
               "c": f"(c) {args.folds}-fold ensemble + TTA"}
-    print(f"\nheld-out test split: {len(split['test'])} cases; mean Dice after N minutes of training; {hardware.cpu_class()}")
-    print(f"{'recipe':34s}" + "".join(f"{f'{m:g} min':>9s}" for m in args.marks) + f"{f'to {TARGET}':>11s}  final (anterior, posterior)")
+    print(f"\nheld-out test split: {len(split['test'])} cases; mean Dice after N minutes of training; "
+          f"{hardware.cpu_class()}")
+    print(f"{'recipe':34s}" + "".join(f"{f'{m:g} min':>9s}" for m in args.marks)
+          + f"{f'to {TARGET}':>11s}  final (anterior, posterior)")
     for key in ("a", "b", "c"):
         if key in rows:
             points = rows[key]
             reach = minutes_to(points) if key != "c" else None
             m, dice, ant, post = points[-1]
-            cells = "".join(f"{at(points, m, m == max(args.marks)) if key != 'c' or m == max(args.marks) else '-':>9s}" for m in args.marks)
-            print(f"{labels[key]:34s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}  {dice:.3f} ({ant:.3f}, {post:.3f}) after {m:.1f} min")
+            cells = "".join(f"{at(points, m, m == max(args.marks)) if key != 'c' or m == max(args.marks) else '-':>9s}"
+                            for m in args.marks)
+            print(f"{labels[key]:34s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}"
+                  f"  {dice:.3f} ({ant:.3f}, {post:.3f}) after {m:.1f} min")
     if "a" in rows and "b" in rows:
         ta, tb = minutes_to(rows["a"]), minutes_to(rows["b"])
         if ta and tb:
@@ -193,7 +214,8 @@ def main() -> None:
         peak = matmul_gflops(run.precision.dtype or torch.float32)
         achieved = flops * info["steps"] / seconds / 1e9
         print(f"(b) throughput: {info['steps']} steps of {info['batch']} x {list(cfg.data.patch_size)}, "
-              f"model step {flops / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s; {run.precision.name} matmul {peak:.1f} GFLOP/s "
+              f"model step {flops / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s; "
+              f"{run.precision.name} matmul {peak:.1f} GFLOP/s "
               f"(model at {100 * achieved / peak:.0f}% of it)")
 
 

@@ -5,7 +5,8 @@
 A fixed 2-channel model (a 3D UNet trained once for 3 minutes on the BRATS subset, seed 0, kept in
 outputs/bench/brats/) segments one 240x240x155 FLAIR+T1c volume several ways, each in a fresh process so peak RSS is
 its own, each timed on a first and a second (warm) call, as in a folder run:
-  baseline            `monai.inferers.sliding_window_inference` with MONAI's defaults (fp32, sw_batch_size 1, overlap 0.25)
+  baseline            `monai.inferers.sliding_window_inference` with MONAI's defaults (fp32, sw_batch_size 1,
+                      overlap 0.25)
   project             `pipeline.infer.Predictor` as `python -m pipeline.infer` runs it (amp=auto: fp32 on the CPU,
                       backend=auto: the network exported to ONNX and run by OpenVINO at f32), sw_batch_size 2
   project-torch       the same on `backend=torch` (eager PyTorch, channels_last_3d weights)
@@ -58,7 +59,8 @@ def prepare(data: Path) -> tuple[Path, Path]:
             stacked = np.stack([flair.get_fdata(dtype=np.float32), t1c.get_fdata(dtype=np.float32)], axis=-1)
             nib.save(nib.Nifti1Image(stacked, flair.affine), root / "imagesTr" / f"{case.name}.nii.gz")
             label = nib.load(case / "OTMultiClass.nii.gz")
-            nib.save(nib.Nifti1Image(np.asarray(label.dataobj).astype(np.uint8), label.affine), root / "labelsTr" / f"{case.name}.nii.gz")
+            nib.save(nib.Nifti1Image(np.asarray(label.dataobj).astype(np.uint8), label.affine),
+                     root / "labelsTr" / f"{case.name}.nii.gz")
             training.append({"image": f"./imagesTr/{case.name}.nii.gz", "label": f"./labelsTr/{case.name}.nii.gz"})
         labels = {"0": "background", "1": "necrosis", "2": "edema", "3": "non-enhancing", "4": "enhancing"}
         (root / "dataset.json").write_text(json.dumps({"name": "BratsSubset", "modality": {"0": "FLAIR", "1": "T1c"},
@@ -67,8 +69,9 @@ def prepare(data: Path) -> tuple[Path, Path]:
         from pipeline.train import train
 
         cfg = compose("train", ["data=msd", f"data.root={root}", "data.patch_size=[96,96,64]", "data.split.val=0.25",
-                                "data.split.test=0", "data.batch_size=1", "loss=dicece", "tracking=none", "trainer.max_epochs=1000",
-                                "trainer.max_minutes=3", "trainer.val_every=1000", "seed=0", f"paths.run_dir={ckpt.parent.parent}"])
+                                "data.split.test=0", "data.batch_size=1", "loss=dicece", "tracking=none",
+                                "trainer.max_epochs=1000", "trainer.max_minutes=3", "trainer.val_every=1000", "seed=0",
+                                f"paths.run_dir={ckpt.parent.parent}"])
         train(cfg)
     return root, ckpt
 
@@ -124,15 +127,16 @@ def peak_rss_mb() -> float:
 
 def run(mode: str, ckpt: Path, volume: Path) -> tuple[dict, np.ndarray]:
     out = OUT / f"{mode}-{volume.stem}.npy"
-    done = subprocess.run([sys.executable, __file__, "--worker", mode, "--ckpt", str(ckpt), "--volume", str(volume), "--out", str(out)],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--worker", mode, "--ckpt", str(ckpt), "--volume", str(volume),
+                           "--out", str(out)], capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{mode} worker failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1]), np.load(out)
 
 
 def line(r: dict) -> str:
-    return f"{r['seconds']:6.2f} s warm ({r['first']:5.2f} s first) {r['voxels'] / r['seconds'] / 1e6:6.2f} M voxels/s  peak RSS {r['rss_mb']:6.0f} MB"
+    return (f"{r['seconds']:6.2f} s warm ({r['first']:5.2f} s first) {r['voxels'] / r['seconds'] / 1e6:6.2f} M voxels/s"
+            f"  peak RSS {r['rss_mb']:6.0f} MB")
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -166,7 +170,8 @@ def main() -> None:
             print(f"{mode:38s} skipped: {why} (oneDNN would emulate bf16, 30-90x slower)")
             continue
         r, labels = run(mode, ckpt, volume)
-        print(f"{mode:38s} {line(r)}  speed ratio x{base['seconds'] / r['seconds']:.2f} warm (x{base['first'] / r['first']:.2f} first)"
+        print(f"{mode:38s} {line(r)}  speed ratio x{base['seconds'] / r['seconds']:.2f} warm"
+              f" (x{base['first'] / r['first']:.2f} first)"
               f"  Dice to baseline {dice(base_labels, labels):.4f}, voxels equal {(base_labels == labels).mean():.5f}")
     if args.large:
         big = OUT / "synthetic_512x512x400x2.nii"
@@ -176,7 +181,8 @@ def main() -> None:
             nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 1.0, 1.0])), big)
             del data
         r, _ = run("project", ckpt, big)
-        print(f"synthetic 512x512x400 (2 channels): {r['seconds']:.0f} s, peak RSS {r['rss_mb']:.0f} MB ({r['rss_mb'] / 1024:.2f} GiB)")
+        print(f"synthetic 512x512x400 (2 channels): {r['seconds']:.0f} s, peak RSS {r['rss_mb']:.0f} MB"
+              f" ({r['rss_mb'] / 1024:.2f} GiB)")
 
 
 if __name__ == "__main__":

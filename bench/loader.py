@@ -8,7 +8,6 @@ time (training only) is compared against the plain DataLoader in the main proces
 
 import argparse
 
-
 from pipeline import engine, project_root
 from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
@@ -39,13 +38,15 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for name, overrides in SETTINGS.items():
-        cfg = compose("train", ["experiment=hippocampus", f"data.root={args.data}", "tracking=none", f"trainer.max_epochs={args.epochs}",
-                                    f"trainer.val_every={args.epochs + 1}", f"paths.run_dir={project_root()}/outputs/bench/loader", *overrides])
+        cfg = compose("train", ["experiment=hippocampus", f"data.root={args.data}", "tracking=none",
+                                f"trainer.max_epochs={args.epochs}", f"trainer.val_every={args.epochs + 1}",
+                                f"paths.run_dir={project_root()}/outputs/bench/loader", *overrides])
         run = setup(cfg)
         train_loader, val_loader = loaders(cfg, run.splits["train"], run.splits["val"][:1])
         times = EpochTimes()
-        engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, val_loader, run.inferer,
-                   cfg.data.class_names, times, f"{cfg.paths.run_dir}/checkpoints", {}, run.device, run.precision)
+        engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, val_loader,
+                   run.inferer, cfg.data.class_names, times, f"{cfg.paths.run_dir}/checkpoints", {}, run.device,
+                   run.precision)
         per_epoch = sorted(60 * (b - a) for a, b in zip([0.0] + times.minutes, times.minutes))
         results[name] = per_epoch[len(per_epoch) // 2]
     base = results["DataLoader, main process"]

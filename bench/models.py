@@ -34,13 +34,15 @@ def main() -> None:
     for model in sorted(p.stem for p in (project_root() / "conf" / "model").glob("*.yaml")):
         overrides = [f"model={model}", "data.in_channels=1", "data.num_classes=3", f"data.patch_size={args.patch}"]
         cfg = compose("train", overrides)
-        net = hardware.channels_last(instantiate(cfg.model).to(device).train())  # as training runs it (trainer.channels_last)
+        # as training runs it (trainer.channels_last)
+        net = hardware.channels_last(instantiate(cfg.model).to(device).train())
         size = list(args.patch)
         if hasattr(net, "valid_input_size"):  # the 2015 valid U-Net needs exact poolings: nearest valid patch
             size = [net.valid_input_size(s) for s in size]
         loss = DeepSupervisionLoss(instantiate(cfg.loss), weight_mode="exp")
         optimizer = torch.optim.Adam(net.parameters())
-        batch = {"image": torch.randn(args.batch, 1, *size), "label": torch.randint(0, 3, (args.batch, 1, *size)).float()}
+        batch = {"image": torch.randn(args.batch, 1, *size),
+                 "label": torch.randint(0, 3, (args.batch, 1, *size)).float()}
         times = []
         for _ in range(args.steps + 1):
             start = time.perf_counter()
@@ -51,7 +53,8 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         params = sum(p.numel() for p in net.parameters() if p.requires_grad)
         name = getattr(net, "run_name", type(net).__name__)
-        print(f"{model:16s} {name:22s} {params:12,d} {statistics.median(times[1:]):8.3f}" + (f"  (patch {size})" if size != list(args.patch) else ""), flush=True)
+        print(f"{model:16s} {name:22s} {params:12,d} {statistics.median(times[1:]):8.3f}"
+              + (f"  (patch {size})" if size != list(args.patch) else ""), flush=True)
 
 
 if __name__ == "__main__":

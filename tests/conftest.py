@@ -58,7 +58,8 @@ TINY_MODEL = {
     "attention_unet": ["model.channels=[8,16,32]", "model.strides=[2,2]"],
     "unetpp": ["model.features=[4,4,8,8,16,4]"],
     "segresnet": ["model.init_filters=4"],
-    "dynunet": ["model.filters=[4,8,16,32]", "model.kernel_size=[3,3,3,3]", "model.strides=[1,2,2,2]", "model.upsample_kernel_size=[2,2,2]"],
+    "dynunet": ["model.filters=[4,8,16,32]", "model.kernel_size=[3,3,3,3]", "model.strides=[1,2,2,2]",
+                "model.upsample_kernel_size=[2,2,2]"],
     "unetr": ["model.feature_size=4", "model.hidden_size=48", "model.mlp_dim=96", "model.num_heads=2"],
     "encdec": ["model.channels=[4,8,16]"],
     "unet_strided": ["model.channels=[4,8,16]"],
@@ -68,7 +69,8 @@ TINY_MODEL = {
 
 
 def tiny_config(phantom: Path, run_dir: Path, model: str = "unet3d", overrides: list[str] = ()) -> DictConfig:
-    return compose_config("train", [f"data.root={phantom}", f"model={model}", *TINY, *TINY_MODEL[model], *overrides], run_dir)
+    return compose_config("train", [f"data.root={phantom}", f"model={model}", *TINY, *TINY_MODEL[model], *overrides],
+                          run_dir)
 
 
 def shared_dataset(name: str) -> Path:

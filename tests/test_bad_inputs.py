@@ -24,7 +24,8 @@ def write_case(root, name, image=None, label=None, affine=AFFINE, label_affine=N
         label[3:8, 3:8, 2:4] = 1
         label[9:11, 9:11, 1:3] = 2
     nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"{name}.nii.gz")
-    nib.save(nib.Nifti1Image(label, affine if label_affine is None else label_affine), root / "labelsTr" / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine if label_affine is None else label_affine),
+             root / "labelsTr" / f"{name}.nii.gz")
     return {"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"}
 
 
@@ -41,7 +42,8 @@ def dataset(tmp_path):
 
 
 def faults_of(root, overrides=()):
-    return check(compose_config("train", ["data=msd", f"data.root={root}", *overrides], root.parent / "run"), progress=False)
+    return check(compose_config("train", ["data=msd", f"data.root={root}", *overrides], root.parent / "run"),
+                 progress=False)
 
 
 def corrupt_gzip(root, meta):
@@ -138,8 +140,9 @@ def too_few_cases(root, meta):
     return "1 cases are too few for split"
 
 
-ROWS = [corrupt_gzip, truncated, not_an_image, shape_mismatch, affine_mismatch, nan_voxels, two_d, four_d, undeclared_label,
-        non_integer_label, missing_file, malformed_json, incomplete_json, escaping_path, duplicate_ids, too_few_cases]
+ROWS = [corrupt_gzip, truncated, not_an_image, shape_mismatch, affine_mismatch, nan_voxels, two_d, four_d,
+        undeclared_label, non_integer_label, missing_file, malformed_json, incomplete_json, escaping_path,
+        duplicate_ids, too_few_cases]
 
 
 def test_a_clean_dataset_has_no_faults(dataset):
@@ -157,7 +160,8 @@ def test_each_fault_is_found_and_named(fault, dataset):
 
 
 def test_fewer_cases_than_folds_is_a_fault(dataset):
-    assert any("8 cases are too few for 10 folds" in f for f in faults_of(dataset[0], ["data.fold=0", "data.split.folds=10"])["faults"])
+    assert any("8 cases are too few for 10 folds" in f
+               for f in faults_of(dataset[0], ["data.fold=0", "data.split.folds=10"])["faults"])
 
 
 def test_an_empty_label_is_allowed_and_counted(dataset):
@@ -182,5 +186,6 @@ def test_check_cli_reports_every_fault_at_once_and_train_refuses_in_one_line(dat
                             f"hydra.run.dir={run_dir}"], capture_output=True, text=True, cwd=project_root())
     assert train.returncode == 1
     last = train.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "(and 1 more: python -m pipeline.check" in last and "Traceback" not in train.stderr
+    assert (last.startswith("error: ") and "(and 1 more: python -m pipeline.check" in last
+            and "Traceback" not in train.stderr)
     assert not (run_dir / "checkpoints").exists()  # no partial output

@@ -1,4 +1,5 @@
-"""The command line as users type it: make passes overrides to Hydra unchanged; a multirun gives one MLflow run per job."""
+"""The command line as users type it: make passes overrides to Hydra unchanged;
+a multirun gives one MLflow run per job."""
 
 import os
 import subprocess
@@ -26,9 +27,11 @@ def test_multirun_gives_each_job_its_own_folder_and_mlflow_run(tiny_phantom, tmp
         "--multirun", "loss=dice,dicefocal", f"data.root={tiny_phantom}", *TINY, *TINY_MODEL["unet3d"],
         f"tracking.experiment={experiment}", f"hydra.sweep.dir={tmp_path}",
     ]
-    done = subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True, cwd=project_root())
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", *args],
+                          capture_output=True, text=True, cwd=project_root())
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "0" / "checkpoints" / "best.pt").exists() and (tmp_path / "1" / "checkpoints" / "best.pt").exists()
+    assert ((tmp_path / "0" / "checkpoints" / "best.pt").exists()
+            and (tmp_path / "1" / "checkpoints" / "best.pt").exists())
     mlflow.set_tracking_uri(mlflow_store)
     runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     assert sorted(r.info.run_name for r in runs) == ["UNet_Adam_DiceFocalLoss", "UNet_Adam_DiceLoss"]

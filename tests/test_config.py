@@ -20,7 +20,8 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_options():
-    for group in ["data", "transforms", "transforms/normalize", "transforms/augment", "model", "loss", "optimizer", "scheduler", "trainer", "tracking", "experiment", "hparams_search", "hydra/launcher"]:
+    for group in ["data", "transforms", "transforms/normalize", "transforms/augment", "model", "loss", "optimizer",
+                  "scheduler", "trainer", "tracking", "experiment", "hparams_search", "hydra/launcher"]:
         assert options(group), group
 
 
@@ -103,7 +104,8 @@ def test_training_transforms_give_patches_of_the_configured_size(augment, tiny_p
 
 
 def test_augmentations_switch_off_one_by_one(tiny_phantom, tmp_path):
-    cfg = tiny_config(tiny_phantom, tmp_path, overrides=["transforms.augment.noise=null", "transforms.augment.affine=null"])
+    cfg = tiny_config(tiny_phantom, tmp_path,
+                      overrides=["transforms.augment.noise=null", "transforms.augment.affine=null"])
     resolve_data(cfg)
     names = [type(t).__name__ for t in train_transforms(cfg).transforms]
     assert "RandGaussianNoised" not in names and "RandAffined" not in names and "RandFlipd" in names
@@ -118,7 +120,8 @@ def test_tracking_options_build(tracking, tmp_path):
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_options_compose_and_build(experiment, tmp_path):
-    cfg = compose_config("train", [f"experiment={experiment}", f"data.root={shared_dataset('msd_hippocampus')}"], tmp_path)
+    cfg = compose_config("train", [f"experiment={experiment}", f"data.root={shared_dataset('msd_hippocampus')}"],
+                         tmp_path)
     dataset = resolve_data(cfg)
     apply_plan(cfg, dataset.modalities, dataset.cases[:20])
     net = engine.for_inference(instantiate(cfg.model))  # as validation and inference run it (deep supervision off)

@@ -60,7 +60,8 @@ def test_folds_share_the_test_split_and_validate_every_other_case_once():
         assert not {c["image"] for c in f["train"]} & {c["image"] for c in f["val"] + f["test"]}
     with pytest.raises(InputError, match="data.fold=5"):
         split(cases, 0.15, 0.15, 0, folds=5, fold=5)
-    final = split(cases, val=0.15, test=0.15, seed=0, folds=5, fold="all")  # nnU-Net's "all": every non-test case trains
+    # nnU-Net's "all": every non-test case trains
+    final = split(cases, val=0.15, test=0.15, seed=0, folds=5, fold="all")
     assert final["test"] == test
     assert sorted(c["image"] for c in final["train"]) == sorted(validated)
     assert {c["image"] for c in final["val"]} <= {c["image"] for c in final["train"]} and final["val"]
@@ -71,13 +72,15 @@ def test_folder_pairs_are_read_by_matching_names(tiny_phantom, tmp_path):
     for name in ("phantom_000.nii.gz", "phantom_001.nii.gz"):
         (tmp_path / "images" / name).symlink_to(tiny_phantom / "imagesTr" / name)
         (tmp_path / "labels" / name).symlink_to(tiny_phantom / "labelsTr" / name)
-    cfg = compose_config("train", ["data=folders", f"data.root={tmp_path}", "data.class_names=[background,organ,lesion]"], tmp_path)
+    cfg = compose_config("train", ["data=folders", f"data.root={tmp_path}",
+                                   "data.class_names=[background,organ,lesion]"], tmp_path)
     dataset = resolve_data(cfg)
     assert [case_id(c) for c in dataset.cases] == ["phantom_000", "phantom_001"]
     assert cfg.data.num_classes == 3 and cfg.data.in_channels == 1
     (tmp_path / "labels" / "phantom_001.nii.gz").unlink()
     with pytest.raises(InputError, match="phantom_001.nii.gz: no label with the same name"):
-        resolve_data(compose_config("train", ["data=folders", f"data.root={tmp_path}", "data.class_names=[a,b,c]"], tmp_path))
+        resolve_data(compose_config("train", ["data=folders", f"data.root={tmp_path}", "data.class_names=[a,b,c]"],
+                                    tmp_path))
 
 
 def test_a_missing_data_root_is_an_error_and_nothing_is_generated(tmp_path):
@@ -104,7 +107,8 @@ def test_train_cli_reports_a_bad_data_root_in_one_line(tmp_path):
 
 
 def test_debug_true_shows_the_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pipeline.train", f"data.root={tmp_path}/nowhere", "tracking=none", "debug=true"],
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", f"data.root={tmp_path}/nowhere", "tracking=none",
+                           "debug=true"],
                           capture_output=True, text=True, cwd=project_root())
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "InputError" in done.stderr

@@ -31,7 +31,8 @@ DDP = [*TINY, *TINY_MODEL["unet3d"], "trainer=ddp", "trainer.max_epochs=3", "dat
 
 
 def torchrun(phantom: Path, run_dir: Path, overrides=(), resume: Path | None = None) -> dict:
-    """One 2-rank run in its own folder and MLflow experiment: the process, each rank's debug records, the experiment."""
+    """One 2-rank run in its own folder and MLflow experiment: the process, each rank's debug records, the
+    experiment."""
     experiment = f"ddp-{uuid.uuid4().hex[:8]}"
     launcher = Path(sys.executable).with_name("torchrun")
     launcher = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
@@ -39,7 +40,8 @@ def torchrun(phantom: Path, run_dir: Path, overrides=(), resume: Path | None = N
             f"paths.outputs={run_dir}/outputs"]
     if resume is not None:  # the checkpoint's own config; only the Hydra folder of this process is set
         args = [f"resume={resume}", f"hydra.run.dir={run_dir}"]
-    env = os.environ | {distributed.DEBUG_DIR: str(run_dir / "ddp_debug"), "OMP_NUM_THREADS": "1"}  # MLFLOW_TRACKING_URI too
+    # MLFLOW_TRACKING_URI too
+    env = os.environ | {distributed.DEBUG_DIR: str(run_dir / "ddp_debug"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*launcher, "--standalone", f"--nproc_per_node={WORLD}", "-m", "pipeline.train", *args],
                           cwd=project_root(), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -60,8 +62,10 @@ def ddp_run(tiny_phantom, tmp_path_factory, mlflow_store) -> dict:
 def test_ranks_share_the_cases_and_agree_on_every_metric(ddp_run):
     splits = json.loads((ddp_run["run_dir"] / "splits.json").read_text())
     (first,), (second,) = (of_kind(r, "shares") for r in ddp_run["records"])
-    assert len(first["train"]) == len(second["train"]) == 2 and sorted(first["train"] + second["train"]) == sorted(splits["train"])
-    assert [len(first["val"]), len(second["val"])] == [2, 1] and sorted(first["val"] + second["val"]) == sorted(splits["val"])
+    assert (len(first["train"]) == len(second["train"]) == 2
+            and sorted(first["train"] + second["train"]) == sorted(splits["train"]))
+    assert ([len(first["val"]), len(second["val"])] == [2, 1]
+            and sorted(first["val"] + second["val"]) == sorted(splits["val"]))
     ranks = [of_kind(r, "validation") for r in ddp_run["records"]]
     assert [len(v) for v in ranks] == [3, 3]  # val_every=1, 3 epochs
     assert [v[0]["cases"] for v in ranks] == [first["val"], second["val"]]
@@ -79,7 +83,8 @@ def test_uneven_shares_reduce_to_the_mean_over_every_volume(ddp_run):
             assert rows.shape == (3, 2)
             per_class = torch.nanmean(rows, 0)
             reduced = validations[0]["metrics"]
-            assert [reduced[f"val_{metric}_{c}"] for c in ("organ", "lesion")] == pytest.approx(per_class.tolist(), abs=1e-6)
+            assert ([reduced[f"val_{metric}_{c}"] for c in ("organ", "lesion")]
+                    == pytest.approx(per_class.tolist(), abs=1e-6))
             assert reduced[f"val_{metric}_mean"] == pytest.approx(float(torch.nanmean(per_class)), abs=1e-6)
 
 
@@ -116,10 +121,13 @@ def test_one_seed_gives_one_result_for_one_world_size(ddp_run, tiny_phantom, tmp
     again = torchrun(tiny_phantom, tmp_path)
     for r in range(WORLD):
         first, second = (of_kind(run["records"][r], "validation") for run in (ddp_run, again))
-        assert [v["metrics"]["val_dice_mean"] for v in second] == pytest.approx([v["metrics"]["val_dice_mean"] for v in first], abs=1e-6)
+        assert ([v["metrics"]["val_dice_mean"] for v in second]
+                == pytest.approx([v["metrics"]["val_dice_mean"] for v in first], abs=1e-6))
         first, second = (of_kind(run["records"][r], "epoch") for run in (ddp_run, again))
-        assert [e["log"]["train_loss"] for e in second] == pytest.approx([e["log"]["train_loss"] for e in first], abs=1e-6)
-    bests = [max(v["metrics"]["val_dice_mean"] for v in of_kind(run["records"][0], "validation")) for run in (ddp_run, again)]
+        assert ([e["log"]["train_loss"] for e in second]
+                == pytest.approx([e["log"]["train_loss"] for e in first], abs=1e-6))
+    bests = [max(v["metrics"]["val_dice_mean"] for v in of_kind(run["records"][0], "validation"))
+             for run in (ddp_run, again)]
     assert bests[1] == pytest.approx(bests[0], abs=1e-6)
 
 

@@ -118,8 +118,9 @@ def folder_run(tiny_phantom, tmp_path_factory):
     """One evaluation of hand-made predictions against the phantom's dataset.json (shared by the tests below)."""
     tmp = tmp_path_factory.mktemp("evaluate")
     ids = predictions_from_truth(tiny_phantom, tmp / "pred")
-    cfg = compose_config("evaluate", [f"pred={tmp / 'pred'}", f"truth={tiny_phantom / 'dataset.json'}", f"output={tmp / 'out'}",
-                                      "overlays=2", f"cases=[{ids[0]}]", "data.name=evaluate-test"], tmp)
+    cfg = compose_config("evaluate", [f"pred={tmp / 'pred'}", f"truth={tiny_phantom / 'dataset.json'}",
+                                      f"output={tmp / 'out'}", "overlays=2", f"cases=[{ids[0]}]",
+                                      "data.name=evaluate-test"], tmp)
     return evaluate(cfg), tmp / "out", ids
 
 
@@ -133,7 +134,8 @@ def test_folder_run_writes_csv_summary_overlays_and_postprocessing_advice(folder
     missed = next(r for r in rows if r["case"] == ids[2] and r["class"] == "lesion")
     assert (missed["dice"], missed["precision"], missed["empty"]) == ("0.0", "", "pred")  # NaN written as an empty cell
     dice_organ = [float(r["dice"]) for r in rows if r["class"] == "organ"]
-    assert json.loads((out / "summary.json").read_text())["classes"]["organ"]["dice"]["mean"] == pytest.approx(np.mean(dice_organ))
+    assert (json.loads((out / "summary.json").read_text())["classes"]["organ"]["dice"]["mean"]
+            == pytest.approx(np.mean(dice_organ)))
     assert summary["cases"] == 3
 
     # the spurious blob of class 1 goes with its largest component, so that option is recommended for class 1
@@ -158,7 +160,8 @@ def test_folder_run_is_one_new_mlflow_run(folder_run, mlflow_store):
     assert len(runs) == 1 and runs[0].data.tags["evaluation"] == "true"
     assert runs[0].data.metrics["eval_dice_organ"] == pytest.approx(folder_run[0]["classes"]["organ"]["dice"]["mean"])
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "evaluation")}
-    assert {"evaluation/per_case.csv", "evaluation/summary.json", "evaluation/report.html", "evaluation/overlays"} <= logged
+    assert {"evaluation/per_case.csv", "evaluation/summary.json", "evaluation/report.html",
+            "evaluation/overlays"} <= logged
 
 
 def chromium() -> str:
@@ -172,9 +175,11 @@ def chromium() -> str:
 
 def test_report_renders_in_headless_chromium(folder_run, tmp_path):
     _, out, ids = folder_run
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}", "--virtual-time-budget=5000"]
-    dom = subprocess.run([chromium(), *flags, "--dump-dom", (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}",
+             "--virtual-time-budget=5000"]
+    dom = subprocess.run([chromium(), *flags, "--dump-dom", (out / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
     # the page's own script counts, after load, the images the browser decoded and the rows of the per-case table
     assert 'data-images-decoded="3"' in dom, dom[:500]
     assert f'data-case-rows="{2 * len(ids)}"' in dom
@@ -184,7 +189,8 @@ def test_report_renders_in_headless_chromium(folder_run, tmp_path):
 def test_checkpoint_split_is_predicted_and_logged_into_the_training_run(tiny_phantom, tmp_path, mlflow_store):
     trained = train(tiny_config(tiny_phantom, tmp_path, overrides=["trainer.overlay_every=1"]))
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "overlays" / "epoch0001.png").is_file()
-    cfg = compose_config("evaluate", [f"ckpt={tmp_path / 'checkpoints' / 'best.pt'}", "split=test", f"output={tmp_path / 'eval'}"], tmp_path)
+    cfg = compose_config("evaluate", [f"ckpt={tmp_path / 'checkpoints' / 'best.pt'}", "split=test",
+                                      f"output={tmp_path / 'eval'}"], tmp_path)
     summary = evaluate(cfg)
     test_ids = json.loads((tmp_path / "splits.json").read_text())["test"]
     assert sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir()) == [f"{i}.nii.gz" for i in test_ids]
@@ -194,7 +200,8 @@ def test_checkpoint_split_is_predicted_and_logged_into_the_training_run(tiny_pha
     assert "test_hd95_mm_organ" in run.data.metrics
     logged = {a.path for a in mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id, "evaluation/test")}
     assert "evaluation/test/report.html" in logged
-    assert {"curves.png", "overlays"} <= {a.path for a in mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id)}
+    assert ({"curves.png", "overlays"}
+            <= {a.path for a in mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id)})
     assert "Training curves" in (tmp_path / "eval" / "report.html").read_text()
 
 
@@ -203,7 +210,8 @@ def test_bad_predictions_are_one_line_errors_naming_the_file(tiny_phantom, tmp_p
     spec = tiny_phantom / "dataset.json"
     wrong = tmp_path / "pred" / f"{ids[0]}.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), wrong)
-    cfg = compose_config("evaluate", [f"pred={tmp_path / 'pred'}", f"truth={spec}", f"output={tmp_path / 'out'}", "tracking=none"], tmp_path)
+    cfg = compose_config("evaluate", [f"pred={tmp_path / 'pred'}", f"truth={spec}", f"output={tmp_path / 'out'}",
+                                      "tracking=none"], tmp_path)
     with pytest.raises(InputError, match=f"{wrong}: grid"):
         evaluate(cfg)
     wrong.rename(tmp_path / "pred" / "stranger.nii.gz")
@@ -211,8 +219,9 @@ def test_bad_predictions_are_one_line_errors_naming_the_file(tiny_phantom, tmp_p
         evaluate(cfg)
     assert not (tmp_path / "out" / "per_case.csv").exists()  # nothing half-written
 
-    done = subprocess.run([sys.executable, "-m", "pipeline.evaluate", f"pred={tmp_path / 'nothing'}", f"truth={spec}", "tracking=none",
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=project_root())
+    done = subprocess.run([sys.executable, "-m", "pipeline.evaluate", f"pred={tmp_path / 'nothing'}", f"truth={spec}",
+                           "tracking=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, cwd=project_root())
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nothing'}: pred must be a folder of label maps"
 
@@ -230,4 +239,5 @@ def test_the_folds_of_a_multirun_are_scored_as_one_ensemble_on_the_test_split(ti
         [e.experiment_id for e in mlflow.MlflowClient(mlflow_store).search_experiments()], "tags.evaluation = 'true'")
     assert any(r.data.metrics.get("test_dice_mean") == pytest.approx(summary["mean"]["dice"]) for r in runs)
     with pytest.raises(InputError, match="val split differs"):  # each fold validates on its own cases
-        evaluate(compose_config("evaluate", [f"ckpt={tmp_path / 'cv'}", "split=val", f"output={tmp_path / 'val'}"], tmp_path))
+        evaluate(compose_config("evaluate", [f"ckpt={tmp_path / 'cv'}", "split=val", f"output={tmp_path / 'val'}"],
+                                tmp_path))

@@ -50,8 +50,10 @@ def test_onnx_and_torchscript_exports_agree_with_pytorch(tiny_phantom, tmp_path)
 
 @pytest.mark.parametrize("model", ["dynunet", "unetpp", "unet_valid", "attention_unet", "unetr"])
 def test_every_kind_of_network_exports_to_onnx_as_inference_runs_it(model, tmp_path):
-    """Deep supervision, mirror-padded valid convolutions, batch norm, transformers: ONNX Runtime gives PyTorch's logits."""
-    overrides = [f"model={model}", "data.in_channels=1", "data.num_classes=3", "data.patch_size=[32,32,16]", *TINY_MODEL[model]]
+    """Deep supervision, mirror-padded valid convolutions, batch norm, transformers: ONNX Runtime gives PyTorch's
+    logits."""
+    overrides = [f"model={model}", "data.in_channels=1", "data.num_classes=3", "data.patch_size=[32,32,16]",
+                 *TINY_MODEL[model]]
     cfg = compose_config("train", overrides + (["model.deep_supervision=true"] if model == "unetpp" else []), tmp_path)
     net = engine.for_inference(instantiate(cfg.model))
     path = export_model(net, OmegaConf.to_container(cfg, resolve=True), "onnx", tmp_path / "net.onnx")

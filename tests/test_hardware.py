@@ -43,7 +43,8 @@ def test_avx512_without_bf16_is_not_fooled_by_onednn_emulation(cpu):
     assert chosen.dtype is None and chosen.reason == "CPU has AVX512, no native bf16"
 
 
-@pytest.mark.parametrize("flags,has", [({"avx512_bf16": True}, "AVX512-BF16"), ({"amx": True, "avx512_bf16": True}, "AMX")])
+@pytest.mark.parametrize("flags,has", [({"avx512_bf16": True}, "AVX512-BF16"),
+                                       ({"amx": True, "avx512_bf16": True}, "AMX")])
 def test_native_bf16_cpu_trains_in_bf16_but_infers_in_fp32(cpu, flags, has):
     cpu(aten="AVX512", mkldnn_bf16=True, **flags)
     train = hardware.resolve("auto", CPU)
@@ -57,7 +58,8 @@ def test_onednn_isa_limit_below_bf16_means_fp32(cpu, monkeypatch, var):
     cpu(aten="AVX512", avx512_bf16=True)
     monkeypatch.setenv(var, "avx2")
     chosen = hardware.resolve("auto", CPU)
-    assert chosen.dtype is None and chosen.reason == "CPU has AVX512-BF16, but ONEDNN_MAX_CPU_ISA=avx2 keeps oneDNN from it"
+    assert (chosen.dtype is None
+            and chosen.reason == "CPU has AVX512-BF16, but ONEDNN_MAX_CPU_ISA=avx2 keeps oneDNN from it")
     monkeypatch.setenv(var, "AVX512_CORE_AMX")  # a limit at or above bf16 changes nothing
     assert hardware.resolve("auto", CPU).dtype == torch.bfloat16
 

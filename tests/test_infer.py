@@ -78,7 +78,8 @@ def test_auto_backend_runs_openvino_on_a_cpu_in_fp32_with_the_labels_of_torch(ti
 def test_resampling_is_inverted_onto_the_input_grid(threshold_ckpt, tmp_path):
     (tmp_path / "in").mkdir()
     src = write_volume(tmp_path / "in" / "case.nii")
-    [out] = infer(threshold_ckpt(["data.spacing=[1.5,1.5,1.5]"]), tmp_path / "in" / "case.nii", tmp_path / "out", amp=False)["written"]
+    [out] = infer(threshold_ckpt(["data.spacing=[1.5,1.5,1.5]"]), tmp_path / "in" / "case.nii", tmp_path / "out",
+                  amp=False)["written"]
     pred = nib.load(out)
     assert pred.shape == src.shape
     np.testing.assert_allclose(pred.affine, src.affine, atol=1e-6)
@@ -98,7 +99,8 @@ def test_refuses_to_overwrite_its_input(threshold_ckpt, tmp_path):
 
 
 def run_infer_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.infer", *args], capture_output=True, text=True, cwd=project_root())
+    return subprocess.run([sys.executable, "-m", "pipeline.infer", *args],
+                          capture_output=True, text=True, cwd=project_root())
 
 
 def test_cli_on_a_trained_checkpoint_and_on_a_missing_one(tiny_phantom, tmp_path):
@@ -121,7 +123,8 @@ def test_hippocampus_checkpoint_predicts_on_the_input_grid(tmp_path):
     """The issue's acceptance path on real MRI: train via data.root on MSD hippocampus, infer, same affine."""
     subset = hippocampus_subset(tmp_path / "hippo", 8)
     image = subset / json.loads((subset / "dataset.json").read_text())["training"][-1]["image"]
-    cfg = tiny_config(subset, tmp_path, overrides=["experiment=hippocampus", "tracking=none", "trainer.max_epochs=1", "data.batch_size=2"])
+    cfg = tiny_config(subset, tmp_path, overrides=["experiment=hippocampus", "tracking=none", "trainer.max_epochs=1",
+                                                   "data.batch_size=2"])
     train(cfg)
     [out] = infer(tmp_path / "checkpoints" / "best.pt", image, tmp_path / "pred")["written"]
     pred, ref = nib.load(out), nib.load(image)

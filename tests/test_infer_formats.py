@@ -74,7 +74,8 @@ def test_tta_and_ensembles_change_nothing_for_a_flip_invariant_model(threshold_c
     sitk.WriteImage(oblique_sitk(), str(src))
     ckpt = threshold_ckpt()
     plain = infer(ckpt, src, tmp_path / "plain", amp=False, save_probabilities=True)["written"][0]
-    both = infer([ckpt, ckpt], src, tmp_path / "both", amp=False, tta=True, save_probabilities=True, uncertainty="variance")["written"][0]
+    both = infer([ckpt, ckpt], src, tmp_path / "both", amp=False, tta=True, save_probabilities=True,
+                 uncertainty="variance")["written"][0]
     np.testing.assert_array_equal(nib.load(plain).get_fdata(), nib.load(both).get_fdata())
     p0 = np.load(tmp_path / "plain" / "case_probabilities.npz")["probabilities"]
     p1 = np.load(tmp_path / "both" / "case_probabilities.npz")["probabilities"]
@@ -106,8 +107,8 @@ def test_folder_run_skips_existing_goes_on_after_a_bad_file_and_exits_nonzero(th
     (inputs / "b.nii.gz").write_bytes(b"not a nifti at all")
     assert [v.path.name for v in find_inputs(inputs)] == ["a.nrrd", "b.nii.gz", "c.mha"]
     ckpt = threshold_ckpt()
-    first = subprocess.run([sys.executable, "-m", "pipeline.infer", f"ckpt={ckpt}", f"input={inputs}", f"output={tmp_path}/out",
-                            "amp=false"], capture_output=True, text=True, cwd=project_root())
+    first = subprocess.run([sys.executable, "-m", "pipeline.infer", f"ckpt={ckpt}", f"input={inputs}",
+                            f"output={tmp_path}/out", "amp=false"], capture_output=True, text=True, cwd=project_root())
     assert first.returncode == 1
     assert "b.nii.gz: not a readable image" in first.stderr
     assert first.stderr.strip().splitlines()[-1].startswith("error: 1 of 3 inputs failed")

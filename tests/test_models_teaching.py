@@ -203,7 +203,8 @@ def test_norm_and_dropout_options_change_the_modules(name, spatial_dims):
     batch = kinds(build(name, spatial_dims, norm="batch"))
     assert norms[1] in batch and norms[0] not in batch
     assert dropout in kinds(build(name, spatial_dims, dropout=0.2))
-    assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in build(name, spatial_dims, norm="none").modules())
+    assert not any(isinstance(m, nn.modules.batchnorm._NormBase)
+                   for m in build(name, spatial_dims, norm="none").modules())
 
 
 def test_the_2015_original_without_norm_has_conv_biases_and_relus():
@@ -224,7 +225,8 @@ def test_bad_options_are_refused(name):
 def test_conv3dnet_keeps_its_state_dict_keys():
     """Checkpoints of Conv3DNet from before the blocks went 2D/3D-generic still load."""
     keys = list(Conv3DNet(1, 2, channels=(4, 8)).state_dict())
-    block = ["body.0.weight", "body.1.weight", "body.1.bias", "body.3.weight", "body.4.weight", "body.4.bias", "skip.weight"]
+    block = ["body.0.weight", "body.1.weight", "body.1.bias", "body.3.weight", "body.4.weight", "body.4.bias",
+             "skip.weight"]
     assert keys == [
         *(f"stem.{k}" for k in block), "down.0.weight", "down.0.bias", *(f"encoders.0.{k}" for k in block),
         "up.0.weight", "up.0.bias", *(f"decoders.0.{k}" for k in block), "head.weight", "head.bias",

@@ -34,7 +34,8 @@ def test_fingerprint_reports_ras_geometry_and_foreground_statistics(tiny_phantom
     fp = fingerprint(read_msd(tiny_phantom).cases, tmp_path)
     assert fp["num_cases"] == 8
     assert fp["median_spacing"] == [1.0, 1.0, 2.5]
-    assert len(fp["class_frequency"]) == 3 and fp["class_frequency"][0] > fp["class_frequency"][1] > fp["class_frequency"][2]
+    assert (len(fp["class_frequency"]) == 3
+            and fp["class_frequency"][0] > fp["class_frequency"][1] > fp["class_frequency"][2])
     i = fp["intensity"][0]
     assert 60 < i["p50"] < 180 and i["p0.5"] < i["p50"] < i["p99.5"]  # organ ~160, lesions ~75, under bias and noise
 
@@ -64,7 +65,8 @@ def test_plan_shrinks_the_relatively_largest_side_and_resamples_anisotropic_data
 def test_network_topology_follows_nnunets_rule():
     # hippocampus: 40 -> 20 -> 10 -> 5 and 56 -> 28 -> 14 -> 7 (odd: no further halving), isotropic: 3x3x3 throughout
     iso = topology([40, 56, 40], [1.0, 1.0, 1.0])
-    assert iso["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]] and iso["upsample_kernel_size"] == iso["strides"][1:]
+    assert (iso["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+            and iso["upsample_kernel_size"] == iso["strides"][1:])
     assert iso["kernel_size"] == [[3, 3, 3]] * 4 and iso["filters"] == [16, 32, 64, 128]
     # 2.5 mm slices under 0.8 mm pixels: in-plane first (kernel 1 and no pooling along z until x, y reach 1.6 mm),
     # then every axis down to 4 voxels
@@ -96,6 +98,7 @@ def test_short_planned_training_on_real_hippocampus_improves_dice(tmp_path, mlfl
     result = train(cfg)
     assert list(cfg.data.patch_size) == [40, 56, 40] and cfg.data.spacing is None  # planned; batch size kept
     assert cfg.transforms.normalize._target_ == "monai.transforms.NormalizeIntensityd"
-    history = sorted(mlflow.MlflowClient(mlflow_store).get_metric_history(result["run_id"], "val_dice_mean"), key=lambda m: m.step)
+    history = sorted(mlflow.MlflowClient(mlflow_store).get_metric_history(result["run_id"], "val_dice_mean"),
+                     key=lambda m: m.step)
     assert len(history) == 6
     assert history[-1].value > history[0].value + 0.1, [round(m.value, 3) for m in history]

@@ -27,12 +27,14 @@ def history(store: str, run_id: str, key: str) -> list[float]:
 
 
 def test_two_runs_with_one_seed_are_identical(tiny_phantom, tmp_path, mlflow_store):
-    runs = [train(tiny_config(tiny_phantom, tmp_path / name, overrides=DETERMINISTIC[:2] + ["trainer.max_epochs=2"])) for name in "ab"]
+    runs = [train(tiny_config(tiny_phantom, tmp_path / name, overrides=DETERMINISTIC[:2] + ["trainer.max_epochs=2"]))
+            for name in "ab"]
     assert runs[0]["step_losses"] == runs[1]["step_losses"]
     for key in ("train_loss", "val_dice_mean", "val_iou_lesion"):
         assert history(mlflow_store, runs[0]["run_id"], key) == history(mlflow_store, runs[1]["run_id"], key)
     tags = mlflow.MlflowClient(mlflow_store).get_run(runs[0]["run_id"]).data.tags
-    assert {"git_commit", "git_dirty", "data_fingerprint", "torch", "monai", "python", "seed", "device", "amp"} <= tags.keys()
+    assert {"git_commit", "git_dirty", "data_fingerprint", "torch", "monai", "python", "seed", "device",
+            "amp"} <= tags.keys()
     assert tags["torch"] == torch.__version__
 
 
@@ -53,13 +55,15 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tiny_phantom, tmp_path, ml
     killed_at = checkpoint.load(last)["epoch"]
     assert 2 <= killed_at < 4, "the run finished before it could be killed"
 
-    train(OmegaConf.create({"resume": str(last)}))  # `make train resume=<last.pt>`, in this process: a start costs ~10 s
+    # `make train resume=<last.pt>`, in this process: a start costs ~10 s
+    train(OmegaConf.create({"resume": str(last)}))
     resumed = checkpoint.load(last)
     assert resumed["epoch"] == 4
     run_id = resumed["run_id"]
     assert mlflow.MlflowClient(mlflow_store).get_run(run_id).info.status == "FINISHED"
     for key in ("train_loss", "val_dice_mean", "lr"):
-        assert history(mlflow_store, run_id, key)[-1] == pytest.approx(history(mlflow_store, unbroken["run_id"], key)[-1], abs=1e-6), key
+        assert (history(mlflow_store, run_id, key)[-1]
+                == pytest.approx(history(mlflow_store, unbroken["run_id"], key)[-1], abs=1e-6)), key
     steps = [m.step for m in mlflow.MlflowClient(mlflow_store).get_metric_history(run_id, "train_loss")]
     assert sorted(set(steps)) == [1, 2, 3, 4]  # one MLflow run, the epoch counter carried on
 

@@ -12,7 +12,8 @@ from tests.conftest import TINY, TINY_MODEL
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True, cwd=project_root())
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", *args],
+                          capture_output=True, text=True, cwd=project_root())
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -42,7 +43,8 @@ def test_optuna_search_maximizes_the_best_val_dice_that_train_returns(tiny_phant
 def test_submitit_local_launcher_runs_each_job_in_its_own_process(tiny_phantom, tmp_path, mlflow_store):
     experiment = f"submitit-{tmp_path.name}"
     run_train("--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "loss=dice,dicefocal",
-              f"data.root={tiny_phantom}", *TINY, *TINY_MODEL["unet3d"], f"tracking.experiment={experiment}", f"hydra.sweep.dir={tmp_path}")
+              f"data.root={tiny_phantom}", *TINY, *TINY_MODEL["unet3d"], f"tracking.experiment={experiment}",
+              f"hydra.sweep.dir={tmp_path}")
     runs = sweep_runs(mlflow_store, experiment)
     assert sorted(r.info.run_name for r in runs) == ["UNet_Adam_DiceFocalLoss", "UNet_Adam_DiceLoss"]
     assert all(r.info.status == "FINISHED" for r in runs)

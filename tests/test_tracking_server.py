@@ -45,11 +45,13 @@ class Server:
         self.log = root / "server.log"
         root.mkdir(parents=True, exist_ok=True)
         command = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--serve-artifacts",
-                   "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+                   "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
+                   "--workers", "1"]
         env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process beside the worker
         with self.log.open("w") as log:
             # A session of its own: the server's uvicorn worker is a child; kill() ends the whole group.
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env,
+                                            start_new_session=True)
         deadline = time.monotonic() + 120
         while True:
             with contextlib.suppress(OSError):  # not listening yet
@@ -62,7 +64,8 @@ class Server:
             time.sleep(0.25)
 
     def get(self, endpoint: str, **query) -> dict:
-        with urllib.request.urlopen(f"{self.uri}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as r:
+        with urllib.request.urlopen(f"{self.uri}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}",
+                                    timeout=30) as r:
             return json.load(r)
 
     def kill(self) -> None:
@@ -120,8 +123,8 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_training_through_a_server_is_read_back_over_rest_registered_and_fetched(server, tiny_phantom, tmp_path, trackers,
-                                                                                 monkeypatch):
+def test_training_through_a_server_is_read_back_over_rest_registered_and_fetched(server, tiny_phantom, tmp_path,
+                                                                                 trackers, monkeypatch):
     srv = server()
     run_dir = tmp_path / "run"
     cfg = tiny_config(tiny_phantom, run_dir, overrides=[f"tracking.uri={srv.uri}", "tracking.register=true",
@@ -150,7 +153,8 @@ def test_training_through_a_server_is_read_back_over_rest_registered_and_fetched
     model_uri = "models:/phantom-seg/1" if registered else tracker.register(best)
     assert model_uri == "models:/phantom-seg/1"
     version = srv.get("model-versions/get", name="phantom-seg", version="1")["model_version"]
-    assert version["run_id"] == result["run_id"] and version["source"] == f"runs:/{result['run_id']}/checkpoints/best.pt"
+    assert (version["run_id"] == result["run_id"]
+            and version["source"] == f"runs:/{result['run_id']}/checkpoints/best.pt")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
     for uri in (model_uri, "models:/phantom-seg/latest"):
@@ -176,7 +180,8 @@ def test_a_server_gone_mid_run_warns_once_and_training_finishes(server, tiny_pha
 
     monkeypatch.setattr(MLflowTracker, "log_metrics", then_kill)
     run_dir = tmp_path / "run"
-    cfg = tiny_config(tiny_phantom, run_dir, overrides=[f"tracking.uri={srv.uri}", "trainer.max_epochs=3", "tracking.register=true"])
+    cfg = tiny_config(tiny_phantom, run_dir,
+                      overrides=[f"tracking.uri={srv.uri}", "trainer.max_epochs=3", "tracking.register=true"])
     result = train(cfg)  # returns normally
     after_kill = time.monotonic() - killed["at"]
 
@@ -203,9 +208,11 @@ def test_no_server_at_start_warns_once_and_trains_untracked(tiny_phantom, tmp_pa
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_SETTINGS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
 
 
-def test_register_on_the_sqlite_store_and_infer_resolves_models_uri(tiny_phantom, tmp_path, trackers, mlflow_store, monkeypatch):
+def test_register_on_the_sqlite_store_and_infer_resolves_models_uri(tiny_phantom, tmp_path, trackers, mlflow_store,
+                                                                    monkeypatch):
     name = f"phantom-{uuid.uuid4().hex[:8]}"
-    result = train(tiny_config(tiny_phantom, tmp_path, overrides=["tracking.register=true", f"tracking.model_name={name}"]))
+    result = train(tiny_config(tiny_phantom, tmp_path,
+                               overrides=["tracking.register=true", f"tracking.model_name={name}"]))
     (tracker,) = trackers
     best = tmp_path / "checkpoints" / "best.pt"
     existing = mlflow.MlflowClient(mlflow_store).search_model_versions(f"name = '{name}'")
@@ -218,7 +225,8 @@ def test_register_on_the_sqlite_store_and_infer_resolves_models_uri(tiny_phantom
     assert {"config.yaml", "splits.json", "checkpoints"} <= {a.path for a in client.list_artifacts(result["run_id"])}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     paths = checkpoints([model_uri, str(best)], cache=tmp_path / "registry")  # an ensemble may mix both
-    assert len(paths) == 2 and same_weights(checkpoint.load(paths[0])["state_dict"], checkpoint.load(best)["state_dict"])
+    assert len(paths) == 2 and same_weights(checkpoint.load(paths[0])["state_dict"],
+                                            checkpoint.load(best)["state_dict"])
 
 
 @pytest.mark.slow
@@ -231,12 +239,14 @@ def test_infer_cli_takes_a_models_uri(tiny_phantom, tmp_path, trackers, mlflow_s
     cache = project_root() / "outputs" / "registry" / name  # the CLI's default cache: removed afterwards
     try:
         for ckpt, rc in ((f"models:/{name}/latest", 0), (f"models:/{name}/2", 1)):
-            done = subprocess.run([sys.executable, "-m", "pipeline.infer", f"ckpt={ckpt}", f"input={image}", f"output={tmp_path}/pred",
-                                   f"hydra.run.dir={tmp_path}/hydra"], capture_output=True, text=True, cwd=project_root(),
+            done = subprocess.run([sys.executable, "-m", "pipeline.infer", f"ckpt={ckpt}", f"input={image}",
+                                   f"output={tmp_path}/pred", f"hydra.run.dir={tmp_path}/hydra"],
+                                  capture_output=True, text=True, cwd=project_root(),
                                   env=os.environ | {"MLFLOW_TRACKING_URI": mlflow_store})
             assert done.returncode == rc, done.stderr[-2000:]
         assert (tmp_path / "pred" / image.name).is_file() and (cache / "1" / "best.pt").is_file()
-        assert done.stderr.strip().splitlines()[-1].startswith(f"error: models:/{name}/2: cannot fetch it from the registry")
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: models:/{name}/2: "
+                                                               "cannot fetch it from the registry")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         if cache.parent.is_dir() and not any(cache.parent.iterdir()):

@@ -41,7 +41,8 @@ def test_one_epoch_trains_checkpoints_and_tracks(model, loss, tiny_phantom, tmp_
     run = mlflow.get_run(result["run_id"])
     assert run.info.run_name == result["run_name"] == RUN_NAMES[model, loss]
     assert run.info.status == "FINISHED"
-    for key in ("train_loss", "lr", "epoch_time", "val_dice_mean", "val_iou_mean", "val_dice_organ", "val_dice_lesion", "val_iou_lesion"):
+    for key in ("train_loss", "lr", "epoch_time", "val_dice_mean", "val_iou_mean", "val_dice_organ", "val_dice_lesion",
+                "val_iou_lesion"):
         assert key in run.data.metrics, key
     assert run.data.metrics["val_dice_mean"] == pytest.approx(result["best"]["val_dice_mean"])
     assert run.data.params["loss._target_"] == cfg.loss._target_
@@ -65,7 +66,8 @@ def test_tracking_none_still_trains(tiny_phantom, tmp_path):
 
 
 def test_cosine_schedule_lowers_the_learning_rate(tiny_phantom, tmp_path, mlflow_store):
-    result = train(tiny_config(tiny_phantom, tmp_path, overrides=["scheduler=cosine", "optimizer.lr=0.001", "trainer.max_epochs=2", "trainer.val_every=2"]))
+    result = train(tiny_config(tiny_phantom, tmp_path, overrides=["scheduler=cosine", "optimizer.lr=0.001",
+                                                                  "trainer.max_epochs=2", "trainer.val_every=2"]))
     history = mlflow.MlflowClient(mlflow_store).get_metric_history(result["run_id"], "lr")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([1e-3, 0.5 * (1e-3 + 1e-6)])
 
@@ -83,7 +85,8 @@ def test_budget_estimate_leaves_out_the_first_epoch_and_caps_at_max_epochs():
 @pytest.mark.parametrize("name", ["cosine", "onecycle", "poly", "warmup_cosine"])
 def test_a_rebuilt_schedule_continues_as_if_built_for_that_length(name, tmp_path):
     def schedule(epochs):
-        cfg = compose_config("train", [f"scheduler={name}", f"trainer.max_epochs={epochs}", "optimizer.lr=0.01"], tmp_path)
+        cfg = compose_config("train", [f"scheduler={name}", f"trainer.max_epochs={epochs}", "optimizer.lr=0.01"],
+                             tmp_path)
         return instantiate(cfg.scheduler)(optimizer)
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
@@ -113,7 +116,8 @@ def test_a_rebuilt_schedule_continues_as_if_built_for_that_length(name, tmp_path
 def test_a_time_budget_ends_the_schedule_at_the_budget(tiny_phantom, tmp_path, monkeypatch):
     clock = iter(range(0, 10_000, 5))  # every clock reading 5 s later: each epoch "takes" 5 s (start, end)
     monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
-    overrides = ["tracking=none", "scheduler=cosine", "trainer.max_epochs=1000", "trainer.max_minutes=0.5", "trainer.val_every=100",
+    overrides = ["tracking=none", "scheduler=cosine", "trainer.max_epochs=1000", "trainer.max_minutes=0.5",
+                 "trainer.val_every=100",
                  "trainer.val_minutes=[0.2]"]  # validate once 12 s of training have passed, and after the last epoch
     result = train(tiny_config(tiny_phantom, tmp_path, overrides=overrides))
     assert result["epochs"] == 6  # 30 s of 5 s epochs, though max_epochs allowed 1000
