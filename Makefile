@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 OVERRIDES := $(foreach o,$(call reverse,$(MAKEOVERRIDES)),'$(o)')
 
-.PHONY: install train cv infer sweep evaluate test test-slow bench mlflow-ui mlflow-server data clean
+.PHONY: install train cv infer sweep evaluate test test-slow lint bench mlflow-ui mlflow-server data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(OVERRIDES)
+
+# ruff, pinned in pyproject.toml with its rules and the 120-character line length
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests bench
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

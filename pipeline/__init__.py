@@ -21,7 +21,8 @@ def out_channels(num_classes: int | None, activation: str) -> int | None:
         return num_classes
     if activation == "sigmoid":
         if num_classes != 2:
-            raise ValueError(f"activation=sigmoid (loss=bce/bce_tv) is for binary data; data.num_classes is {num_classes}")
+            raise ValueError(f"activation=sigmoid (loss=bce/bce_tv) is for binary data; "
+                             f"data.num_classes is {num_classes}")
         return 1
     raise ValueError(f"activation={activation}: must be softmax or sigmoid")
 

@@ -31,7 +31,8 @@ def read(path: str) -> tuple[nib.Nifti1Image | None, np.ndarray | None, str | No
         text = str(err).lower()
         if isinstance(err, (gzip.BadGzipFile, zlib.error)) or "gzip" in text or "crc" in text:
             reason = "corrupt gzip"
-        elif isinstance(err, EOFError) or any(w in text for w in ("truncat", "end of", "too short", "damaged", "cannot reshape")):
+        elif isinstance(err, EOFError) or any(w in text for w in ("truncat", "end of", "too short", "damaged",
+                                                                  "cannot reshape")):
             reason = "truncated file"
         else:
             reason = "not a NIfTI image"
@@ -104,7 +105,8 @@ def main(cfg: DictConfig) -> None:
     report = check(cfg)
     for fault in report["faults"]:
         print(f"error: {fault}", file=sys.stderr)
-    print(f"{cfg.data.root}: {report['cases']} cases, {len(report['faults'])} faults, {len(report['empty'])} empty labels (allowed)")
+    print(f"{cfg.data.root}: {report['cases']} cases, {len(report['faults'])} faults, "
+          f"{len(report['empty'])} empty labels (allowed)")
     if report["faults"]:
         sys.exit(1)
 

@@ -62,7 +62,8 @@ def rng_state(transform=None) -> dict:
         "python": random.getstate(),
         "numpy": _numpy_state(np.random.get_state()),
         "torch": torch.get_rng_state(),
-        "transforms": [_numpy_state(t.R.get_state()) for t in _randomizable(transform)] if transform is not None else [],
+        "transforms": ([_numpy_state(t.R.get_state()) for t in _randomizable(transform)]
+                       if transform is not None else []),
     }
 
 

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import nibabel as nib
 import torch
-from omegaconf import DictConfig
 from monai.losses import DeepSupervisionLoss
+from omegaconf import DictConfig
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint, distributed, plots
 from pipeline.data.sources import case_id
-from pipeline.io import ras_spacing
-from pipeline.models.teaching import MirrorPadded, centre_crop
-from pipeline.metrics import SegmentationScores
 from pipeline.hardware import Precision, autocast, channels_last
+from pipeline.io import ras_spacing
+from pipeline.metrics import SegmentationScores
+from pipeline.models.teaching import MirrorPadded, centre_crop
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -191,12 +191,14 @@ def fit(
         model.train()
         start, losses = time.perf_counter(), []
         optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=quiet), start=1):
+        for i, batch in enumerate(tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=quiet),
+                                  start=1):
             stepping = i % accumulate == 0 or i == len(train_loader)
             with distributed.local_gradients(net, not stepping):
                 loss = batch_loss(net, batch, supervised, device, dtype)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"epoch {epoch}: loss is {loss.item()}; lower optimizer.lr or set trainer.amp=false")
+                    raise FloatingPointError(f"epoch {epoch}: loss is {loss.item()}; "
+                                             "lower optimizer.lr or set trainer.amp=false")
                 # Gradients of `accumulate` batches add up before one step: the mean over a k-times larger batch.
                 scaler.scale(loss / accumulate).backward()
             if stepping:
@@ -212,10 +214,12 @@ def fit(
         train_seconds += epoch_seconds[-1]
         if (fitted := budgeted_epochs(trainer, epoch, train_seconds, epoch_seconds)) is not None:
             if len(epoch_seconds) == 2 and not quiet:  # the first estimate without the first epoch's one-off costs
-                tqdm.write(f"trainer.max_minutes={trainer.max_minutes}: {fitted} epochs fit ({epoch_seconds[-1]:.1f} s each); "
+                tqdm.write(f"trainer.max_minutes={trainer.max_minutes}: {fitted} epochs fit "
+                           f"({epoch_seconds[-1]:.1f} s each); "
                            f"the learning-rate schedule ends there")
             end, epochs.total = fitted, fitted
-        out_of_time = fitted is None and trainer.get("max_minutes") is not None and train_seconds >= 60 * trainer.max_minutes
+        out_of_time = (fitted is None and trainer.get("max_minutes") is not None
+                       and train_seconds >= 60 * trainer.max_minutes)
         log = {
             "train_loss": distributed.mean(sum(losses), len(losses)),  # over every rank's steps
             "lr": optimizer.param_groups[0]["lr"],
@@ -224,11 +228,13 @@ def fit(
         }
 
         # trainer.val_minutes: also validate at the first epoch end past each of these training minutes (a curve)
-        passed = any(train_seconds - epoch_seconds[-1] < 60 * m <= train_seconds for m in trainer.get("val_minutes") or [])
+        passed = any(train_seconds - epoch_seconds[-1] < 60 * m <= train_seconds
+                     for m in trainer.get("val_minutes") or [])
         if epoch % trainer.val_every == 0 or epoch >= end or out_of_time or passed:
             log.update(validate(model, val_loader, inferer, scores, device, dtype))
             per_class = ", ".join(f"{n} {log[f'val_dice_{n}']:.3f}" for n in class_names[1:])
-            tqdm.write(f"epoch {epoch:3d}  loss {log['train_loss']:.4f}  val dice {log['val_dice_mean']:.3f} ({per_class})  iou {log['val_iou_mean']:.3f}")
+            tqdm.write(f"epoch {epoch:3d}  loss {log['train_loss']:.4f}  val dice {log['val_dice_mean']:.3f} "
+                       f"({per_class})  iou {log['val_iou_mean']:.3f}")
             if trainer.get("overlay_every") and epoch % trainer.overlay_every == 0 and distributed.is_main():
                 spacing = config["data"]["spacing"] or ras_spacing(nib.load(val_loader.dataset.data[0]["image"]).affine)
                 png = validation_overlay(model, val_loader, inferer, class_names, spacing, device, dtype,
@@ -240,11 +246,12 @@ def fit(
             if log["val_dice_mean"] > best["val_dice_mean"]:
                 best = {k: v for k, v in log.items() if k.startswith("val_")} | {"epoch": epoch}
                 if distributed.is_main():
-                    checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best, run_id=tracker.run_id,
-                                    precision=precision.record())
+                    checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best,
+                                    run_id=tracker.run_id, precision=precision.record())
         if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step()
-            if schedule is not None and scheduled != end and epoch < end:  # the run's length changed: so does the schedule
+            # the run's length changed: so does the schedule
+            if schedule is not None and scheduled != end and epoch < end:
                 scheduler, scheduled = reschedule(schedule, optimizer, end, epoch), end
         log["epoch_time"] = time.perf_counter() - start
 
@@ -257,7 +264,8 @@ def fit(
         if distributed.is_main():
             checkpoint.save(
                 ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best, train_minutes=train_seconds / 60,
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict(),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None,
+                scaler=scaler.state_dict(),
                 rng=rng, run_id=tracker.run_id, history=history, stale=stale, precision=precision.record(),
                 end_epoch=end, epoch_seconds=epoch_seconds,
             )
@@ -266,8 +274,10 @@ def fit(
             tqdm.write(f"stopping after epoch {epoch}: trainer.max_minutes={trainer.max_minutes} of training reached")
             break
         if stop.get("patience") and stale >= stop["patience"]:
-            tqdm.write(f"early stopping after epoch {epoch}: val Dice has not risen by more than {stop.get('min_delta', 0.0)} "
+            tqdm.write(f"early stopping after epoch {epoch}: val Dice has not risen by more than "
+                       f"{stop.get('min_delta', 0.0)} "
                        f"for {stale} validations (best {best['val_dice_mean']:.4f} at epoch {best['epoch']})")
             break
     epochs.close()
-    return {"best": best, "step_losses": step_losses, "history": history, "epochs": epoch, "train_minutes": train_seconds / 60}
+    return {"best": best, "step_losses": step_losses, "history": history, "epochs": epoch,
+            "train_minutes": train_seconds / 60}

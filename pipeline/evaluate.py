@@ -1,7 +1,7 @@
 """Evaluation entry point: score predicted label maps against ground truth, per case and class.
 
     python -m pipeline.evaluate pred=<folder> truth=<folder or dataset.json>   # predictions already made
-    python -m pipeline.evaluate ckpt=<best.pt> split=test                     # predict a split of the checkpoint's data first
+    python -m pipeline.evaluate ckpt=<best.pt> split=test   # predict a split of the checkpoint's data first
 
 Writes per_case.csv, summary.json, overlay PNGs, report.html and (optionally) postprocessing.json into `output`,
 prints a table, and logs everything to MLflow: into the run that trained the checkpoint when it is known, else into a
@@ -95,19 +95,22 @@ def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictCo
     run rather than to one member's."""
     bundle = checkpoint.load(members[0])
     data = OmegaConf.create(bundle["config"]).data
-    dataset = read_msd(data.root) if data.layout == "msd" else read_folders(data.root, data.images, data.labels, data.class_names)
+    dataset = (read_msd(data.root) if data.layout == "msd"
+               else read_folders(data.root, data.images, data.labels, data.class_names))
     by_id = {case_id(c): c for c in dataset.cases}
     ids = None
     for member in members:
         # The run's own record of its split (splits.json beside checkpoints/) decides; it also survives a changed seed.
         splits_file = member.parent.parent / "splits.json"
         if not splits_file.is_file():
-            raise InputError(f"{splits_file}: not found; split= needs the splits.json that training writes beside checkpoints/")
+            raise InputError(f"{splits_file}: not found; "
+                             "split= needs the splits.json that training writes beside checkpoints/")
         recorded = json.loads(splits_file.read_text())
         if not recorded.get(split_name):
             raise InputError(f"{splits_file}: split {split_name!r} is missing or empty (have: {', '.join(recorded)})")
         if ids is not None and recorded[split_name] != ids:
-            raise InputError(f"{splits_file}: its {split_name} split differs from {members[0].parent.parent / 'splits.json'}'s; "
+            raise InputError(f"{splits_file}: its {split_name} split differs from "
+                             f"{members[0].parent.parent / 'splits.json'}'s; "
                              f"an ensemble is scored on cases every member held out (split=test for the k folds)")
         ids = recorded[split_name]
     if len(members) > 1:
@@ -121,7 +124,8 @@ def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictCo
                    overwrite=True, postprocessing=OmegaConf.to_container(cfg.postprocess))
     if result["failed"]:
         raise InputError(next(iter(result["failed"].values())))
-    return [Case(case_id(c), predictions / f"{case_id(c)}.nii.gz", Path(c["label"]), Path(c["image"])) for c in cases], bundle
+    return [Case(case_id(c), predictions / f"{case_id(c)}.nii.gz", Path(c["label"]), Path(c["image"]))
+            for c in cases], bundle
 
 
 def load_pair(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -129,11 +133,13 @@ def load_pair(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.
     pred, pred_affine = read_array(case.pred)
     truth, affine = read_array(case.truth)
     if pred.shape != truth.shape or not np.allclose(pred_affine, affine, atol=1e-3):
-        raise InputError(f"{case.pred}: grid {pred.shape} differs from the ground truth's {truth.shape} ({case.truth}); "
+        raise InputError(f"{case.pred}: grid {pred.shape} differs from the ground truth's {truth.shape} "
+                         f"({case.truth}); "
                          "predict on the truth's grid")
     for path, labels in ((case.pred, pred), (case.truth, truth)):
         if not np.array_equal(labels, np.round(labels)) or labels.min() < 0 or labels.max() >= num_classes:
-            raise InputError(f"{path}: labels must be integers 0..{num_classes - 1}, found {np.unique(labels)[:8].tolist()}")
+            raise InputError(f"{path}: labels must be integers 0..{num_classes - 1}, "
+                             f"found {np.unique(labels)[:8].tolist()}")
     return pred.astype(np.int16), truth.astype(np.int16), affine
 
 
@@ -147,17 +153,20 @@ def postprocessing_dice(pred: np.ndarray, truth: np.ndarray, class_names: list[s
                                   include_background=True, ignore_empty=False)[0, 0])
 
     k = len(class_names)
-    return {c: {"none": dice(pred, c)} | {o: dice(postprocess(pred, **{o: [c]}, num_classes=k), c) for o in POSTPROCESSING}
+    return {c: {"none": dice(pred, c)} | {o: dice(postprocess(pred, **{o: [c]}, num_classes=k), c)
+                                          for o in POSTPROCESSING}
             for c in range(1, k)}
 
 
 def postprocessing_advice(per_case: list[dict], class_names: list[str]) -> dict:
     """nnU-Net's question on validation cases: does keeping a class's largest component, or filling its holes, raise
     that class's mean Dice? The options that do become `pipeline.infer` overrides."""
-    means = {c: {o: float(np.mean([d[c][o] for d in per_case])) for o in ("none", *POSTPROCESSING)} for c in range(1, len(class_names))}
+    means = {c: {o: float(np.mean([d[c][o] for d in per_case])) for o in ("none", *POSTPROCESSING)}
+             for c in range(1, len(class_names))}
     recommended = {o: [c for c, m in means.items() if m[o] > m["none"] + 1e-4] for o in POSTPROCESSING}
     overrides = " ".join(f"postprocess.{o}=[{','.join(map(str, cs))}]" for o, cs in recommended.items() if cs)
-    return {"mean_dice": {class_names[c]: m for c, m in means.items()}, "recommended": recommended, "infer_overrides": overrides}
+    return {"mean_dice": {class_names[c]: m for c, m in means.items()}, "recommended": recommended,
+            "infer_overrides": overrides}
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -184,7 +193,8 @@ def evaluate(cfg: DictConfig) -> dict:
     """Score, write files, log; returns the summary."""
     out_dir = Path(cfg.output)
     bundle, source = None, {}
-    members = checkpoints(cfg.ckpt) if cfg.ckpt is not None else []  # one, or an ensemble (a list, a folder, the k folds)
+    # one, or an ensemble (a list, a folder, the k folds)
+    members = checkpoints(cfg.ckpt) if cfg.ckpt is not None else []
     if members:
         cases, bundle = split_cases(members, cfg.split, out_dir, cfg)
         class_names = list(bundle["config"]["data"]["class_names"])
@@ -192,9 +202,11 @@ def evaluate(cfg: DictConfig) -> dict:
                   "ckpt": ", ".join(str(p.resolve()) for p in members)}
     elif cfg.pred is not None and cfg.truth is not None:
         cases, class_names = match(Path(cfg.pred), Path(cfg.truth), cfg.get("images"))
-        source = {"name": Path(cfg.pred).resolve().name, "pred": str(Path(cfg.pred).resolve()), "truth": str(Path(cfg.truth).resolve())}
+        source = {"name": Path(cfg.pred).resolve().name, "pred": str(Path(cfg.pred).resolve()),
+                  "truth": str(Path(cfg.truth).resolve())}
     else:
-        raise InputError("evaluate needs pred=<folder> with truth=<folder or dataset.json>, or ckpt=<checkpoint> with split=")
+        raise InputError("evaluate needs pred=<folder> with truth=<folder or dataset.json>, "
+                         "or ckpt=<checkpoint> with split=")
     if cfg.class_names:
         class_names = list(cfg.class_names)
     if class_names is None:  # plain folders: classes 0..max label
@@ -212,7 +224,8 @@ def evaluate(cfg: DictConfig) -> dict:
         rows += [{"case": case.id} | r for r in scores]
         if cfg.check_postprocessing:
             post.append(postprocessing_dice(pred, truth, class_names))
-    summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm, "source": source}
+    summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm,
+                                              "source": source}
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [write_csv(rows, out_dir / "per_case.csv")]
     with atomic(out_dir / "summary.json") as tmp:
@@ -245,7 +258,8 @@ def evaluate(cfg: DictConfig) -> dict:
         overlays[cid] = (png, case_dice[cid])
         files.append(png)
     curves = members[0].parent.parent / "curves.png" if len(members) == 1 else None
-    files.append(report.write(out_dir / "report.html", rows, summary, source, overlays, curves if curves and curves.is_file() else None))
+    files.append(report.write(out_dir / "report.html", rows, summary, source, overlays,
+                              curves if curves and curves.is_file() else None))
 
     print(table(summary))
     print(f"{len(cases)} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
@@ -256,7 +270,8 @@ def evaluate(cfg: DictConfig) -> dict:
 def log(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle: dict | None) -> None:
     """Summary means as metrics and every file as an artifact: into the checkpoint's training run when known."""
     prefix = f"{cfg.split}_" if bundle is not None else "eval_"
-    metrics = {f"{prefix}{m}_{c}": s[m]["mean"] for c, s in summary["classes"].items() for m in METRICS if s[m]["mean"] is not None}
+    metrics = {f"{prefix}{m}_{c}": s[m]["mean"] for c, s in summary["classes"].items() for m in METRICS
+               if s[m]["mean"] is not None}
     metrics |= {f"{prefix}{m}_mean": v for m, v in summary["mean"].items() if v is not None}
     run_id = bundle.get("run_id") if bundle is not None else None
     if bundle is not None:  # a new run, if needed, goes beside the training runs of the same dataset
@@ -266,8 +281,10 @@ def log(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle
     try:
         tracker.start(name, OmegaConf.to_container(cfg, resolve=True), {"evaluation": "true"}, run_id=run_id)
     except Exception as err:  # the training run lives in another store: record this evaluation as its own run
-        print(f"warning: cannot reopen the training run {run_id} ({type(err).__name__}); logging a new evaluation run", file=sys.stderr)
-        tracker.start(name, OmegaConf.to_container(cfg, resolve=True), {"evaluation": "true", "trained_run": str(run_id)})
+        print(f"warning: cannot reopen the training run {run_id} ({type(err).__name__}); "
+              "logging a new evaluation run", file=sys.stderr)
+        tracker.start(name, OmegaConf.to_container(cfg, resolve=True),
+                      {"evaluation": "true", "trained_run": str(run_id)})
     try:
         tracker.log_metrics(metrics, step=bundle.get("epoch", 0) if bundle is not None else 0)
         folder = f"evaluation/{cfg.split}" if bundle is not None else "evaluation"

@@ -39,8 +39,9 @@ def export_model(model: torch.nn.Module, config: dict, fmt: str, path: Path) -> 
         warnings.filterwarnings("ignore", module=r"torch\.onnx")
         if fmt == "onnx":
             # The TorchScript-based exporter: the dynamo one needs onnxscript, which this project does not pin.
-            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["logits"], opset_version=17,
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                              opset_version=17, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                              dynamo=False)
         else:
             torch.jit.save(torch.jit.trace(model, example), str(tmp))
     return path

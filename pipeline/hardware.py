@@ -100,7 +100,8 @@ def resolve(amp, device: torch.device, inference: bool = False) -> Precision:
         if want == "auto":
             return Precision(torch.float16, "CUDA: fp16 autocast" + ("" if inference else " with a GradScaler"))
         if want == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-            _warn(f"amp=bf16 on {torch.cuda.get_device_name(device)}, which has no native bf16: expect it slower than fp16")
+            _warn(f"amp=bf16 on {torch.cuda.get_device_name(device)}, which has no native bf16: "
+                  "expect it slower than fp16")
         return Precision(DTYPES[want], f"amp={want} on CUDA")
     if device.type != "cpu":
         return Precision(None if want == "auto" else DTYPES[want], f"amp={want} on {device.type}")
@@ -130,7 +131,8 @@ def cpu_class() -> str:
     path = Path("/proc/cpuinfo")
     info = dict(line.split(":", 1) for line in (path.read_text().splitlines() if path.exists() else []) if ":" in line)
     info = {k.strip(): v.strip() for k, v in info.items()}  # the last processor's entries: all cores are alike
-    model, flags = info.get("model name") or platform.processor() or platform.machine(), set(info.get("flags", "").split())
+    model, flags = (info.get("model name") or platform.processor() or platform.machine(),
+                    set(info.get("flags", "").split()))
     named = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX", "avx512f": "AVX-512", "amx_fp16": "AMX-FP16"}
     has = [v for k, v in named.items() if k in flags]
     lacks = [f"no {v}" for k, v in named.items() if k not in flags and v in ("AVX512-BF16", "AMX")]

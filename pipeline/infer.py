@@ -27,16 +27,15 @@ from pipeline.export import OnnxRuntimeModel, OpenVinoModel, build_model, export
 from pipeline.files import atomic
 from pipeline.io import Reference, Volume, find_inputs, label_dtype
 
-
 # Networks exported to ONNX and run by another CPU runtime; backend=auto picks OpenVINO on a CPU in fp32.
 EXPORTED = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
 BACKENDS = ("auto", "torch", *EXPORTED)
 
 
 def checkpoints(ckpt, cache: Path | None = None) -> list[Path]:
-    """One checkpoint, a list of them, or a folder of *.pt (an ensemble, e.g. the k folds). Any of them may be a registered
-    model version, `models:/<name>/<version>` (or `/latest`, `@<alias>`), fetched from the MLflow registry at
-    MLFLOW_TRACKING_URI (default: the project's sqlite store) into `cache` (default outputs/registry)."""
+    """One checkpoint, a list of them, or a folder of *.pt (an ensemble, e.g. the k folds). Any of them may be a
+    registered model version, `models:/<name>/<version>` (or `/latest`, `@<alias>`), fetched from the MLflow registry
+    at MLFLOW_TRACKING_URI (default: the project's sqlite store) into `cache` (default outputs/registry)."""
     paths = []
     for p in ckpt if isinstance(ckpt, (list, tuple, ListConfig)) else [ckpt]:
         if str(p).startswith("models:/"):
@@ -47,7 +46,8 @@ def checkpoints(ckpt, cache: Path | None = None) -> list[Path]:
             paths.append(Path(p))
     if len(paths) == 1 and paths[0].is_dir():
         # a folder of checkpoints, or of runs (a multirun's, e.g. the k folds): each run's best.pt
-        paths = sorted(paths[0].glob("*.pt")) or sorted(paths[0].glob("*/checkpoints/best.pt"), key=lambda p: p.parent.parent.name)
+        paths = sorted(paths[0].glob("*.pt")) or sorted(paths[0].glob("*/checkpoints/best.pt"),
+                                                        key=lambda p: p.parent.parent.name)
         if not paths:
             raise InputError(f"{ckpt}: folder holds no .pt checkpoints, nor runs with checkpoints/best.pt")
     return paths
@@ -69,10 +69,12 @@ class Predictor:
         # amp=auto keeps fp32 on the CPU: bf16, where the CPU has it, is 2x faster but moves about 0.3% of the
         # boundary voxels (bench/infer.py: label-map Dice 0.997 against fp32), below the >= 0.999 a clinic may expect.
         self.precision = hardware.resolve(amp, self.device, inference=True)
-        window = {k: v for k, v in {"overlap": overlap, "sw_batch_size": sw_batch_size, "device": stitch_device}.items() if v is not None}
+        window = {k: v for k, v in {"overlap": overlap, "sw_batch_size": sw_batch_size, "device": stitch_device}.items()
+                  if v is not None}
         if backend not in BACKENDS:
             raise InputError(f"backend={backend}: must be one of {', '.join(BACKENDS)}")
-        if backend == "auto":  # the fastest path whose labels match fp32's (bench/infer.py); compile=true asks for torch
+        # the fastest path whose labels match fp32's (bench/infer.py); compile=true asks for torch
+        if backend == "auto":
             cpu_fp32 = self.device.type == "cpu" and self.precision.dtype is None and not compile
             backend = "openvino" if cpu_fp32 and importlib.util.find_spec("openvino") else "torch"  # no wheel: torch
         self.backend = backend
@@ -87,10 +89,12 @@ class Predictor:
             for i, bundle in enumerate(bundles.values()):
                 model = build_model(bundle).to(self.device).eval()
                 if backend in EXPORTED:
-                    model = EXPORTED[backend](export_model(model, bundle["config"], "onnx", Path(onnx_dir) / f"{i}.onnx"))
+                    model = EXPORTED[backend](export_model(model, bundle["config"], "onnx",
+                                                           Path(onnx_dir) / f"{i}.onnx"))
                 elif compile:
                     # Inductor with frozen weights (constant-folded, prepacked for oneDNN): about 2x faster per fp32
-                    # window on a CPU after a one-off compile of 5-10 s, so it pays on folder runs. Windows share one shape.
+                    # window on a CPU after a one-off compile of 5-10 s, so it pays on folder runs. Windows share one
+                    # shape.
                     # Imported here: Inductor adds ~2 s to every start of this command otherwise.
                     import torch._inductor.config as inductor_config
 
@@ -109,18 +113,21 @@ class Predictor:
         # Invert orientation/resampling on probabilities (interpolated like the image), then take the argmax.
         self.invert = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False)
 
-    def __call__(self, nifti_path: Path, probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def __call__(self, nifti_path: Path,
+                 probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(labels (x, y, z), probabilities (K, x, y, z) or None, uncertainty (x, y, z) or None), on the input grid."""
         data = self.preprocess({"image": str(nifti_path)})
         image = data["image"][None]
         # Running sums rather than a stack of every member's output: a large volume holds only two copies.
         total, squares, n = None, None, 0
         # One pass and labels only: the argmax of the logits is the answer; a softmax would change nothing.
-        logits_will_do = len(self.members) * len(self.flips) == 1 and not (probabilities or self.uncertainty or self.resampled)
+        logits_will_do = (len(self.members) * len(self.flips) == 1
+                          and not (probabilities or self.uncertainty or self.resampled))
         for model, inferer in self.members:
             for dims in self.flips:
                 flips = [d + 2 for d in dims]
-                logits = engine.predict(model, torch.flip(image, flips) if dims else image, inferer, self.device, self.dtype)
+                logits = engine.predict(model, torch.flip(image, flips) if dims else image, inferer,
+                                        self.device, self.dtype)
                 probs = torch.as_tensor(logits[0]).cpu()  # plain tensor: MetaTensor bookkeeping costs here
                 del logits
                 if not logits_will_do:  # softmax in place: no second K-channel copy
@@ -168,7 +175,8 @@ def argmax_channels(x: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 1, fill_holes=(), min_size: int = 0, num_classes: int = 2) -> np.ndarray:
+def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 1, fill_holes=(), min_size: int = 0,
+                num_classes: int = 2) -> np.ndarray:
     """Per-class clean-up with MONAI transforms on an (x, y, z) label map."""
     t = torch.as_tensor(labels[None].astype(np.int64))
     if min_size:
@@ -176,7 +184,8 @@ def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 
         kept = RemoveSmallObjects(min_size=min_size, independent_channels=True)(onehot[1:])
         t = (kept * torch.arange(1, num_classes).view(-1, 1, 1, 1)).amax(0, keepdim=True)
     if largest_component:
-        t = KeepLargestConnectedComponent(applied_labels=list(largest_component), is_onehot=False, independent=True, num_components=num_components)(t)
+        t = KeepLargestConnectedComponent(applied_labels=list(largest_component), is_onehot=False, independent=True,
+                                          num_components=num_components)(t)
     if fill_holes:
         t = FillHoles(applied_labels=list(fill_holes))(t)
     return np.asarray(t[0])
@@ -187,7 +196,8 @@ def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch
           postprocessing: dict | None = None, backend: str = "auto", compile: bool = False) -> dict:
     """Predict every input (a path or a list of them) into `output`; returns {"written": [...], "skipped": [...],
     "failed": {input: message}}."""
-    volumes = [v for path in (input if isinstance(input, (list, tuple, ListConfig)) else [input]) for v in find_inputs(path)]
+    volumes = [v for path in (input if isinstance(input, (list, tuple, ListConfig)) else [input])
+               for v in find_inputs(path)]
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: output exists and is not a folder")
@@ -218,7 +228,8 @@ def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch
     return report
 
 
-def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, save_probabilities: bool, post: dict) -> None:
+def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, save_probabilities: bool,
+                post: dict) -> None:
     ref = Reference(volume, tmp)
     try:
         labels, probs, uncertainty = predictor(ref.nifti_path, probabilities=save_probabilities)
@@ -239,9 +250,9 @@ def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, s
 @hydra.main(config_path="../conf", config_name="infer", version_base="1.3")
 @exit_on_input_error
 def main(cfg: DictConfig) -> None:
-    report = infer(cfg.ckpt, cfg.input, cfg.output, cfg.device, cfg.amp, cfg.overlap, cfg.sw_batch_size, cfg.stitch_device,
-                   cfg.tta, list(cfg.tta_axes), cfg.format, cfg.overwrite, cfg.save_probabilities, cfg.uncertainty,
-                   OmegaConf.to_container(cfg.postprocess), cfg.backend, cfg.compile)
+    report = infer(cfg.ckpt, cfg.input, cfg.output, cfg.device, cfg.amp, cfg.overlap, cfg.sw_batch_size,
+                   cfg.stitch_device, cfg.tta, list(cfg.tta_axes), cfg.format, cfg.overwrite, cfg.save_probabilities,
+                   cfg.uncertainty, OmegaConf.to_container(cfg.postprocess), cfg.backend, cfg.compile)
     print(f"{len(report['written'])} written, {len(report['skipped'])} skipped (exist; overwrite=true to redo), "
           f"{len(report['failed'])} failed -> {Path(cfg.output).resolve()}")
     if report["failed"]:

@@ -21,7 +21,8 @@ SITK = (".nrrd", ".mha")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
-CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")  # nnU-Net/MSD naming: case_0000.nii.gz, case_0001...
+# nnU-Net/MSD naming: case_0000.nii.gz, case_0001...
+CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 
 
 @dataclass
@@ -162,7 +163,8 @@ class Reference:
         except InputError:
             raise
         except Exception as err:  # nibabel and SimpleITK raise many types for unreadable files
-            raise InputError(f"{volume.path}: not a readable image ({str(err).strip().splitlines()[0][:200]})") from None
+            raise InputError(f"{volume.path}: not a readable image "
+                             f"({str(err).strip().splitlines()[0][:200]})") from None
 
     @property
     def affine(self) -> np.ndarray:
@@ -185,8 +187,10 @@ def stack_channels(volume: Volume, tmp_dir: Path) -> tuple[nib.Nifti1Image, Path
     first = images[0]
     for p, image in zip(volume.channels[1:], images[1:]):
         if image.shape[:3] != first.shape[:3] or not np.allclose(image.affine, first.affine, atol=1e-4):
-            raise InputError(f"{p}: grid differs from {volume.channels[0].name}'s; the channels of a case must share one")
-    stacked = nib.Nifti1Image(np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in images], axis=-1), first.affine, first.header)
+            raise InputError(f"{p}: grid differs from {volume.channels[0].name}'s; "
+                             "the channels of a case must share one")
+    stacked = nib.Nifti1Image(np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in images], axis=-1),
+                              first.affine, first.header)
     path = tmp_dir / f"{volume.stem}.nii.gz"
     nib.save(stacked, path)
     return stacked, path

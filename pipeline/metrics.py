@@ -47,7 +47,8 @@ class SegmentationScores:
 
     def compute(self, prefix: str = "val_", reduce=None) -> dict[str, float]:
         """Per class the mean over volumes where it is defined (nanmean), then the mean over classes. `reduce`
-        (distributed.all_reduce under DDP) sums the totals of every rank first: each rank gets the mean over all volumes."""
+        (distributed.all_reduce under DDP) sums the totals of every rank first: each rank gets the mean over all
+        volumes."""
         totals = self.totals() if reduce is None else reduce(self.totals())
         out = {}
         for metric, (sums, counts) in zip(("dice", "iou"), totals):
@@ -77,7 +78,8 @@ EMPTY_RULES = (
 )
 
 
-def case_scores(pred: np.ndarray, truth: np.ndarray, spacing, class_names: list[str], tolerance_mm: float = 1.0) -> list[dict]:
+def case_scores(pred: np.ndarray, truth: np.ndarray, spacing, class_names: list[str],
+                tolerance_mm: float = 1.0) -> list[dict]:
     """One row per foreground class for one case: MONAI's overlap, confusion-matrix and surface metrics, in mm.
 
     `pred`, `truth`: integer label maps (x, y, z) on the same grid; `spacing`: its voxel size in mm. Empty classes
@@ -103,15 +105,18 @@ def case_scores(pred: np.ndarray, truth: np.ndarray, spacing, class_names: list[
         row |= {name: float(v[c - 1]) for name, v in ratios.items()}
         if not (truth_empty or pred_empty):
             pc, yc = p[:, c:c + 1], y[:, c:c + 1]
-            row["hd95_mm"] = float(compute_hausdorff_distance(pc, yc, include_background=True, percentile=95, spacing=spacing))
-            row["assd_mm"] = float(compute_average_surface_distance(pc, yc, include_background=True, symmetric=True, spacing=spacing))
+            row["hd95_mm"] = float(compute_hausdorff_distance(pc, yc, include_background=True, percentile=95,
+                                                              spacing=spacing))
+            row["assd_mm"] = float(compute_average_surface_distance(pc, yc, include_background=True, symmetric=True,
+                                                                    spacing=spacing))
             row["nsd"] = float(compute_surface_dice(pc, yc, [tolerance_mm], include_background=True, spacing=spacing))
         elif truth_empty and pred_empty:
             row |= {"f1": 1.0, "hd95_mm": 0.0, "assd_mm": 0.0, "nsd": 1.0}
         else:
             row |= {"f1": 0.0, "hd95_mm": diagonal, "assd_mm": diagonal, "nsd": 0.0}
         row |= {"truth_ml": (tp + fn) * voxel_ml, "pred_ml": (tp + fp) * voxel_ml, "diff_ml": (fp - fn) * voxel_ml}
-        row["empty"] = "both" if truth_empty and pred_empty else "truth" if truth_empty else "pred" if pred_empty else ""
+        row["empty"] = ("both" if truth_empty and pred_empty else "truth" if truth_empty
+                        else "pred" if pred_empty else "")
         rows.append(row)
     return rows
 

@@ -88,9 +88,11 @@ def _is_auto(value) -> bool:
 def apply_plan(cfg: DictConfig, modalities: list[str], train_cases: list[dict]) -> dict | None:
     """Fill every `auto` value in cfg from the fingerprint of the training cases (the network's topology last, from
     the patch and spacing); returns the plan (None if no data value was auto)."""
-    p = _plan_data(cfg, modalities, train_cases) if any(_is_auto(OmegaConf.select(cfg, key)) for key in PLANNED) else None
+    p = (_plan_data(cfg, modalities, train_cases) if any(_is_auto(OmegaConf.select(cfg, key)) for key in PLANNED)
+         else None)
     if any(_is_auto(cfg.model.get(key)) for key in TOPOLOGY):
-        spacing = cfg.data.spacing or fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")["median_spacing"]
+        spacing = (cfg.data.spacing
+                   or fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")["median_spacing"])
         dims = cfg.model.get("spatial_dims", 3)  # a 2D network plans over the first two axes
         net = topology(list(cfg.data.patch_size)[:dims], list(spacing)[:dims])
         with open_dict(cfg):
@@ -99,7 +101,8 @@ def apply_plan(cfg: DictConfig, modalities: list[str], train_cases: list[dict]) 
                     cfg.model[key] = net[key]
             if "deep_supr_num" in cfg.model:  # DynUNet: 1 <= extra heads < upsampling stages (none on a 2-stage net)
                 heads = min(cfg.model.deep_supr_num, len(cfg.model.strides) - 2)
-                cfg.model.deep_supr_num, cfg.model.deep_supervision = max(heads, 1), cfg.model.deep_supervision and heads > 0
+                cfg.model.deep_supr_num, cfg.model.deep_supervision = (max(heads, 1),
+                                                                       cfg.model.deep_supervision and heads > 0)
         print(f"network: {len(net['strides'])} stages, strides {net['strides'][1:]}, kernels {net['kernel_size']}, "
               f"filters {list(cfg.model.filters)}")
     return p

@@ -43,9 +43,11 @@ def overlay(image: np.ndarray | None, truth: np.ndarray, pred: np.ndarray, spaci
         for col, (heading, labels) in enumerate((("input", None), ("truth", truth), ("prediction", pred))):
             ax = axes[row, col]
             background = cut(image) if image is not None else np.zeros_like(cut(truth), dtype=float)
-            ax.imshow(background.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect, interpolation="nearest")
+            ax.imshow(background.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect,
+                      interpolation="nearest")
             if labels is not None:
-                ax.imshow(cut(labels).T, cmap=colours, vmin=0, vmax=k - 1, origin="lower", aspect=aspect, interpolation="nearest")
+                ax.imshow(cut(labels).T, cmap=colours, vmin=0, vmax=k - 1, origin="lower", aspect=aspect,
+                          interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

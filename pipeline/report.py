@@ -1,4 +1,5 @@
-"""report.html: one self-contained static page per evaluation (images inlined), opened by a browser without a server."""
+"""report.html: one self-contained static page per evaluation (images inlined), opened by a browser without a
+server."""
 
 import base64
 import html
@@ -27,7 +28,8 @@ window.addEventListener('load', () => {
 
 STYLE = """
 body { font: 14px system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; }
+table { border-collapse: collapse; margin: 1em 0; } \
+td, th { padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; }
 th { background: #f4f4f4; } #cases th { cursor: pointer; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; } figure { display: inline-block; margin: 0 1em 1em 0; } .note { color: #666; max-width: 60em; }
 """
@@ -41,20 +43,24 @@ def _cell(value) -> str:
 
 def _image(path: Path, caption: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f'<figcaption>{html.escape(caption)}</figcaption></figure>')
 
 
-def write(path: Path, rows: list[dict], summary: dict, source: dict, overlays: dict[str, Path], curves: Path | None = None) -> Path:
+def write(path: Path, rows: list[dict], summary: dict, source: dict, overlays: dict[str, Path],
+          curves: Path | None = None) -> Path:
     """rows: per case and class (as per_case.csv); summary: metrics.summarize(); overlays: case id -> PNG."""
     classes = list(summary["classes"])
     summary_rows = "".join(
         f"<tr><td>{m}</td>" + "".join(
-            f"<td>{_cell(s['mean'])} &plusmn; {_cell(s['std'])} <small>(median {_cell(s['median'])}, n {s['n']})</small></td>"
+            f"<td>{_cell(s['mean'])} &plusmn; {_cell(s['std'])} "
+            f"<small>(median {_cell(s['median'])}, n {s['n']})</small></td>"
             for s in (summary["classes"][c][m] for c in classes)) + f"<td>{_cell(summary['mean'][m])}</td></tr>"
         for m in METRICS)
     columns = ["case", "class", *METRICS, "empty"]
     case_rows = "".join("<tr>" + "".join(f"<td>{_cell(r[c])}</td>" for c in columns) + "</tr>" for r in rows)
-    empty = ", ".join(f"{c}: truth {e['truth']}, prediction {e['pred']}, both {e['both']}" for c, e in summary["empty"].items())
+    empty = ", ".join(f"{c}: truth {e['truth']}, prediction {e['pred']}, both {e['both']}"
+                      for c, e in summary["empty"].items())
     pictures = "".join(_image(p, f"{case} (mean Dice {score:.3f})") for case, (p, score) in overlays.items())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Evaluation: {html.escape(source.get('name', ''))}</title>
@@ -62,7 +68,8 @@ def write(path: Path, rows: list[dict], summary: dict, source: dict, overlays: d
 <h1>Evaluation: {html.escape(source.get('name', ''))}</h1>
 <pre>{html.escape(json.dumps(source, indent=1, default=str))}</pre>
 <h2>Summary over {summary['cases']} cases</h2>
-<table id="summary"><thead><tr><th>metric</th>{''.join(f'<th>{html.escape(c)}</th>' for c in classes)}<th>mean over classes</th></tr></thead>
+<table id="summary"><thead><tr><th>metric</th>{''.join(f'<th>{html.escape(c)}</th>' for c in classes)}\
+<th>mean over classes</th></tr></thead>
 <tbody>{summary_rows}</tbody></table>
 <p class="note">Empty structures (cases per class): {html.escape(empty)}. {html.escape(EMPTY_RULES)}
 Surface Dice (NSD) at {summary['tolerance_mm']} mm. Distances and volumes use the voxel spacing.</p>

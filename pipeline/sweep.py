@@ -24,8 +24,10 @@ def summary(uri: str, sweep_dir: str) -> list[dict]:
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], f"tags.sweep = '{sweep_dir}'")]
-    rows = [{"job": int(r.data.tags.get("sweep_job", -1)), "run": r.info.run_name, "overrides": r.data.tags.get("overrides", ""),
+    runs = [r for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id], f"tags.sweep = '{sweep_dir}'")]
+    rows = [{"job": int(r.data.tags.get("sweep_job", -1)), "run": r.info.run_name,
+             "overrides": r.data.tags.get("overrides", ""),
              "best_val_dice": r.data.metrics.get("best_val_dice_mean"), "status": r.info.status} for r in runs]
     return sorted(rows, key=lambda r: -(r["best_val_dice"] if r["best_val_dice"] is not None else -1))
 

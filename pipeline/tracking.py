@@ -35,7 +35,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -51,7 +52,8 @@ def git_dirty() -> str:
 
 
 class NullTracker:
-    """Tracks nothing remotely; `tracking=none`. With `local_dir`, every log_metrics call also lands in metrics.jsonl there."""
+    """Tracks nothing remotely; `tracking=none`. With `local_dir`, every log_metrics call also lands in metrics.jsonl
+    there."""
 
     run_id = None
     local_dir = None  # class defaults: subclasses (the benchmarks' recorders) need not call __init__
@@ -83,7 +85,8 @@ class NullTracker:
 
 
 def _tracking_errors() -> tuple[type[BaseException], ...]:
-    """What a store or server that went away raises: MlflowException (MLflow wraps HTTP and SQL failures in it), OSError."""
+    """What a store or server that went away raises: MlflowException (MLflow wraps HTTP and SQL failures in it),
+    OSError."""
     from mlflow.exceptions import MlflowException
 
     return MlflowException, OSError
@@ -161,14 +164,16 @@ class MLflowTracker(NullTracker):
             local = self.uri.startswith(("sqlite:", "file:", "/")) and self.artifact_location
             try:
                 experiment_id = client.create_experiment(
-                    self.experiment, artifact_location=Path(self.artifact_location, self.experiment).as_uri() if local else None)
+                    self.experiment,
+                    artifact_location=Path(self.artifact_location, self.experiment).as_uri() if local else None)
             except _tracking_errors()[0] as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another job of a sweep made it first
                     raise
                 experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
         else:
             experiment_id = experiment.experiment_id
-        all_tags = resolve_tags({"git_commit": git_commit(), **{k: str(v) for k, v in tags.items()}, MLFLOW_RUN_NAME: run_name})
+        all_tags = resolve_tags({"git_commit": git_commit(), **{k: str(v) for k, v in tags.items()},
+                                 MLFLOW_RUN_NAME: run_name})
         self.run_id = client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
         client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(config).items()])
         client.log_dict(self.run_id, config, "config.yaml")
@@ -195,8 +200,9 @@ class MLflowTracker(NullTracker):
             self._fail("log_artifact", err)
 
     def register(self, checkpoint: str | Path) -> str | None:
-        """With `register: true`, the checkpoint (logged under checkpoints/ unless it already is) becomes the next version
-        of the registered model `model_name`; returns and prints "models:/<name>/<version>". None when off or failed."""
+        """With `register: true`, the checkpoint (logged under checkpoints/ unless it already is) becomes the next
+        version of the registered model `model_name`; returns and prints "models:/<name>/<version>". None when off or
+        failed."""
         if not (self.registers and self._live()):
             return None
         checkpoint = Path(checkpoint)
@@ -212,7 +218,8 @@ class MLflowTracker(NullTracker):
             except _tracking_errors()[0] as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            version = self.client.create_model_version(self.model_name, source, run_id=self.run_id, await_creation_for=0,
+            version = self.client.create_model_version(self.model_name, source, run_id=self.run_id,
+                                                       await_creation_for=0,
                                                        description=f"{checkpoint.name} of run {self.run_id}")
         except _tracking_errors() as err:
             self._fail("register", err)
@@ -236,8 +243,8 @@ def tracking_uri() -> str:
 
 
 def download_registered(uri: str, cache: str | Path | None = None) -> list[Path]:
-    """`models:/<name>/<version>`, `models:/<name>/latest` or `models:/<name>@<alias>` -> the version's checkpoint file(s),
-    downloaded from the registry at tracking_uri() into <cache>/<name>/<version> (default outputs/registry)."""
+    """`models:/<name>/<version>`, `models:/<name>/latest` or `models:/<name>@<alias>` -> the version's checkpoint
+    file(s), downloaded from the registry at tracking_uri() into <cache>/<name>/<version> (default outputs/registry)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -262,7 +269,8 @@ def download_registered(uri: str, cache: str | Path | None = None) -> list[Path]
         folder = Path(cache or project_root() / "outputs" / "registry") / name / str(version.version)
         shutil.rmtree(folder, ignore_errors=True)  # a fresh copy: another store may number its versions alike
         folder.mkdir(parents=True)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(folder), tracking_uri=store))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(folder),
+                                                         tracking_uri=store))
     except (MlflowException, OSError) as err:
         raise InputError(f"{uri}: cannot fetch it from the registry at {store} ({_one_line(err, 200)})") from None
     paths = sorted(local.rglob("*.pt")) if local.is_dir() else [local]

@@ -84,8 +84,8 @@ def _prepare(cfg: DictConfig) -> dict[str, list[dict]]:
     """Resolve the data, seed everything, split, and plan (filling the `auto` values of the config): the split."""
     dataset = resolve_data(cfg)  # fills data.num_classes etc., which the other groups interpolate
     if cfg.get("activation") == "sigmoid" and cfg.data.num_classes != 2:
-        raise InputError(f"{cfg.data.root}: activation=sigmoid (loss=bce, bce_tv) needs binary labels; this dataset has "
-                         f"{cfg.data.num_classes} classes (use a softmax loss such as loss=dicece)")
+        raise InputError(f"{cfg.data.root}: activation=sigmoid (loss=bce, bce_tv) needs binary labels; "
+                         f"this dataset has {cfg.data.num_classes} classes (use a softmax loss such as loss=dicece)")
     set_determinism(seed=cfg.seed)  # python, numpy, torch and MONAI transform states
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", False)), warn_only=True)
     s = cfg.data.split
@@ -106,7 +106,8 @@ def resume_from(cfg: DictConfig) -> Path | None:
     if resume in (None, False):
         return None
     if resume is True:
-        found = sorted(Path(cfg.paths.outputs).glob("runs/train/*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+        found = sorted(Path(cfg.paths.outputs).glob("runs/train/*/checkpoints/last.pt"),
+                       key=lambda p: p.stat().st_mtime)
         if not found:
             raise InputError(f"{cfg.paths.outputs}/runs/train: no run with a last.pt to resume")
         return found[-1]
@@ -160,7 +161,8 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     distributed.seed_rank(cfg.seed)  # DDP: each rank augments and shuffles with seed + rank
     train_loader, val_loader = loaders(cfg, train_cases, val_cases)  # DDP: this rank's share
     if distributed.debugging():
-        distributed.debug("shares", **{k: [case_id(c) for c in d.dataset.data] for k, d in (("train", train_loader), ("val", val_loader))})
+        distributed.debug("shares", **{k: [case_id(c) for c in d.dataset.data]
+                                       for k, d in (("train", train_loader), ("val", val_loader))})
 
     config = OmegaConf.to_container(cfg, resolve=True)
     name = run_name(model, optimizer, loss_fn)
@@ -170,20 +172,22 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     if state is None and distributed.is_main():
         tracker.log_artifact(save_splits(splits, cfg.paths.run_dir))
     ranks = f", DDP over {distributed.world_size()} ranks" if distributed.active() else ""
-    print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases from {cfg.data.root} on {device}{ranks}")
+    print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases "
+          f"from {cfg.data.root} on {device}{ranks}")
     print(run.precision)
     status, start = "FAILED", time.perf_counter()
     try:
         result = engine.fit(
             cfg.trainer, model, loss_fn, optimizer, run.scheduler, train_loader, val_loader, run.inferer,
-            cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, run.precision, resume=state,
-            schedule=run.schedule,
+            cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, run.precision,
+            resume=state, schedule=run.schedule,
         )
         tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
         for ckpt in ("best.pt", "last.pt"):
             tracker.log_artifact(f"{cfg.paths.run_dir}/checkpoints/{ckpt}", "checkpoints")
         if distributed.is_main():
-            tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, Path(cfg.paths.run_dir) / "curves.png"))
+            tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names,
+                                              Path(cfg.paths.run_dir) / "curves.png"))
         # tracking.register=true: the best checkpoint becomes a version of the registered model (None otherwise)
         result["model_uri"] = tracker.register(Path(cfg.paths.run_dir) / "checkpoints" / "best.pt")
         status = "FINISHED"

@@ -63,7 +63,8 @@ def fingerprint(cases: list[dict], cache_dir: str | Path) -> dict:
         "median_shape": np.median([r["shape"] for r in rows], axis=0).tolist(),
         "median_spacing": np.median([r["spacing"] for r in rows], axis=0).tolist(),
         "intensity": [  # per channel, foreground only
-            {"mean": float(c.mean()), "std": float(c.std()), **{f"p{q}": float(np.percentile(c, q)) for q in (0.5, 50, 99.5)}}
+            {"mean": float(c.mean()), "std": float(c.std()),
+             **{f"p{q}": float(np.percentile(c, q)) for q in (0.5, 50, 99.5)}}
             for c in fg.T
         ],
         "class_frequency": (counts / counts.sum()).tolist(),

@@ -31,7 +31,8 @@ def make_case(seed: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """One phantom: (image float32, label uint8, affine). Deterministic in (seed, index)."""
     rng = np.random.default_rng([seed, index])
     shape = (int(rng.integers(64, 89)), int(rng.integers(64, 89)), int(rng.integers(24, 37)))
-    coords = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, SPACING)], indexing="ij")).astype(np.float32)
+    coords = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, SPACING)],
+                                  indexing="ij")).astype(np.float32)
     extent = np.array(shape) * np.array(SPACING)
     mid = extent / 2
 

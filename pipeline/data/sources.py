@@ -25,7 +25,8 @@ def msd_problems(root: str | Path) -> tuple[Dataset | None, list[str]]:
     root = Path(root)
     spec = root / "dataset.json"
     if not spec.is_file():
-        return None, [f"{spec}: not found; data.root must be a folder in MSD layout (dataset.json, imagesTr/, labelsTr/)"]
+        return None, [f"{spec}: not found; data.root must be a folder in MSD layout "
+                      f"(dataset.json, imagesTr/, labelsTr/)"]
     try:
         meta = json.loads(spec.read_text())
         labels = {int(k): str(v) for k, v in meta["labels"].items()}
@@ -72,7 +73,8 @@ def read_folders(root: str | Path, images: str, labels: str, class_names: list[s
     image_dir, label_dir = root / images, root / labels
     for d in (image_dir, label_dir):
         if not d.is_dir():
-            raise InputError(f"{d}: folder not found (data.layout=folders expects {images}/ and {labels}/ under data.root)")
+            raise InputError(f"{d}: folder not found "
+                             f"(data.layout=folders expects {images}/ and {labels}/ under data.root)")
     cases = []
     for image in sorted(p for p in image_dir.iterdir() if p.name.endswith((".nii", ".nii.gz"))):
         label = label_dir / image.name
@@ -88,7 +90,8 @@ def case_id(case: dict) -> str:
     return Path(case["image"]).name.removesuffix(".gz").removesuffix(".nii")
 
 
-def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5, fold: int | None = None) -> dict[str, list[dict]]:
+def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5,
+          fold: int | None = None) -> dict[str, list[dict]]:
     """Deterministic train/val/test split from a seed.
 
     The test cases are held out first; the rest is split by the `val` fraction, or, when `fold` is given, into
@@ -107,7 +110,8 @@ def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5,
         chunks = np.array_split(np.arange(len(rest)), folds)
         if len(rest) < folds:
             raise InputError(f"{len(cases)} cases are too few for {folds} folds after holding out {n_test} for test")
-        parts = {"train": [rest[i] for k, c in enumerate(chunks) if k != fold for i in c], "val": [rest[i] for i in chunks[fold]]}
+        parts = {"train": [rest[i] for k, c in enumerate(chunks) if k != fold for i in c],
+                 "val": [rest[i] for i in chunks[fold]]}
     if not parts["train"] or not parts["val"]:
         raise InputError(f"{len(cases)} cases are too few for split val={val}, test={test}, folds={folds}")
     return parts | {"test": held_out}

@@ -46,10 +46,12 @@ def train_transforms(cfg: DictConfig) -> Compose:
     rot = augment.get("rotate90")
     if rot is not None and len({cfg.data.patch_size[a] for a in rot.spatial_axes}) > 1:
         # Rotated patches would change shape and could not be batched (planned patches are rarely square).
-        print(f"transforms.augment.rotate90 skipped: patch {list(cfg.data.patch_size)} is not square on axes {list(rot.spatial_axes)}")
+        print(f"transforms.augment.rotate90 skipped: patch {list(cfg.data.patch_size)} "
+              f"is not square on axes {list(rot.spatial_axes)}")
         augment["rotate90"] = None
     augment = [instantiate(a) for a in augment.values() if a is not None]
-    return Compose([*preprocess(cfg), EnsureTyped(keys=KEYS, track_meta=False), instantiate(t.pad), instantiate(t.patch), *augment])
+    return Compose([*preprocess(cfg), EnsureTyped(keys=KEYS, track_meta=False), instantiate(t.pad),
+                    instantiate(t.patch), *augment])
 
 
 def val_transforms(cfg: DictConfig) -> Compose:
@@ -69,7 +71,8 @@ def cache_mode(cfg: DictConfig, cases: list[dict]) -> str:
     budget /= distributed.local_world_size()
     if need <= budget * 2**30:
         return "memory"
-    print(f"data.cache: the cache needs about {need / 2**30:.2f} GiB, over the {budget:.2f} GiB RAM budget; caching on disk")
+    print(f"data.cache: the cache needs about {need / 2**30:.2f} GiB, "
+          f"over the {budget:.2f} GiB RAM budget; caching on disk")
     return "disk"
 
 
@@ -102,7 +105,9 @@ def loaders(cfg: DictConfig, train_cases: list[dict], val_cases: list[dict]):
     val = dataset(cfg, val_cases, val_transforms(cfg), mode)
     drop_last = len(train_cases) > d.batch_size
     if d.loader == "thread":  # augmentation in a thread overlaps the (GIL-releasing) model step
-        train_loader = ThreadDataLoader(train, batch_size=d.batch_size, shuffle=True, drop_last=drop_last, num_workers=0)
+        train_loader = ThreadDataLoader(train, batch_size=d.batch_size, shuffle=True, drop_last=drop_last,
+                                        num_workers=0)
     else:
-        train_loader = DataLoader(train, batch_size=d.batch_size, shuffle=True, drop_last=drop_last, num_workers=d.num_workers)
+        train_loader = DataLoader(train, batch_size=d.batch_size, shuffle=True, drop_last=drop_last,
+                                  num_workers=d.num_workers)
     return train_loader, DataLoader(val, batch_size=1, num_workers=0)  # whole volumes differ in shape

@@ -41,7 +41,8 @@ def conv_norm_act(spatial_dims: int, in_channels: int, out_channels: int, norm: 
     a bias."""
     use_norm = norm not in (None, "none")
     # A bias right before a norm is wasted: the norm subtracts the mean anyway.
-    conv = layer(CONV, spatial_dims)(in_channels, out_channels, 3, stride=stride, padding=padding, dilation=dilation, bias=not use_norm)
+    conv = layer(CONV, spatial_dims)(in_channels, out_channels, 3, stride=stride, padding=padding, dilation=dilation,
+                                     bias=not use_norm)
     return [conv, *([norm_layer(norm, spatial_dims, out_channels)] if use_norm else []), nn.ReLU(inplace=True)]
 
 
@@ -65,7 +66,8 @@ class ConvBlock(nn.Sequential):
 class ConvBlock3D(nn.Module):
     """(Conv3d 3x3x3 -> norm -> LeakyReLU) x 2, plus a 1x1x1-projected skip when `residual`; spatial dropout after."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "instance", residual: bool = True, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "instance", residual: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
@@ -76,7 +78,8 @@ class ConvBlock3D(nn.Module):
         )
         self.skip = None
         if residual:
-            self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1, bias=False)
+            self.skip = (nn.Identity() if in_channels == out_channels
+                         else nn.Conv3d(in_channels, out_channels, 1, bias=False))
         self.act = nn.LeakyReLU(0.01, inplace=True)
         self.drop = nn.Dropout3d(dropout) if dropout else nn.Identity()  # no parameters: checkpoints keep their keys
 
@@ -91,13 +94,14 @@ class Conv3DNet(nn.Module):
     Spatial sizes must be divisible by 2 ** (len(channels) - 1); the patch size and sliding-window roi see to that.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, channels=(16, 32, 64, 128), norm: str = "instance", residual: bool = True,
-                 dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, channels=(16, 32, 64, 128), norm: str = "instance",
+                 residual: bool = True, dropout: float = 0.0):
         super().__init__()
         channels = list(channels)
         self.stem = ConvBlock3D(in_channels, channels[0], norm, residual, dropout)
         self.down = nn.ModuleList(nn.Conv3d(c, c, 2, stride=2) for c in channels[:-1])
-        self.encoders = nn.ModuleList(ConvBlock3D(a, b, norm, residual, dropout) for a, b in zip(channels[:-1], channels[1:]))
+        self.encoders = nn.ModuleList(ConvBlock3D(a, b, norm, residual, dropout)
+                                      for a, b in zip(channels[:-1], channels[1:]))
         self.up = nn.ModuleList(nn.ConvTranspose3d(b, a, 2, stride=2) for a, b in zip(channels[:-1], channels[1:]))
         self.decoders = nn.ModuleList(ConvBlock3D(2 * a, a, norm, residual, dropout) for a in channels[:-1])
         self.head = nn.Conv3d(channels[0], out_channels, 1)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.blocks import CONV, CONV_TRANSPOSE, MAX_POOL, DROPOUT, ConvBlock, conv_norm_act, layer
+from pipeline.models.blocks import CONV, CONV_TRANSPOSE, DROPOUT, MAX_POOL, ConvBlock, conv_norm_act, layer
 
 
 def _levels(channels: Sequence[int]) -> list[int]:
@@ -41,14 +41,15 @@ class EncoderDecoder(nn.Module):
     """Conv blocks with 2x max-pool down and transposed-conv 2x up, and NO skip connections: the decoder sees only
     the bottleneck. Sizes must be divisible by 2 ** (len(channels) - 1)."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels: Sequence[int] = (16, 32, 64, 128),
-                 dropout: float = 0.0, norm: str = "instance"):
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 channels: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.0, norm: str = "instance"):
         super().__init__()
         channels = _levels(channels)
         pool, up = layer(MAX_POOL, spatial_dims), layer(CONV_TRANSPOSE, spatial_dims)
         self.stem = ConvBlock(spatial_dims, in_channels, channels[0], norm, dropout)
         self.encoders = nn.ModuleList(
-            nn.Sequential(pool(2), ConvBlock(spatial_dims, a, b, norm, dropout)) for a, b in zip(channels[:-1], channels[1:])
+            nn.Sequential(pool(2), ConvBlock(spatial_dims, a, b, norm, dropout))
+            for a, b in zip(channels[:-1], channels[1:])
         )
         # Mirror of the encoder; without skips the decoder must rebuild all detail from the bottleneck alone
         # (the point of this network in a course: compare its blurry boundaries with a U-Net's).
@@ -71,8 +72,8 @@ class StridedUNet(nn.Module):
     """U-Net that downsamples by stride-2 convolutions (no pooling) and upsamples by stride-2 transposed convolutions,
     with skip concatenation and padded convs. Sizes must be divisible by 2 ** (len(channels) - 1)."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels: Sequence[int] = (16, 32, 64, 128),
-                 dropout: float = 0.0, norm: str = "instance"):
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 channels: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.0, norm: str = "instance"):
         super().__init__()
         channels = _levels(channels)
         up = layer(CONV_TRANSPOSE, spatial_dims)
@@ -127,8 +128,8 @@ class ValidUNet(nn.Module):
     it accepts. The pipeline takes `hasattr(net, "output_size")` to mean: crop labels to the output in training and run
     MirrorPadded(net) where an output the size of the input is needed."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels: Sequence[int] = (64, 128, 256, 512, 1024),
-                 dropout: float = 0.0, norm: str = "instance"):
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 channels: Sequence[int] = (64, 128, 256, 512, 1024), dropout: float = 0.0, norm: str = "instance"):
         super().__init__()
         channels = _levels(channels)
         self.depth = len(channels) - 1  # number of poolings
@@ -213,7 +214,8 @@ class MirrorPadded(nn.Module):
         pads = [self.padding(n) for n in size]
         for axis, (n, (before, after)) in enumerate(zip(size, pads)):
             if after >= n:  # torch's reflect padding mirrors inside the input, so it needs fewer voxels than the input
-                raise ValueError(f"MirrorPadded: axis {axis} of size {n} needs a mirror padding of {before}+{after} voxels, "
+                raise ValueError(f"MirrorPadded: axis {axis} of size {n} needs a mirror padding "
+                                 f"of {before}+{after} voxels, "
                                  f"and reflect padding must be smaller than the size: use a larger input (window)")
         # F.pad lists (before, after) from the last axis backwards.
         x = F.pad(x, [p for pair in reversed(pads) for p in pair], mode="reflect")

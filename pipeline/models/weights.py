@@ -32,7 +32,8 @@ def load_matching(model: nn.Module, path: str | Path, prefix: str | None = None)
     skip = f"^(?!{re.escape(prefix)})" if prefix else None  # MONAI skips the names this pattern finds
     _, copied, _ = copy_model_state(model, state, exclude_vars=skip, inplace=True)
     if not copied:
-        raise InputError(f"{path}: no tensor matches the model by name and shape" + (f" under prefix {prefix!r}" if prefix else ""))
+        raise InputError(f"{path}: no tensor matches the model by name and shape"
+                         + (f" under prefix {prefix!r}" if prefix else ""))
     return copied
 
 
