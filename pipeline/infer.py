@@ -64,7 +64,7 @@ class Predictor:
             if preprocessing_config(bundle["config"]) != preprocessing_config(first["config"]):
                 raise InputError(f"{path}: preprocessing differs from {first_path}'s; ensemble members must share it")
         cfg = OmegaConf.create(first["config"])
-        self.num_classes = cfg.data.num_classes
+        self.num_classes, self.in_channels = cfg.data.num_classes, cfg.data.in_channels
         self.device = engine.pick_device(device)
         # amp=auto keeps fp32 on the CPU: bf16, where the CPU has it, is 2x faster but moves about 0.3% of the
         # boundary voxels (bench/infer.py: label-map Dice 0.997 against fp32), below the >= 0.999 a clinic may expect.
@@ -113,11 +113,16 @@ class Predictor:
         # Invert orientation/resampling on probabilities (interpolated like the image), then take the argmax.
         self.invert = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False)
 
-    def __call__(self, nifti_path: Path,
-                 probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(labels (x, y, z), probabilities (K, x, y, z) or None, uncertainty (x, y, z) or None), on the input grid."""
+    def __call__(self, nifti_path: Path, probabilities: bool = False,
+                 source: Path | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(labels (x, y, z), probabilities (K, x, y, z) or None, uncertainty (x, y, z) or None), on the input grid.
+        `source`: the file errors name (default nifti_path)."""
         data = self.preprocess({"image": str(nifti_path)})
         image = data["image"][None]
+        # The one input fault that shows only against the model; the model's own errors (out of memory) propagate.
+        if (channels := image.shape[1]) != self.in_channels:
+            raise InputError(f"{source or nifti_path}: {channels} image channel{'s' * (channels != 1)}; "
+                             f"the model takes {self.in_channels}")
         # Running sums rather than a stack of every member's output: a large volume holds only two copies.
         total, squares, n = None, None, 0
         # One pass and labels only: the argmax of the logits is the answer; a softmax would change nothing.
@@ -231,10 +236,7 @@ def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch
 def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, save_probabilities: bool,
                 post: dict) -> None:
     ref = Reference(volume, tmp)
-    try:
-        labels, probs, uncertainty = predictor(ref.nifti_path, probabilities=save_probabilities)
-    except (RuntimeError, ValueError) as err:  # e.g. a channel count the model was not trained for
-        raise InputError(f"{volume.path}: inference failed ({str(err).strip().splitlines()[0][:200]})") from None
+    labels, probs, uncertainty = predictor(ref.nifti_path, probabilities=save_probabilities, source=volume.path)
     if labels.shape != ref.shape:
         raise RuntimeError(f"{volume.path}: prediction shape {labels.shape} does not match the input's {ref.shape}")
     if post:

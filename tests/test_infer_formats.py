@@ -142,3 +142,25 @@ def test_multichannel_cases_by_naming_rule_or_as_one_4d_file(threshold_ckpt, tmp
         pred = nib.load(out)
         assert pred.shape == (16, 20, 8) and np.allclose(pred.affine, affine, atol=1e-6)
         assert (np.asarray(pred.dataobj) == expected).mean() > 0.999  # float rounding at the threshold only
+
+
+def test_a_wrong_channel_count_is_a_bad_file_and_a_model_error_stops_the_run(threshold_ckpt, tmp_path, monkeypatch):
+    """The image's channels against the checkpoint's: a one-line error for that file, the others still written. An
+    error of the model itself (a RuntimeError, as out-of-memory raises) stops the run instead of repeating per file."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(rng.normal(size=(16, 20, 8)).astype(np.float32), affine), inputs / "one.nii.gz")
+    nib.save(nib.Nifti1Image(rng.normal(size=(16, 20, 8, 2)).astype(np.float32), affine), inputs / "two.nii.gz")
+    report = infer(threshold_ckpt(channels=2), inputs, tmp_path / "out", amp=False)
+    assert [p.name for p in report["written"]] == ["two.nii.gz"]
+    assert report["failed"] == {inputs / "one.nii.gz": f"{inputs / 'one.nii.gz'}: 1 image channel; the model takes 2"}
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr("pipeline.engine.predict", out_of_memory)
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        infer(threshold_ckpt(channels=2), inputs, tmp_path / "out2", amp=False)
+    assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
