@@ -36,6 +36,7 @@ from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
 from pipeline.evaluate import evaluate
 from pipeline.metrics import SegmentationScores
+from pipeline.rundir import RunDir
 from pipeline.tracking import NullTracker
 from pipeline.train import save_splits, setup, train
 
@@ -103,7 +104,7 @@ def kept(args, marks: list[float]) -> tuple[list[tuple], dict]:
     # last.pt is the final model; best.pt here is picked on the test scores, so only last.pt is a fair test model
     config = OmegaConf.to_container(cfg, resolve=True)
     result = engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, test_loader,
-                        run.inferer, cfg.data.class_names, recorder, OUT / "kept" / "checkpoints", config, run.device,
+                        run.inferer, cfg.data.class_names, recorder, RunDir(cfg.paths.run_dir), config, run.device,
                         run.precision, schedule=run.schedule)
     batch = cfg.data.batch_size * cfg.transforms.patch.num_samples
     return recorder.points, {"run": run, "cfg": cfg, "steps": len(result["step_losses"]), "batch": batch}

@@ -11,6 +11,7 @@ import argparse
 from pipeline import engine, project_root
 from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
+from pipeline.rundir import RunDir
 from pipeline.tracking import NullTracker
 from pipeline.train import setup
 
@@ -45,7 +46,7 @@ def main() -> None:
         train_loader, val_loader = loaders(cfg, run.splits["train"], run.splits["val"][:1])
         times = EpochTimes()
         engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, val_loader,
-                   run.inferer, cfg.data.class_names, times, f"{cfg.paths.run_dir}/checkpoints", {}, run.device,
+                   run.inferer, cfg.data.class_names, times, RunDir(cfg.paths.run_dir), {}, run.device,
                    run.precision)
         per_epoch = sorted(60 * (b - a) for a, b in zip([0.0] + times.minutes, times.minutes))
         results[name] = per_epoch[len(per_epoch) // 2]

@@ -17,6 +17,7 @@ from pipeline.hardware import Precision, autocast, channels_last
 from pipeline.io import ras_spacing
 from pipeline.metrics import SegmentationScores
 from pipeline.models.teaching import MirrorPadded, centre_crop
+from pipeline.rundir import RunDir
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -129,7 +130,7 @@ def fit(
     inferer,
     class_names: list[str],
     tracker,
-    ckpt_dir: str | Path,
+    run_dir: RunDir,
     config: dict,
     device: torch.device,
     precision: Precision,
@@ -137,7 +138,8 @@ def fit(
     schedule=None,
 ) -> dict:
     """Train for trainer.max_epochs (or until trainer.max_minutes of training); validate every trainer.val_every
-    epochs and after the last; keep best.pt and last.pt in ckpt_dir. `resume`: a loaded last.pt to continue from.
+    epochs and after the last; keep best.pt and last.pt in run_dir's checkpoints/. `resume`: a loaded last.pt to
+    continue from.
 
     With a time budget (trainer.max_minutes, trainer.fit_to_budget) the run length is re-estimated after every
     epoch from the measured epoch times, and `schedule` (epochs -> a new scheduler, the config's with that length)
@@ -146,7 +148,6 @@ def fit(
     Under DDP (trainer=ddp) every rank runs this on its own share of the cases: gradients, the training loss and the
     validation scores are averaged over ranks, so every rank takes the same decisions; rank 0 alone writes files.
     """
-    ckpt_dir = Path(ckpt_dir)
     model.to(device)
     if trainer.get("channels_last"):  # before any state is loaded: load_state_dict keeps the parameters' format
         channels_last(model)
@@ -238,7 +239,7 @@ def fit(
             if trainer.get("overlay_every") and epoch % trainer.overlay_every == 0 and distributed.is_main():
                 spacing = config["data"]["spacing"] or ras_spacing(nib.load(val_loader.dataset.data[0]["image"]).affine)
                 png = validation_overlay(model, val_loader, inferer, class_names, spacing, device, dtype,
-                                         ckpt_dir.parent / "overlays" / f"epoch{epoch:04d}.png")
+                                         run_dir.overlays / f"epoch{epoch:04d}.png")
                 tracker.log_artifact(png, "overlays")
             if isinstance(scheduler, ReduceLROnPlateau):
                 scheduler.step(log["val_dice_mean"])
@@ -246,7 +247,7 @@ def fit(
             if log["val_dice_mean"] > best["val_dice_mean"]:
                 best = {k: v for k, v in log.items() if k.startswith("val_")} | {"epoch": epoch}
                 if distributed.is_main():
-                    checkpoint.save(ckpt_dir / "best.pt", model, config, epoch=epoch, metrics=best,
+                    checkpoint.save(run_dir.best, model, config, epoch=epoch, metrics=best,
                                     run_id=tracker.run_id, precision=precision.record())
         if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
             scheduler.step()
@@ -263,7 +264,7 @@ def fit(
         rng = distributed.rng_states(checkpoint.rng_state(augment))  # under DDP every rank's augmentation streams
         if distributed.is_main():
             checkpoint.save(
-                ckpt_dir / "last.pt", model, config, epoch=epoch, metrics=best, train_minutes=train_seconds / 60,
+                run_dir.last, model, config, epoch=epoch, metrics=best, train_minutes=train_seconds / 60,
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None,
                 scaler=scaler.state_dict(),
                 rng=rng, run_id=tracker.run_id, history=history, stale=stale, precision=precision.record(),

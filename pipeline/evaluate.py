@@ -30,6 +30,7 @@ from pipeline.files import atomic
 from pipeline.infer import checkpoints, infer, postprocess
 from pipeline.io import NIFTI, SITK, Volume, in_ras, ras_spacing, read_array
 from pipeline.metrics import METRICS, case_scores, summarize
+from pipeline.rundir import RunDir
 
 PRINTED = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "precision", "recall", "diff_ml")
 
@@ -101,7 +102,7 @@ def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictCo
     ids = None
     for member in members:
         # The run's own record of its split (splits.json beside checkpoints/) decides; it also survives a changed seed.
-        splits_file = member.parent.parent / "splits.json"
+        splits_file = RunDir.of(member).splits
         if not splits_file.is_file():
             raise InputError(f"{splits_file}: not found; "
                              "split= needs the splits.json that training writes beside checkpoints/")
@@ -110,7 +111,7 @@ def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictCo
             raise InputError(f"{splits_file}: split {split_name!r} is missing or empty (have: {', '.join(recorded)})")
         if ids is not None and recorded[split_name] != ids:
             raise InputError(f"{splits_file}: its {split_name} split differs from "
-                             f"{members[0].parent.parent / 'splits.json'}'s; "
+                             f"{RunDir.of(members[0]).splits}'s; "
                              f"an ensemble is scored on cases every member held out (split=test for the k folds)")
         ids = recorded[split_name]
     if len(members) > 1:
@@ -257,7 +258,7 @@ def evaluate(cfg: DictConfig) -> dict:
                             out_dir / "overlays" / f"{cid}.png", title=f"{cid}: mean Dice {case_dice[cid]:.3f}")
         overlays[cid] = (png, case_dice[cid])
         files.append(png)
-    curves = members[0].parent.parent / "curves.png" if len(members) == 1 else None
+    curves = RunDir.of(members[0]).curves if len(members) == 1 else None
     files.append(report.write(out_dir / "report.html", rows, summary, source, overlays,
                               curves if curves and curves.is_file() else None))
 

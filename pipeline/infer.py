@@ -26,6 +26,7 @@ from pipeline.errors import InputError, exit_on_input_error
 from pipeline.export import OnnxRuntimeModel, OpenVinoModel, build_model, export_model
 from pipeline.files import atomic
 from pipeline.io import Reference, Volume, find_inputs, label_dtype
+from pipeline.rundir import RunDir
 
 # Networks exported to ONNX and run by another CPU runtime; backend=auto picks OpenVINO on a CPU in fp32.
 EXPORTED = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
@@ -46,8 +47,7 @@ def checkpoints(ckpt, cache: Path | None = None) -> list[Path]:
             paths.append(Path(p))
     if len(paths) == 1 and paths[0].is_dir():
         # a folder of checkpoints, or of runs (a multirun's, e.g. the k folds): each run's best.pt
-        paths = sorted(paths[0].glob("*.pt")) or sorted(paths[0].glob("*/checkpoints/best.pt"),
-                                                        key=lambda p: p.parent.parent.name)
+        paths = sorted(paths[0].glob("*.pt")) or [run.best for run in RunDir.runs_in(paths[0])]
         if not paths:
             raise InputError(f"{ckpt}: folder holds no .pt checkpoints, nor runs with checkpoints/best.pt")
     return paths

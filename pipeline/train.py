@@ -24,6 +24,7 @@ from pipeline.errors import InputError, exit_on_input_error, faults_error
 from pipeline.losses import inverse_frequency_weights
 from pipeline.models.weights import initialise
 from pipeline.planning import apply_plan
+from pipeline.rundir import RunDir
 from pipeline.sweep import sweep_tags
 from pipeline.tracking import NullTracker, git_dirty
 
@@ -34,9 +35,9 @@ def run_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) 
     return f"{model_name}_{type(optimizer).__name__}_{type(loss_fn).__name__}"
 
 
-def save_splits(splits: dict[str, list[dict]], run_dir: str) -> Path:
+def save_splits(splits: dict[str, list[dict]], run_dir: str | Path) -> Path:
     """splits.json: case ids per split, so a run's test set can be re-scored later."""
-    path = Path(run_dir) / "splits.json"
+    path = RunDir(run_dir).splits
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({k: [case_id(c) for c in v] for k, v in splits.items()}, indent=1))
     return path
@@ -106,13 +107,11 @@ def resume_from(cfg: DictConfig) -> Path | None:
     if resume in (None, False):
         return None
     if resume is True:
-        found = sorted(Path(cfg.paths.outputs).glob("runs/train/*/checkpoints/last.pt"),
-                       key=lambda p: p.stat().st_mtime)
-        if not found:
+        if (found := RunDir.newest_last(Path(cfg.paths.outputs) / "runs" / "train")) is None:
             raise InputError(f"{cfg.paths.outputs}/runs/train: no run with a last.pt to resume")
-        return found[-1]
+        return found
     path = Path(resume)
-    for candidate in (path, path / "checkpoints" / "last.pt", path / "last.pt"):
+    for candidate in (path, RunDir(path).last, path / "last.pt"):
         if candidate.is_file():
             return candidate
     raise InputError(f"{path}: no last.pt to resume from")
@@ -169,8 +168,9 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     tracker = instantiate(cfg.tracking) if distributed.is_main() else NullTracker()  # DDP: one run, from rank 0
     every_case = [c for part in splits.values() for c in part]
     tracker.start(name, config, run_tags(cfg, device, run.precision, every_case), run_id=state and state.get("run_id"))
+    run_dir = RunDir(cfg.paths.run_dir)
     if state is None and distributed.is_main():
-        tracker.log_artifact(save_splits(splits, cfg.paths.run_dir))
+        tracker.log_artifact(save_splits(splits, run_dir.root))
     ranks = f", DDP over {distributed.world_size()} ranks" if distributed.active() else ""
     print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases "
           f"from {cfg.data.root} on {device}{ranks}")
@@ -179,23 +179,22 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     try:
         result = engine.fit(
             cfg.trainer, model, loss_fn, optimizer, run.scheduler, train_loader, val_loader, run.inferer,
-            cfg.data.class_names, tracker, f"{cfg.paths.run_dir}/checkpoints", config, device, run.precision,
+            cfg.data.class_names, tracker, run_dir, config, device, run.precision,
             resume=state, schedule=run.schedule,
         )
         tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
-        for ckpt in ("best.pt", "last.pt"):
-            tracker.log_artifact(f"{cfg.paths.run_dir}/checkpoints/{ckpt}", "checkpoints")
+        for ckpt in (run_dir.best, run_dir.last):
+            tracker.log_artifact(ckpt, "checkpoints")
         if distributed.is_main():
-            tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names,
-                                              Path(cfg.paths.run_dir) / "curves.png"))
+            tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, run_dir.curves))
         # tracking.register=true: the best checkpoint becomes a version of the registered model (None otherwise)
-        result["model_uri"] = tracker.register(Path(cfg.paths.run_dir) / "checkpoints" / "best.pt")
+        result["model_uri"] = tracker.register(run_dir.best)
         status = "FINISHED"
     finally:
         tracker.finish(status)
     minutes = (time.perf_counter() - start) / 60
     print(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
-          f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {cfg.paths.run_dir}/checkpoints")
+          f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {run_dir.checkpoints}")
     return result | {"run_name": name, "run_id": tracker.run_id, "config": cfg}
 
 
