@@ -10,6 +10,11 @@ class InputError(ValueError):
     """A file or setting that cannot be used; the message names the file (or key) and the problem."""
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to its first line (a library's multi-line report inside our one-line error)."""
+    return str(err).strip().splitlines()[0][:limit] if str(err).strip() else type(err).__name__
+
+
 def faults_error(faults: list[str], root) -> InputError:
     """The first of a dataset's faults, with a pointer to the command that lists them all."""
     more = f" (and {len(faults) - 1} more: python -m pipeline.check data.root={root})" if len(faults) > 1 else ""

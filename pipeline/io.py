@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, first_line
 from pipeline.files import atomic
 
 NIFTI = (".nii", ".nii.gz")
@@ -111,7 +111,7 @@ def read_array(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         array = sitk.GetArrayFromImage(image)  # (z, y, x[, c])
         return array.transpose(2, 1, 0, *range(3, array.ndim)), sitk_affine(image)
     except Exception as err:  # nibabel and SimpleITK raise many types for unreadable files
-        raise InputError(f"{path}: not a readable image ({str(err).strip().splitlines()[0][:200]})") from None
+        raise InputError(f"{path}: not a readable image ({first_line(err)})") from None
 
 
 def in_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -164,7 +164,7 @@ class Reference:
             raise
         except Exception as err:  # nibabel and SimpleITK raise many types for unreadable files
             raise InputError(f"{volume.path}: not a readable image "
-                             f"({str(err).strip().splitlines()[0][:200]})") from None
+                             f"({first_line(err)})") from None
 
     @property
     def affine(self) -> np.ndarray:

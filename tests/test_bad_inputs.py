@@ -11,6 +11,7 @@ import pytest
 
 from pipeline import project_root
 from pipeline.check import check
+from pipeline.errors import first_line
 from tests.conftest import compose_config
 
 AFFINE = np.diag([0.9, 0.9, 2.0, 1.0])
@@ -189,3 +190,9 @@ def test_check_cli_reports_every_fault_at_once_and_train_refuses_in_one_line(dat
     assert (last.startswith("error: ") and "(and 1 more: python -m pipeline.check" in last
             and "Traceback" not in train.stderr)
     assert not (run_dir / "checkpoints").exists()  # no partial output
+
+
+def test_a_library_error_inside_ours_keeps_its_first_line_only():
+    assert first_line(ValueError("  bad header\nat offset 352\n")) == "bad header"
+    assert first_line(RuntimeError("x" * 500)) == "x" * 200
+    assert first_line(OSError()) == "OSError"  # an empty message still names something
