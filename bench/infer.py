@@ -33,6 +33,7 @@ import torch
 
 from pipeline import hardware, project_root
 from pipeline.config import compose, shared_data
+from pipeline.rundir import RunDir
 
 OUT = project_root() / "outputs" / "bench" / "brats"
 # Each project variant's fastest sw_batch_size here: 2 for eager fp32 (3.05 s against 3.70 with 1), 1 when compiled
@@ -49,7 +50,7 @@ PROJECT = {
 
 def prepare(data: Path) -> tuple[Path, Path]:
     """The BRATS subset as an MSD dataset (two channels stacked as 4D NIfTI) and a model trained on it once."""
-    root, ckpt = OUT / "dataset", OUT / "model" / "checkpoints" / "best.pt"
+    root, trained = OUT / "dataset", RunDir(OUT / "model")
     if not (root / "dataset.json").exists():
         (root / "imagesTr").mkdir(parents=True, exist_ok=True)
         (root / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -65,15 +66,15 @@ def prepare(data: Path) -> tuple[Path, Path]:
         labels = {"0": "background", "1": "necrosis", "2": "edema", "3": "non-enhancing", "4": "enhancing"}
         (root / "dataset.json").write_text(json.dumps({"name": "BratsSubset", "modality": {"0": "FLAIR", "1": "T1c"},
                                                        "labels": labels, "training": training}))
-    if not ckpt.exists():
+    if not trained.best.exists():
         from pipeline.train import train
 
         cfg = compose("train", ["data=msd", f"data.root={root}", "data.patch_size=[96,96,64]", "data.split.val=0.25",
                                 "data.split.test=0", "data.batch_size=1", "loss=dicece", "tracking=none",
                                 "trainer.max_epochs=1000", "trainer.max_minutes=3", "trainer.val_every=1000", "seed=0",
-                                f"paths.run_dir={ckpt.parent.parent}"])
+                                f"paths.run_dir={trained.root}"])
         train(cfg)
-    return root, ckpt
+    return root, trained.best
 
 
 def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:

@@ -13,6 +13,10 @@ from pathlib import Path
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.best, self.last = self.checkpoints / "best.pt", self.checkpoints / "last.pt"
+        self.splits, self.curves = self.root / "splits.json", self.root / "curves.png"
+        self.overlays = self.root / "overlays"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
@@ -21,30 +25,6 @@ class RunDir:
     def of(cls, ckpt: str | Path) -> "RunDir":
         """The run a checkpoint in its checkpoints/ folder belongs to."""
         return cls(Path(ckpt).parent.parent)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / "best.pt"
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits.json"
-
-    @property
-    def curves(self) -> Path:
-        return self.root / "curves.png"
-
-    @property
-    def overlays(self) -> Path:
-        return self.root / "overlays"
 
     @staticmethod
     def runs_in(folder: str | Path) -> list["RunDir"]:
