@@ -28,14 +28,15 @@ from monai.transforms import (
     RandSpatialCropd,
     SpatialPadd,
 )
-from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import engine, hardware, project_root
+from pipeline.callbacks import Checkpoints
 from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
 from pipeline.evaluate import evaluate
 from pipeline.metrics import SegmentationScores
+from pipeline.models.adapters import training_outputs
 from pipeline.rundir import RunDir
 from pipeline.tracking import NullTracker
 from pipeline.train import save_splits, setup, train
@@ -102,10 +103,9 @@ def kept(args, marks: list[float]) -> tuple[list[tuple], dict]:
     train_loader, test_loader = loaders(cfg, run.splits["train"], run.splits["test"])  # scored on the test split
     recorder = Recorder()
     # last.pt is the final model; best.pt here is picked on the test scores, so only last.pt is a fair test model
-    config = OmegaConf.to_container(cfg, resolve=True)
-    result = engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, test_loader,
-                        run.inferer, cfg.data.class_names, recorder, RunDir(cfg.paths.run_dir), config, run.device,
-                        run.precision, schedule=run.schedule)
+    run.train_loader, run.val_loader, run.tracker = train_loader, test_loader, recorder
+    run.run_dir = RunDir(cfg.paths.run_dir)
+    result = engine.fit(cfg.trainer, run, [Checkpoints()])
     batch = cfg.data.batch_size * cfg.transforms.patch.num_samples
     return recorder.points, {"run": run, "cfg": cfg, "steps": len(result["step_losses"]), "batch": batch}
 
@@ -130,7 +130,7 @@ def step_flops(model, loss_fn, batch: int, patch: list[int], dtype) -> int:
     x, y = torch.randn(batch, 1, *patch), torch.randint(0, 3, (batch, 1, *patch))
     with FlopCounterMode(display=False) as counter:
         with hardware.autocast(torch.device("cpu"), dtype):
-            out = engine.outputs(model(x), y)
+            out = training_outputs(model(x), y)
         sum(o.sum() for o in (out if isinstance(out, list) else [out])).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()

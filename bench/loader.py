@@ -42,12 +42,10 @@ def main() -> None:
         cfg = compose("train", ["experiment=hippocampus", f"data.root={args.data}", "tracking=none",
                                 f"trainer.max_epochs={args.epochs}", f"trainer.val_every={args.epochs + 1}",
                                 f"paths.run_dir={project_root()}/outputs/bench/loader", *overrides])
-        run = setup(cfg)
-        train_loader, val_loader = loaders(cfg, run.splits["train"], run.splits["val"][:1])
-        times = EpochTimes()
-        engine.fit(cfg.trainer, run.model, run.loss_fn, run.optimizer, run.scheduler, train_loader, val_loader,
-                   run.inferer, cfg.data.class_names, times, RunDir(cfg.paths.run_dir), {}, run.device,
-                   run.precision)
+        job = setup(cfg)
+        job.train_loader, job.val_loader = loaders(cfg, job.splits["train"], job.splits["val"][:1])
+        job.tracker, job.run_dir = (times := EpochTimes()), RunDir(cfg.paths.run_dir)
+        engine.fit(cfg.trainer, job)
         per_epoch = sorted(60 * (b - a) for a, b in zip([0.0] + times.minutes, times.minutes))
         results[name] = per_epoch[len(per_epoch) // 2]
     base = results["DataLoader, main process"]

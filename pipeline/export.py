@@ -13,18 +13,19 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import checkpoint, engine
+from pipeline import checkpoint
 from pipeline.errors import InputError, exit_on_input_error
 from pipeline.files import atomic
+from pipeline.models import adapters
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
 
 
 def build_model(bundle: dict) -> torch.nn.Module:
-    """The checkpoint's network as inference runs it: one full-size class-logits output (engine.ForInference)."""
+    """The checkpoint's network as inference runs it: one full-size class-logits output (adapters.ForInference)."""
     model = instantiate(OmegaConf.create(bundle["config"]).model)
     model.load_state_dict(bundle["state_dict"])
-    return engine.for_inference(model.eval())
+    return adapters.for_inference(model.eval())
 
 
 def export_model(model: torch.nn.Module, config: dict, fmt: str, path: Path) -> Path:

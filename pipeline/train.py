@@ -5,7 +5,6 @@ import platform
 import shlex
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import hydra
 import monai
@@ -15,7 +14,7 @@ from hydra.utils import instantiate
 from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import checkpoint, distributed, engine, hardware, plots
+from pipeline import callbacks, checkpoint, distributed, engine, hardware, plots
 from pipeline.check import check
 from pipeline.data.fingerprint import cache_key, fingerprint
 from pipeline.data.sources import case_id, ensure_demo_data, resolve_data, split
@@ -43,8 +42,9 @@ def save_splits(splits: dict[str, list[dict]], run_dir: str | Path) -> Path:
     return path
 
 
-def setup(cfg: DictConfig) -> SimpleNamespace:
-    """Data, split, plan and every component, built from the config (shared by `train` and the benchmarks).
+def setup(cfg: DictConfig) -> engine.Job:
+    """Data, split, plan and every component, built from the config (shared by `train` and the benchmarks); the
+    caller adds the loaders, tracker and run folder.
 
     Under DDP rank 0 generates, checks and fingerprints the data first; the other ranks then read its caches.
     """
@@ -68,7 +68,7 @@ def setup(cfg: DictConfig) -> SimpleNamespace:
         """The configured scheduler for a run of `epochs` epochs (its length interpolates trainer.max_epochs)."""
         return instantiate(OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs}}).scheduler)(optimizer)
 
-    return SimpleNamespace(
+    return engine.Job(
         splits=splits,
         model=model,
         loss_fn=instantiate(cfg.loss),
@@ -78,6 +78,8 @@ def setup(cfg: DictConfig) -> SimpleNamespace:
         inferer=instantiate(cfg.trainer.inferer),
         device=device,
         precision=hardware.resolve(cfg.trainer.amp, device),  # from the hardware: bf16 only where the CPU has it
+        class_names=list(cfg.data.class_names),
+        config=OmegaConf.to_container(cfg, resolve=True),
     )
 
 
@@ -154,34 +156,29 @@ def train(cfg: DictConfig) -> dict:
 
 def _train(cfg: DictConfig, state: dict | None) -> dict:
     """One training run (or this rank's part of one) from a composed config; `state`: a loaded last.pt to continue."""
-    run = setup(cfg)
-    splits, model, optimizer, loss_fn, device = run.splits, run.model, run.optimizer, run.loss_fn, run.device
-    train_cases, val_cases = splits["train"], splits["val"]
+    job = setup(cfg)
+    splits = job.splits
     distributed.seed_rank(cfg.seed)  # DDP: each rank augments and shuffles with seed + rank
-    train_loader, val_loader = loaders(cfg, train_cases, val_cases)  # DDP: this rank's share
+    job.train_loader, job.val_loader = loaders(cfg, splits["train"], splits["val"])  # DDP: this rank's share
     if distributed.debugging():
         distributed.debug("shares", **{k: [case_id(c) for c in d.dataset.data]
-                                       for k, d in (("train", train_loader), ("val", val_loader))})
+                                       for k, d in (("train", job.train_loader), ("val", job.val_loader))})
 
-    config = OmegaConf.to_container(cfg, resolve=True)
-    name = run_name(model, optimizer, loss_fn)
-    tracker = instantiate(cfg.tracking) if distributed.is_main() else NullTracker()  # DDP: one run, from rank 0
+    name = run_name(job.model, job.optimizer, job.loss_fn)
+    tracker = job.tracker = instantiate(cfg.tracking) if distributed.is_main() else NullTracker()  # DDP: rank 0's
     every_case = [c for part in splits.values() for c in part]
-    tracker.start(name, config, run_tags(cfg, device, run.precision, every_case), run_id=state and state.get("run_id"))
-    run_dir = RunDir(cfg.paths.run_dir)
+    tracker.start(name, job.config, run_tags(cfg, job.device, job.precision, every_case),
+                  run_id=state and state.get("run_id"))
+    run_dir = job.run_dir = RunDir(cfg.paths.run_dir)
     if state is None and distributed.is_main():
         tracker.log_artifact(save_splits(splits, run_dir.root))
     ranks = f", DDP over {distributed.world_size()} ranks" if distributed.active() else ""
-    print(f"{name}: {len(train_cases)} train / {len(val_cases)} val / {len(splits['test'])} test cases "
-          f"from {cfg.data.root} on {device}{ranks}")
-    print(run.precision)
+    print(f"{name}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test cases "
+          f"from {cfg.data.root} on {job.device}{ranks}")
+    print(job.precision)
     status, start = "FAILED", time.perf_counter()
     try:
-        result = engine.fit(
-            cfg.trainer, model, loss_fn, optimizer, run.scheduler, train_loader, val_loader, run.inferer,
-            cfg.data.class_names, tracker, run_dir, config, device, run.precision,
-            resume=state, schedule=run.schedule,
-        )
+        result = engine.fit(cfg.trainer, job, callbacks.from_config(cfg.trainer), resume=state)
         tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
         for ckpt in (run_dir.best, run_dir.last):
             tracker.log_artifact(ckpt, "checkpoints")

@@ -7,10 +7,10 @@ import torch
 from hydra.utils import instantiate
 from monai.transforms import Compose
 
-from pipeline import engine
 from pipeline.data.sources import resolve_data
 from pipeline.data.transforms import preprocess, train_transforms
 from pipeline.losses import inverse_frequency_weights
+from pipeline.models.adapters import for_inference
 from pipeline.planning import apply_plan
 from tests.conftest import CONF, compose_config, shared_dataset, tiny_config
 
@@ -40,7 +40,7 @@ def test_model_options_build_and_segment_a_volume(model, tiny_phantom, tmp_path)
     cfg = tiny_config(tiny_phantom, tmp_path, model)
     resolve_data(cfg)
     net = instantiate(cfg.model)
-    out = engine.for_inference(net.eval())(torch.randn(2, 1, 32, 32, 16))  # what validation and inference run
+    out = for_inference(net.eval())(torch.randn(2, 1, 32, 32, 16))  # what validation and inference run
     assert out.shape == (2, 3, 32, 32, 16)  # (training steps and gradients: tests/test_models.py)
 
 
@@ -124,7 +124,7 @@ def test_experiment_options_compose_and_build(experiment, tmp_path):
                          tmp_path)
     dataset = resolve_data(cfg)
     apply_plan(cfg, dataset.modalities, dataset.cases[:20])
-    net = engine.for_inference(instantiate(cfg.model))  # as validation and inference run it (deep supervision off)
+    net = for_inference(instantiate(cfg.model))  # as validation and inference run it (deep supervision off)
     patch = list(cfg.data.patch_size)
     assert net(torch.randn(1, cfg.data.in_channels, *patch)).shape == (1, cfg.data.num_classes, *patch)
 

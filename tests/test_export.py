@@ -11,9 +11,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline import checkpoint, engine, project_root
+from pipeline import checkpoint, project_root
 from pipeline.export import build_model, export, export_model
 from pipeline.infer import infer
+from pipeline.models.adapters import for_inference
 from pipeline.train import train
 from tests.conftest import TINY_MODEL, compose_config, tiny_config
 
@@ -55,7 +56,7 @@ def test_every_kind_of_network_exports_to_onnx_as_inference_runs_it(model, tmp_p
     overrides = [f"model={model}", "data.in_channels=1", "data.num_classes=3", "data.patch_size=[32,32,16]",
                  *TINY_MODEL[model]]
     cfg = compose_config("train", overrides + (["model.deep_supervision=true"] if model == "unetpp" else []), tmp_path)
-    net = engine.for_inference(instantiate(cfg.model))
+    net = for_inference(instantiate(cfg.model))
     path = export_model(net, OmegaConf.to_container(cfg, resolve=True), "onnx", tmp_path / "net.onnx")
     x = torch.randn(2, 1, 32, 32, 16)
     with torch.no_grad():

@@ -13,6 +13,7 @@ from monai.losses import DeepSupervisionLoss
 from pipeline import checkpoint, engine
 from pipeline.errors import InputError
 from pipeline.infer import infer
+from pipeline.models.adapters import for_inference
 from pipeline.models.weights import initialise, kaiming_
 from pipeline.train import train
 from tests.conftest import CONF, TINY_MODEL, compose_config, tiny_config
@@ -60,7 +61,7 @@ def test_every_network_trains_a_step_with_gradients_everywhere(model, dims, loss
     assert not missing, missing
     # inference: one full-size (B, classes, ...) logits tensor whatever the network returns in training
     with torch.no_grad():
-        out = engine.for_inference(net.eval())(batch["image"])
+        out = for_inference(net.eval())(batch["image"])
     assert out.shape == (2, 3, *size)
 
 
@@ -69,7 +70,7 @@ def test_a_binary_sigmoid_network_predicts_two_classes(tmp_path):
                          tmp_path)
     net, image = instantiate(cfg.model).eval(), torch.randn(1, 1, 32, 32, 16)
     with torch.no_grad():
-        z, logits = net(image), engine.for_inference(net)(image)
+        z, logits = net(image), for_inference(net)(image)
     assert cfg.out_channels == 1 and z.shape[1] == 1 and logits.shape[1] == 2
     torch.testing.assert_close(logits.softmax(1), torch.cat([1 - torch.sigmoid(z), torch.sigmoid(z)], 1))  # (0, z)
     with pytest.raises(Exception, match="binary data"):

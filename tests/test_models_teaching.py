@@ -6,8 +6,9 @@ import torch
 from hydra.utils import instantiate
 from torch import fx, nn
 
+from pipeline.models.adapters import MirrorPadded
 from pipeline.models.blocks import Conv3DNet
-from pipeline.models.teaching import DilatedNet, EncoderDecoder, MirrorPadded, StridedUNet, ValidUNet
+from pipeline.models.teaching import DilatedNet, EncoderDecoder, StridedUNet, ValidUNet
 from tests.conftest import compose_config
 
 NETS = ["encdec", "unet_strided", "dilatednet", "unet_valid"]

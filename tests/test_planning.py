@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from pipeline.data import fingerprint as fp_module
 from pipeline.data.fingerprint import fingerprint
 from pipeline.data.sources import read_msd, resolve_data
-from pipeline.engine import outputs
+from pipeline.models.adapters import training_outputs as outputs
 from pipeline.planning import apply_plan, plan, topology
 from pipeline.train import train
 from tests.conftest import hippocampus_subset, tiny_config

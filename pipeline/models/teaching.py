@@ -5,17 +5,16 @@ channels (features per level, or per layer for DilatedNet), dropout (spatial, in
 ("instance" | "batch"; "none" as well, for the normalization-free 2015 original).
 
 EncoderDecoder, StridedUNet and DilatedNet return an output the size of their input. ValidUNet (unpadded
-convolutions) returns a smaller one: a network with an `output_size` method is such a valid network, and the
-pipeline must score its output against the centre of the label (training) and run it as MirrorPadded(net) wherever
-it needs an output the size of the input (sliding-window inference, export).
+convolutions) returns a smaller one: it is an adapters.ValidNetwork, whose output training scores against the centre
+of the label and inference runs as adapters.MirrorPadded(net).
 """
 
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.adapters import centre_crop
 from pipeline.models.blocks import CONV, CONV_TRANSPOSE, DROPOUT, MAX_POOL, ConvBlock, conv_norm_act, layer
 
 
@@ -29,12 +28,6 @@ def _levels(channels: Sequence[int]) -> list[int]:
 def _head(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
     # 1x1(x1) conv to class logits; no norm or activation after it: the loss applies softmax / sigmoid itself.
     return layer(CONV, spatial_dims)(in_channels, out_channels, 1)
-
-
-def centre_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """The centre of x (N C ...) at spatial `size`."""
-    starts = [(n - s) // 2 for n, s in zip(x.shape[2:], size)]
-    return x[(..., *(slice(a, a + s) for a, s in zip(starts, size)))]
 
 
 class EncoderDecoder(nn.Module):
@@ -125,8 +118,7 @@ class ValidUNet(nn.Module):
     """The 2015 U-Net (Ronneberger et al.): unpadded 3x3 convs, 2x2 max-pool, 2x2 up-convs, centre-cropped skips.
 
     Its output is smaller than its input: `output_size(n)` gives the size per axis, `valid_input_size(n)` the inputs
-    it accepts. The pipeline takes `hasattr(net, "output_size")` to mean: crop labels to the output in training and run
-    MirrorPadded(net) where an output the size of the input is needed."""
+    it accepts: an adapters.ValidNetwork."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
                  channels: Sequence[int] = (64, 128, 256, 512, 1024), dropout: float = 0.0, norm: str = "instance"):
@@ -191,32 +183,3 @@ class ValidUNet(nn.Module):
             # The skip is larger (its convs trimmed less): take its centre, the part the upsampled map covers.
             x = decoder(torch.cat([centre_crop(skips.pop(), x.shape[2:]), x], dim=1))
         return self.head(x)
-
-
-class MirrorPadded(nn.Module):
-    """Runs a valid network on a mirror-padded input and centre-crops its output to the input's size (the 2015
-    overlap-tile strategy): the wrapper the pipeline uses at inference for any network with `output_size`."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def padding(self, n: int) -> tuple[int, int]:
-        """(before, after) padding of an axis of size n so the net's output covers all n voxels."""
-        m = self.net.valid_input_size(n)
-        while self.net.output_size(m) < n:
-            m = self.net.valid_input_size(m + 1)
-        # The net trims an even margin symmetrically, so its output's centre is the input's centre: crop at the centre.
-        return (m - n) // 2, m - n - (m - n) // 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = tuple(x.shape[2:])
-        pads = [self.padding(n) for n in size]
-        for axis, (n, (before, after)) in enumerate(zip(size, pads)):
-            if after >= n:  # torch's reflect padding mirrors inside the input, so it needs fewer voxels than the input
-                raise ValueError(f"MirrorPadded: axis {axis} of size {n} needs a mirror padding "
-                                 f"of {before}+{after} voxels, "
-                                 f"and reflect padding must be smaller than the size: use a larger input (window)")
-        # F.pad lists (before, after) from the last axis backwards.
-        x = F.pad(x, [p for pair in reversed(pads) for p in pair], mode="reflect")
-        return centre_crop(self.net(x), size)

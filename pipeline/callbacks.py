@@ -1,0 +1,78 @@
+"""What happens after a training epoch besides training, as small hooks `engine.fit` calls in order (Lightning's
+callbacks, in plain torch). `from_config` turns them on from the trainer config; a new one needs no edit to fit."""
+
+
+import nibabel as nib
+from omegaconf import DictConfig
+
+from pipeline import checkpoint, distributed, plots
+from pipeline.engine import Job, TrainState, predict
+from pipeline.io import ras_spacing
+
+
+class Callback:
+    def on_epoch_end(self, job: Job, state: TrainState, log: dict) -> None:
+        """After the epoch's training, validation (`log` holds val_* metrics then), scheduler step and logging."""
+
+
+class Checkpoints(Callback):
+    """best.pt (weights + config: what inference needs) when validation improved; last.pt (everything a resume
+    needs: the TrainState, optimizer and scheduler too) every epoch. Written atomically, by rank 0 alone."""
+
+    def on_epoch_end(self, job: Job, state: TrainState, log: dict) -> None:
+        common = {"run_id": job.tracker.run_id, "precision": job.precision.record()}
+        if state.improved and distributed.is_main():
+            checkpoint.save(job.run_dir.best, job.model, job.config, epoch=state.epoch, metrics=state.best, **common)
+        saved = state.state_dict()  # under DDP a collective (every rank's RNG streams): every rank calls it
+        if distributed.is_main():
+            scheduler = job.scheduler.state_dict() if job.scheduler else None
+            checkpoint.save(job.run_dir.last, job.model, job.config, optimizer=job.optimizer.state_dict(),
+                            scheduler=scheduler, **common, **saved)
+
+
+class Overlays(Callback):
+    """Input, truth and prediction of the first validation case at validation epochs divisible by `every`
+    (trainer.overlay_every), to watch a run learn: PNGs in the run's overlays/, logged as artifacts."""
+
+    def __init__(self, every: int):
+        self.every, self.spacing = every, None
+
+    def on_epoch_end(self, job: Job, state: TrainState, log: dict) -> None:
+        if "val_dice_mean" not in log or state.epoch % self.every or not distributed.is_main():
+            return
+        batch = next(iter(job.val_loader))
+        if self.spacing is None:  # the grid the network sees: data.spacing, else the first case's own
+            self.spacing = (job.config["data"]["spacing"]
+                            or ras_spacing(nib.load(job.val_loader.dataset.data[0]["image"]).affine))
+        pred = predict(job.model, batch["image"][:1], job.inferer, job.device, job.precision.dtype)
+        path = job.run_dir.overlays / f"epoch{state.epoch:04d}.png"
+        plots.overlay(batch["image"][0, 0].numpy(), batch["label"][0, 0].numpy().astype(int),
+                      pred.argmax(1)[0].cpu().numpy(), self.spacing, job.class_names, path, title=path.stem)
+        job.tracker.log_artifact(path, "overlays")
+
+
+class EarlyStopping(Callback):
+    """Stop after `patience` validations without the val mean Dice rising by more than min_delta (TrainState.stale
+    counts them)."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience, self.min_delta = patience, min_delta
+
+    def on_epoch_end(self, job: Job, state: TrainState, log: dict) -> None:
+        if state.stale >= self.patience and state.stop is None:
+            state.stop = (f"early stopping after epoch {state.epoch}: val Dice has not risen by more than "
+                          f"{self.min_delta} for {state.stale} validations "
+                          f"(best {state.best['val_dice_mean']:.4f} at epoch {state.best['epoch']})")
+
+
+def from_config(trainer: DictConfig) -> list[Callback]:
+    """Checkpoints always; overlays with trainer.overlay_every > 0; early stopping with
+    trainer.early_stopping.patience."""
+    stop = trainer.get("early_stopping") or {}
+    return [
+        *([Overlays(trainer.overlay_every)] if trainer.get("overlay_every") else []),
+        Checkpoints(),
+        *([EarlyStopping(stop["patience"], stop.get("min_delta", 0.0))] if stop.get("patience") else []),
+    ]
+
+
