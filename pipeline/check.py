@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.data.sources import msd_problems, read_folders, split
+from pipeline.data.sources import data_facts, dataset_problems, split
 from pipeline.errors import InputError, exit_on_input_error
 
 AFFINE_TOLERANCE = 1e-3  # mm; image and label grids further apart than this do not overlay
@@ -77,14 +77,11 @@ def check(cfg: DictConfig, progress: bool = True) -> dict:
     """Every fault of the dataset at cfg.data; returns {"cases", "faults": [...], "empty": [...]}."""
     d = cfg.data
     root = Path(d.root).expanduser()
-    if d.layout == "msd":
-        dataset, faults = msd_problems(root)
-        if dataset is None:
-            return {"cases": 0, "faults": faults, "empty": []}
-    else:
-        dataset, faults = read_folders(root, d.images, d.labels, d.get("class_names")), []
-    num_classes = d.num_classes or len(dataset.labels)
-    channels = d.in_channels or len(dataset.modalities)
+    dataset, faults = dataset_problems(d)
+    if dataset is None:
+        return {"cases": 0, "faults": faults, "empty": []}
+    facts = data_facts(d, dataset)
+    num_classes, channels = facts["num_classes"], facts["in_channels"]
     empty = []
     present = [c for c in dataset.cases if Path(c["image"]).is_file() and Path(c["label"]).is_file()]
     for case in tqdm(present, desc="check", unit="case", disable=not progress):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import project_root
 
@@ -13,6 +14,15 @@ from pipeline import project_root
 def compose(name: str = "train", overrides=()) -> DictConfig:
     with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
         return hydra_compose(config_name=name, overrides=list(overrides))
+
+
+def option(group: str, name: str) -> DictConfig:
+    """One option of a config group exactly as `group=name` composes it, e.g. option("transforms/normalize", "ct"),
+    from inside a Hydra app (its config search path) or outside one (the project's conf/)."""
+    overrides = [f"{group}={name}"]
+    cfg = (hydra_compose(config_name="train", overrides=overrides) if GlobalHydra.instance().is_initialized()
+           else compose("train", overrides))
+    return OmegaConf.select(cfg, group.replace("/", "."))
 
 
 def shared_data() -> Path:

@@ -1,15 +1,16 @@
 """nnU-Net-style planning: derive spacing, patch size, batch size and normalization from the dataset fingerprint.
 
-Any config value set to `auto` (what `plan=auto` does) is replaced by the planned one; values given explicitly,
-e.g. on the command line, are kept. MONAI has no planner, hence this module.
+Any config value set to `auto` (what `plan=auto` does) gets a planned one (the functions here return them;
+pipeline.completion.complete writes them); values given explicitly, e.g. on the command line, are kept. MONAI has no
+planner, hence this module.
 """
 
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from pipeline import project_root
+from pipeline.config import option
 from pipeline.data.fingerprint import fingerprint
 
 PLANNED = ("data.spacing", "data.patch_size", "data.batch_size", "transforms.normalize")
@@ -85,45 +86,42 @@ def _is_auto(value) -> bool:
     return value == "auto" or (isinstance(value, DictConfig) and value.get("name") == "auto")
 
 
-def apply_plan(cfg: DictConfig, modalities: list[str], train_cases: list[dict]) -> dict | None:
-    """Fill every `auto` value in cfg from the fingerprint of the training cases (the network's topology last, from
-    the patch and spacing); returns the plan (None if no data value was auto)."""
-    p = (_plan_data(cfg, modalities, train_cases) if any(_is_auto(OmegaConf.select(cfg, key)) for key in PLANNED)
-         else None)
-    if any(_is_auto(cfg.model.get(key)) for key in TOPOLOGY):
-        spacing = (cfg.data.spacing
-                   or fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")["median_spacing"])
-        dims = cfg.model.get("spatial_dims", 3)  # a 2D network plans over the first two axes
-        net = topology(list(cfg.data.patch_size)[:dims], list(spacing)[:dims])
-        with open_dict(cfg):
-            for key in TOPOLOGY:
-                if _is_auto(cfg.model.get(key)):
-                    cfg.model[key] = net[key]
-            if "deep_supr_num" in cfg.model:  # DynUNet: 1 <= extra heads < upsampling stages (none on a 2-stage net)
-                heads = min(cfg.model.deep_supr_num, len(cfg.model.strides) - 2)
-                cfg.model.deep_supr_num, cfg.model.deep_supervision = (max(heads, 1),
-                                                                       cfg.model.deep_supervision and heads > 0)
-        print(f"network: {len(net['strides'])} stages, strides {net['strides'][1:]}, kernels {net['kernel_size']}, "
-              f"filters {list(cfg.model.filters)}")
-    return p
-
-
-def _plan_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]) -> dict:
-    """Fill the data values set to `auto` (spacing, patch, batch, normalization)."""
+def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]) -> dict:
+    """The planned value (dotted key -> value) of every data setting left `auto` (spacing, patch, batch,
+    normalization), from the fingerprint of the training cases; {} when none is auto."""
+    auto = [key for key in PLANNED if _is_auto(OmegaConf.select(cfg, key))]
+    if not auto:
+        return {}
     settings = cfg.get("plan") or {}
     fp = fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")
     p = plan(fp, modalities, settings.get("budget_voxels", 2**19), settings.get("min_batch", 2))
-    with open_dict(cfg):
-        for key in ("spacing", "patch_size", "batch_size"):
-            if _is_auto(cfg.data[key]):
-                cfg.data[key] = p[key]
-        if _is_auto(cfg.transforms.normalize):
-            norm = dict(p["normalize"])
-            option = OmegaConf.load(project_root() / "conf" / "transforms" / "normalize" / f"{norm.pop('name')}.yaml")
-            cfg.transforms.normalize = OmegaConf.merge(option, norm)
-    print(
-        f"plan from {fp['num_cases']} training cases (median shape {[round(s) for s in fp['median_shape']]}, "
-        f"spacing {fp['median_spacing']}): spacing {cfg.data.spacing or 'native'}, patch {list(cfg.data.patch_size)}, "
-        f"batch {cfg.data.batch_size}, normalize {cfg.transforms.normalize._target_.rsplit('.', 1)[-1]}"
-    )
-    return p
+    values = {f"data.{key}": p[key] for key in ("spacing", "patch_size", "batch_size") if f"data.{key}" in auto}
+    if "transforms.normalize" in auto:
+        norm = dict(p["normalize"])
+        # the option as `transforms/normalize=<name>` selects it, with the planned values (e.g. CT's clip range)
+        values["transforms.normalize"] = OmegaConf.merge(option("transforms/normalize", norm.pop("name")), norm)
+    final = {key: values.get(key, OmegaConf.select(cfg, key)) for key in PLANNED}
+    print(f"plan from {fp['num_cases']} training cases (median shape {[round(s) for s in fp['median_shape']]}, "
+          f"spacing {fp['median_spacing']}): spacing {final['data.spacing'] or 'native'}, "
+          f"patch {list(final['data.patch_size'])}, batch {final['data.batch_size']}, "
+          f"normalize {final['transforms.normalize']._target_.rsplit('.', 1)[-1]}")
+    return values
+
+
+def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
+    """The network's kernels, strides and widths (dotted key -> value) where the model config says `auto`, planned
+    for the (completed) patch and spacing; {} when none is auto."""
+    if not any(_is_auto(cfg.model.get(key)) for key in TOPOLOGY):
+        return {}
+    spacing = cfg.data.spacing or fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")["median_spacing"]
+    dims = cfg.model.get("spatial_dims", 3)  # a 2D network plans over the first two axes
+    net = topology(list(cfg.data.patch_size)[:dims], list(spacing)[:dims])
+    values = {f"model.{key}": net[key] for key in TOPOLOGY if _is_auto(cfg.model.get(key))}
+    if "deep_supr_num" in cfg.model:  # DynUNet: 1 <= extra heads < upsampling stages (none on a 2-stage net)
+        heads = min(cfg.model.deep_supr_num, len(values.get("model.strides", cfg.model.strides)) - 2)
+        values |= {"model.deep_supr_num": max(heads, 1),
+                   "model.deep_supervision": cfg.model.deep_supervision and heads > 0}
+    filters = values.get("model.filters", cfg.model.get("filters"))
+    print(f"network: {len(net['strides'])} stages, strides {net['strides'][1:]}, kernels {net['kernel_size']}, "
+          f"filters {list(filters)}")
+    return values

@@ -84,7 +84,7 @@ class NullTracker:
         """Nothing to close."""
 
 
-def _tracking_errors() -> tuple[type[BaseException], ...]:
+def tracking_errors() -> tuple[type[BaseException], ...]:
     """What a store or server that went away raises: MlflowException (MLflow wraps HTTP and SQL failures in it),
     OSError."""
     from mlflow.exceptions import MlflowException
@@ -137,7 +137,7 @@ class MLflowTracker(NullTracker):
             os.environ.setdefault(key, value)
         try:
             self._start(run_name, config, tags, run_id)
-        except _tracking_errors() as err:
+        except tracking_errors() as err:
             if run_id is not None and getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
                 raise
             self.run_id = None
@@ -166,7 +166,7 @@ class MLflowTracker(NullTracker):
                 experiment_id = client.create_experiment(
                     self.experiment,
                     artifact_location=Path(self.artifact_location, self.experiment).as_uri() if local else None)
-            except _tracking_errors()[0] as err:
+            except tracking_errors()[0] as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another job of a sweep made it first
                     raise
                 experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
@@ -187,7 +187,7 @@ class MLflowTracker(NullTracker):
         now = int(time.time() * 1000)
         try:
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-        except _tracking_errors() as err:
+        except tracking_errors() as err:
             self._fail("log_metrics", err)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
@@ -196,7 +196,7 @@ class MLflowTracker(NullTracker):
         try:
             self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
             self.logged[Path(path).resolve()] = f"{folder}/{Path(path).name}" if folder else Path(path).name
-        except _tracking_errors() as err:
+        except tracking_errors() as err:
             self._fail("log_artifact", err)
 
     def register(self, checkpoint: str | Path) -> str | None:
@@ -215,13 +215,13 @@ class MLflowTracker(NullTracker):
             # mlflow.register_model wants a logged MLflow model for a runs:/ URI; a plain file needs the client API.
             try:
                 self.client.create_registered_model(self.model_name)
-            except _tracking_errors()[0] as err:
+            except tracking_errors()[0] as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
             version = self.client.create_model_version(self.model_name, source, run_id=self.run_id,
                                                        await_creation_for=0,
                                                        description=f"{checkpoint.name} of run {self.run_id}")
-        except _tracking_errors() as err:
+        except tracking_errors() as err:
             self._fail("register", err)
             return None
         uri = f"models:/{self.model_name}/{version.version}"
@@ -233,7 +233,7 @@ class MLflowTracker(NullTracker):
             return
         try:
             self.client.set_terminated(self.run_id, status)
-        except _tracking_errors() as err:
+        except tracking_errors() as err:
             self._fail("finish", err)
 
 

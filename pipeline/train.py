@@ -12,17 +12,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from monai.utils import set_determinism
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import callbacks, checkpoint, distributed, engine, hardware, plots
 from pipeline.check import check
-from pipeline.data.fingerprint import cache_key, fingerprint
-from pipeline.data.sources import case_id, ensure_demo_data, resolve_data, split
+from pipeline.completion import complete
+from pipeline.data.fingerprint import cache_key
+from pipeline.data.sources import case_id, ensure_demo_data
 from pipeline.data.transforms import loaders
 from pipeline.errors import InputError, exit_on_input_error, faults_error
-from pipeline.losses import inverse_frequency_weights
+from pipeline.models.adapters import ValidNetwork
 from pipeline.models.weights import initialise
-from pipeline.planning import apply_plan
 from pipeline.rundir import RunDir
 from pipeline.sweep import sweep_tags
 from pipeline.tracking import NullTracker, git_dirty
@@ -49,14 +49,16 @@ def setup(cfg: DictConfig) -> engine.Job:
     Under DDP rank 0 generates, checks and fingerprints the data first; the other ranks then read its caches.
     """
     with distributed.main_first():
-        ensure_demo_data(cfg)
+        ensure_demo_data(cfg.data)
         if cfg.data.get("check", True) and distributed.is_main():  # every fault, before anything is cached or trained
             faults = check(cfg, progress=False)["faults"]
             if faults:
                 raise faults_error(faults, cfg.data.root)
-        splits = _prepare(cfg)
+        splits = complete(cfg).splits  # the gate: every value left to the data, the plan or the training cases
+    set_determinism(seed=cfg.seed)  # python, numpy, torch and MONAI transform states
+    torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", False)), warn_only=True)
     model = initialise(instantiate(cfg.model), cfg.get("init"))  # the same weights on every rank (seed, not rank)
-    if hasattr(model, "valid_input_size"):  # unpadded (valid) convolutions: every pooling must be exact on the patch
+    if isinstance(model, ValidNetwork):  # unpadded (valid) convolutions: every pooling must be exact on the patch
         patch, valid = list(cfg.data.patch_size), [model.valid_input_size(n) for n in cfg.data.patch_size]
         if patch != valid:
             raise InputError(f"data.patch_size={patch}: {type(model).__name__} needs sizes whose poolings are exact; "
@@ -81,26 +83,6 @@ def setup(cfg: DictConfig) -> engine.Job:
         class_names=list(cfg.data.class_names),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-
-
-def _prepare(cfg: DictConfig) -> dict[str, list[dict]]:
-    """Resolve the data, seed everything, split, and plan (filling the `auto` values of the config): the split."""
-    dataset = resolve_data(cfg)  # fills data.num_classes etc., which the other groups interpolate
-    if cfg.get("activation") == "sigmoid" and cfg.data.num_classes != 2:
-        raise InputError(f"{cfg.data.root}: activation=sigmoid (loss=bce, bce_tv) needs binary labels; "
-                         f"this dataset has {cfg.data.num_classes} classes (use a softmax loss such as loss=dicece)")
-    set_determinism(seed=cfg.seed)  # python, numpy, torch and MONAI transform states
-    torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", False)), warn_only=True)
-    s = cfg.data.split
-    splits = split(dataset.cases, s.val, s.test, s.seed, s.folds, cfg.data.fold)
-    apply_plan(cfg, dataset.modalities, splits["train"])  # fills values set to `auto` (plan=auto)
-    if cfg.loss.get("weight") == "inverse_frequency":  # loss=ce_weighted: class weights from the training cases
-        frequencies = fingerprint(splits["train"], Path(cfg.paths.outputs) / "fingerprints")["class_frequency"]
-        frequencies += [0.0] * (cfg.data.num_classes - len(frequencies))  # classes absent from every training label
-        with open_dict(cfg):
-            cfg.loss.weight = inverse_frequency_weights(frequencies)
-        print(f"loss.weight (inverse class frequency of the training voxels): {[round(w, 3) for w in cfg.loss.weight]}")
-    return splits
 
 
 def resume_from(cfg: DictConfig) -> Path | None:

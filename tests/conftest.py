@@ -9,9 +9,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import checkpoint, project_root
+from pipeline.completion import complete
 from pipeline.config import compose, shared_data
 from pipeline.data.phantom import synthesize
-from pipeline.data.sources import resolve_data
 
 CONF = project_root() / "conf"
 # The one setting that locates the real datasets (README of ../shared/data); CI=true turns "missing" into a failure.
@@ -104,7 +104,7 @@ def threshold_ckpt(tiny_phantom, tmp_path):
 
     def make(overrides=(), channels: int = 1):
         cfg = tiny_config(tiny_phantom, tmp_path, overrides=list(overrides))
-        resolve_data(cfg)
+        complete(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
         config["model"] = {"_target_": "torch.nn.Conv3d", "in_channels": channels, "out_channels": 2, "kernel_size": 1}
         config["data"]["num_classes"], config["data"]["in_channels"] = 2, channels

@@ -6,12 +6,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from monai.transforms import Compose
+from omegaconf.errors import MissingMandatoryValue
 
-from pipeline.data.sources import resolve_data
+from pipeline.completion import complete
 from pipeline.data.transforms import preprocess, train_transforms
 from pipeline.losses import inverse_frequency_weights
 from pipeline.models.adapters import for_inference
-from pipeline.planning import apply_plan
 from tests.conftest import CONF, compose_config, shared_dataset, tiny_config
 
 
@@ -35,10 +35,19 @@ def test_defaults_compose_to_the_documented_choices(tmp_path):
     assert Path(cfg.paths.outputs).is_absolute()
 
 
+def test_a_model_built_before_the_config_is_completed_fails_instead_of_guessing(tiny_phantom, tmp_path):
+    cfg = tiny_config(tiny_phantom, tmp_path)
+    with pytest.raises(MissingMandatoryValue, match="in_channels"):
+        instantiate(cfg.model)
+    complete(cfg)
+    assert (cfg.data.in_channels, cfg.data.num_classes) == (1, 3)
+    assert instantiate(cfg.model)(torch.randn(1, 1, 32, 32, 16)).shape == (1, 3, 32, 32, 16)
+
+
 @pytest.mark.parametrize("model", options("model"))
 def test_model_options_build_and_segment_a_volume(model, tiny_phantom, tmp_path):
     cfg = tiny_config(tiny_phantom, tmp_path, model)
-    resolve_data(cfg)
+    complete(cfg)
     net = instantiate(cfg.model)
     out = for_inference(net.eval())(torch.randn(2, 1, 32, 32, 16))  # what validation and inference run
     assert out.shape == (2, 3, 32, 32, 16)  # (training steps and gradients: tests/test_models.py)
@@ -75,8 +84,7 @@ def test_optimizer_and_scheduler_options_build(optimizer, scheduler, tmp_path):
 def test_normalize_options_preprocess_a_case(normalize, tiny_phantom, tmp_path):
     planned = ["plan=auto", "data.patch_size=[32,32,16]", "data.batch_size=1"] if normalize == "auto" else []
     cfg = tiny_config(tiny_phantom, tmp_path, overrides=[f"transforms/normalize={normalize}", *planned])
-    dataset = resolve_data(cfg)
-    apply_plan(cfg, dataset.modalities, dataset.cases)  # auto: planning picks z-score for this MRI-like set
+    dataset = complete(cfg).dataset
     case = Compose(preprocess(cfg))(dataset.cases[0])
     image = case["image"]
     if normalize in ("zscore", "auto"):
@@ -91,7 +99,7 @@ def test_normalize_options_preprocess_a_case(normalize, tiny_phantom, tmp_path):
 @pytest.mark.parametrize("augment", options("transforms/augment"))
 def test_training_transforms_give_patches_of_the_configured_size(augment, tiny_phantom, tmp_path):
     cfg = tiny_config(tiny_phantom, tmp_path, overrides=[f"transforms/augment={augment}"])
-    dataset = resolve_data(cfg)
+    dataset = complete(cfg).dataset
     transform = train_transforms(cfg)
     transform.set_random_state(0)
     for _ in range(5):  # every random branch of the augmentations gets a chance to run
@@ -106,7 +114,7 @@ def test_training_transforms_give_patches_of_the_configured_size(augment, tiny_p
 def test_augmentations_switch_off_one_by_one(tiny_phantom, tmp_path):
     cfg = tiny_config(tiny_phantom, tmp_path,
                       overrides=["transforms.augment.noise=null", "transforms.augment.affine=null"])
-    resolve_data(cfg)
+    complete(cfg)
     names = [type(t).__name__ for t in train_transforms(cfg).transforms]
     assert "RandGaussianNoised" not in names and "RandAffined" not in names and "RandFlipd" in names
 
@@ -122,8 +130,7 @@ def test_tracking_options_build(tracking, tmp_path):
 def test_experiment_options_compose_and_build(experiment, tmp_path):
     cfg = compose_config("train", [f"experiment={experiment}", f"data.root={shared_dataset('msd_hippocampus')}"],
                          tmp_path)
-    dataset = resolve_data(cfg)
-    apply_plan(cfg, dataset.modalities, dataset.cases[:20])
+    complete(cfg)
     net = for_inference(instantiate(cfg.model))  # as validation and inference run it (deep supervision off)
     patch = list(cfg.data.patch_size)
     assert net(torch.randn(1, cfg.data.in_channels, *patch)).shape == (1, cfg.data.num_classes, *patch)
@@ -136,7 +143,7 @@ def test_infer_config_composes(tmp_path):
 
 def test_rotate90_is_skipped_on_a_non_square_patch(tiny_phantom, tmp_path):
     cfg = tiny_config(tiny_phantom, tmp_path, overrides=["data.patch_size=[32,48,16]"])
-    dataset = resolve_data(cfg)
+    dataset = complete(cfg).dataset
     transform = train_transforms(cfg)
     assert "RandRotate90d" not in [type(t).__name__ for t in transform.transforms]
     assert all(p["image"].shape == (1, 32, 48, 16) for p in transform(dataset.cases[0]))

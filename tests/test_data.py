@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline import project_root
+from pipeline.completion import complete
 from pipeline.data.phantom import make_case
-from pipeline.data.sources import case_id, read_msd, resolve_data, split
+from pipeline.data.sources import case_id, read_msd, split
 from pipeline.errors import InputError
 from tests.conftest import compose_config
 
@@ -74,19 +75,19 @@ def test_folder_pairs_are_read_by_matching_names(tiny_phantom, tmp_path):
         (tmp_path / "labels" / name).symlink_to(tiny_phantom / "labelsTr" / name)
     cfg = compose_config("train", ["data=folders", f"data.root={tmp_path}",
                                    "data.class_names=[background,organ,lesion]"], tmp_path)
-    dataset = resolve_data(cfg)
+    dataset = complete(cfg).dataset
     assert [case_id(c) for c in dataset.cases] == ["phantom_000", "phantom_001"]
     assert cfg.data.num_classes == 3 and cfg.data.in_channels == 1
     (tmp_path / "labels" / "phantom_001.nii.gz").unlink()
     with pytest.raises(InputError, match="phantom_001.nii.gz: no label with the same name"):
-        resolve_data(compose_config("train", ["data=folders", f"data.root={tmp_path}", "data.class_names=[a,b,c]"],
+        complete(compose_config("train", ["data=folders", f"data.root={tmp_path}", "data.class_names=[a,b,c]"],
                                     tmp_path))
 
 
 def test_a_missing_data_root_is_an_error_and_nothing_is_generated(tmp_path):
     cfg = compose_config("train", [f"data.root={tmp_path}/typo"], tmp_path)
     with pytest.raises(InputError, match="typo/dataset.json: not found"):
-        resolve_data(cfg)
+        complete(cfg)
     assert not (tmp_path / "typo").exists()
 
 

@@ -7,11 +7,12 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from pipeline.completion import complete
 from pipeline.data import fingerprint as fp_module
 from pipeline.data.fingerprint import fingerprint
-from pipeline.data.sources import read_msd, resolve_data
+from pipeline.data.sources import read_msd
 from pipeline.models.adapters import training_outputs as outputs
-from pipeline.planning import apply_plan, plan, topology
+from pipeline.planning import plan, topology
 from pipeline.train import train
 from tests.conftest import hippocampus_subset, tiny_config
 
@@ -79,8 +80,7 @@ def test_network_topology_follows_nnunets_rule():
 def test_auto_topology_builds_a_dynunet_that_fits_the_patch(tiny_phantom, tmp_path):
     cfg = tiny_config(tiny_phantom, tmp_path, "dynunet", ["model.kernel_size=auto", "model.strides=auto",
                                                           "model.upsample_kernel_size=auto", "model.filters=auto"])
-    dataset = resolve_data(cfg)
-    apply_plan(cfg, dataset.modalities, dataset.cases)
+    complete(cfg)
     assert cfg.model.strides == [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]]  # 32x32x16 at 1 x 1 x 2.5 mm
     assert cfg.model.kernel_size == [[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
     net = instantiate(cfg.model)

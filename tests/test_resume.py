@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint, project_root
-from pipeline.data.sources import resolve_data
+from pipeline.completion import complete
 from pipeline.data.transforms import cache_mode
 from pipeline.errors import InputError
 from pipeline.train import train
@@ -86,8 +86,8 @@ def test_a_malicious_pickle_checkpoint_is_refused(tmp_path):
 
 def test_an_oversized_memory_cache_falls_back_to_disk(tiny_phantom, tmp_path):
     cfg = tiny_config(tiny_phantom, tmp_path, overrides=["data.cache=memory", "data.cache_ram_gb=0.001"])
-    dataset = resolve_data(cfg)
+    dataset = complete(cfg).dataset
     assert cache_mode(cfg, dataset.cases) == "disk"  # about 8 x 0.6 MB x 2 would not fit in 1 MB
     cfg = tiny_config(tiny_phantom, tmp_path, overrides=["data.cache=memory", "data.cache_ram_gb=1"])
-    resolve_data(cfg)
+    complete(cfg)
     assert cache_mode(cfg, dataset.cases) == "memory"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import InputError, faults_error
 
@@ -65,25 +65,46 @@ def read_msd(root: str | Path) -> Dataset:
     return dataset
 
 
-def read_folders(root: str | Path, images: str, labels: str, class_names: list[str] | None) -> Dataset:
-    """Plain folder pairs: `<root>/<images>/x.nii.gz` with `<root>/<labels>/x.nii.gz` (same file names)."""
+def folders_problems(root: str | Path, images: str, labels: str,
+                     class_names: list[str] | None) -> tuple[Dataset | None, list[str]]:
+    """Plain folder pairs: `<root>/<images>/x.nii.gz` with `<root>/<labels>/x.nii.gz` (same file names); every
+    structural fault found, as msd_problems."""
     root = Path(root)
     if not class_names:
-        raise InputError(f"{root}: data.class_names must list the classes (background first) for a folders layout")
+        return None, [f"{root}: data.class_names must list the classes (background first) for a folders layout"]
     image_dir, label_dir = root / images, root / labels
-    for d in (image_dir, label_dir):
-        if not d.is_dir():
-            raise InputError(f"{d}: folder not found "
-                             f"(data.layout=folders expects {images}/ and {labels}/ under data.root)")
-    cases = []
+    missing = [f"{d}: folder not found (data.layout=folders expects {images}/ and {labels}/ under data.root)"
+               for d in (image_dir, label_dir) if not d.is_dir()]
+    if missing:
+        return None, missing
+    cases, problems = [], []
     for image in sorted(p for p in image_dir.iterdir() if p.name.endswith((".nii", ".nii.gz"))):
         label = label_dir / image.name
         if not label.is_file():
-            raise InputError(f"{image}: no label with the same name in {label_dir}")
+            problems.append(f"{image}: no label with the same name in {label_dir}")
         cases.append({"image": str(image.resolve()), "label": str(label.resolve())})
     if not cases:
-        raise InputError(f"{image_dir}: holds no .nii or .nii.gz images")
-    return Dataset(root, root.name, dict(enumerate(class_names)), ["image"], cases)
+        problems.append(f"{image_dir}: holds no .nii or .nii.gz images")
+    return Dataset(root, root.name, dict(enumerate(class_names)), ["image"], cases), problems
+
+
+def dataset_problems(data: DictConfig) -> tuple[Dataset | None, list[str]]:
+    """The dataset at data.root in its data.layout (msd | folders), with every structural fault found."""
+    root = Path(data.root).expanduser()
+    if data.layout == "msd":
+        return msd_problems(root)
+    if data.layout == "folders":
+        names = None if OmegaConf.is_missing(data, "class_names") else data.get("class_names")
+        return folders_problems(root, data.images, data.labels, names)
+    return None, [f"{root}: data.layout={data.layout}: must be msd or folders"]
+
+
+def read_dataset(data: DictConfig) -> Dataset:
+    """The dataset at data.root; its first structural fault is an InputError (pipeline.check lists them all)."""
+    dataset, problems = dataset_problems(data)
+    if problems:
+        raise faults_error(problems, data.root)
+    return dataset
 
 
 def case_id(case: dict) -> str:
@@ -117,10 +138,10 @@ def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5,
     return parts | {"test": held_out}
 
 
-def ensure_demo_data(cfg: DictConfig) -> None:
+def ensure_demo_data(data: DictConfig) -> None:
     """Generate the demo phantoms when data.root is their folder and holds no dataset.json yet."""
-    synth = cfg.data.get("synthesize")
-    root = Path(cfg.data.root).expanduser().resolve()
+    synth = data.get("synthesize")
+    root = Path(data.root).expanduser().resolve()
     # Only the demo folder is ever generated: a mistyped data.root must fail, not fill up with phantoms.
     if synth and Path(synth.folder).resolve() == root and not (root / "dataset.json").exists():
         from pipeline.data.phantom import synthesize
@@ -129,19 +150,16 @@ def ensure_demo_data(cfg: DictConfig) -> None:
         synthesize(root, synth.num_cases, synth.seed)
 
 
-def resolve_data(cfg: DictConfig) -> Dataset:
-    """Find (or synthesize) the dataset and fill what the config leaves to it: root, name, classes, channels.
+def data_facts(data: DictConfig, dataset: Dataset) -> dict:
+    """What the data config leaves to the dataset (`???` or null): root (absolute), name, classes, channels."""
+    def given(key):
+        return None if OmegaConf.is_missing(data, key) else data.get(key)
 
-    Other config nodes interpolate `${data.num_classes}` and friends, so this runs before anything is instantiated.
-    """
-    ensure_demo_data(cfg)
-    root = Path(cfg.data.root).expanduser().resolve()
-    d = cfg.data
-    dataset = read_msd(root) if d.layout == "msd" else read_folders(root, d.images, d.labels, d.get("class_names"))
-    with open_dict(cfg):
-        cfg.data.root = str(root)
-        cfg.data.name = cfg.data.name or dataset.name
-        cfg.data.num_classes = cfg.data.num_classes or len(dataset.labels)
-        cfg.data.in_channels = cfg.data.in_channels or len(dataset.modalities)
-        cfg.data.class_names = [dataset.labels.get(i, f"class{i}") for i in range(cfg.data.num_classes)]
-    return dataset
+    num_classes = given("num_classes") or len(dataset.labels)
+    return {
+        "root": str(Path(data.root).expanduser().resolve()),
+        "name": given("name") or dataset.name,
+        "num_classes": num_classes,
+        "in_channels": given("in_channels") or len(dataset.modalities),
+        "class_names": [dataset.labels.get(i, f"class{i}") for i in range(num_classes)],
+    }
