@@ -87,7 +87,7 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
     from pipeline import checkpoint
     from pipeline.data.transforms import preprocess
     from pipeline.export import build_model
-    from pipeline.infer import Predictor
+    from pipeline.inference import Predictor
 
     bundle = checkpoint.load(ckpt)
     cfg = OmegaConf.create(bundle["config"])

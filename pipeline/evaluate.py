@@ -24,13 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint, plots, report
-from pipeline.data.sources import case_id, read_folders, read_msd
+from pipeline.data.sources import case_id, read_dataset, read_msd
 from pipeline.errors import InputError, exit_on_input_error
 from pipeline.files import atomic
-from pipeline.infer import checkpoints, infer, postprocess
+from pipeline.inference import PredictOptions, checkpoints, infer, postprocess
 from pipeline.io import NIFTI, SITK, Volume, in_ras, ras_spacing, read_array
 from pipeline.metrics import METRICS, case_scores, summarize
 from pipeline.rundir import RunDir
+from pipeline.tracking import tracking_errors
 
 PRINTED = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "precision", "recall", "diff_ml")
 
@@ -96,8 +97,7 @@ def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictCo
     run rather than to one member's."""
     bundle = checkpoint.load(members[0])
     data = OmegaConf.create(bundle["config"]).data
-    dataset = (read_msd(data.root) if data.layout == "msd"
-               else read_folders(data.root, data.images, data.labels, data.class_names))
+    dataset = read_dataset(data)
     by_id = {case_id(c): c for c in dataset.cases}
     ids = None
     for member in members:
@@ -121,8 +121,7 @@ def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictCo
         raise InputError(f"{data.root}: case {missing[0]} of {splits_file} is not in the dataset any more")
     cases = [by_id[i] for i in ids]
     predictions = out_dir / "predictions"
-    result = infer(members, [c["image"] for c in cases], predictions, cfg.device, cfg.amp, tta=cfg.tta,
-                   overwrite=True, postprocessing=OmegaConf.to_container(cfg.postprocess))
+    result = infer(members, [c["image"] for c in cases], predictions, PredictOptions.from_config(cfg), overwrite=True)
     if result["failed"]:
         raise InputError(next(iter(result["failed"].values())))
     return [Case(case_id(c), predictions / f"{case_id(c)}.nii.gz", Path(c["label"]), Path(c["image"]))
@@ -276,16 +275,15 @@ def log(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle
     metrics |= {f"{prefix}{m}_mean": v for m, v in summary["mean"].items() if v is not None}
     run_id = bundle.get("run_id") if bundle is not None else None
     if bundle is not None:  # a new run, if needed, goes beside the training runs of the same dataset
-        OmegaConf.update(cfg, "data.name", bundle["config"]["data"]["name"])
-    tracker = instantiate(cfg.tracking)
+        cfg = OmegaConf.merge(cfg, {"data": {"name": bundle["config"]["data"]["name"]}})  # a copy: cfg stays as given
+    tracker, config = instantiate(cfg.tracking), OmegaConf.to_container(cfg, resolve=True)
     name = f"evaluate_{summary['source']['name'].replace(' ', '_')}"
     try:
-        tracker.start(name, OmegaConf.to_container(cfg, resolve=True), {"evaluation": "true"}, run_id=run_id)
-    except Exception as err:  # the training run lives in another store: record this evaluation as its own run
+        tracker.start(name, config, {"evaluation": "true"}, run_id=run_id)
+    except tracking_errors() as err:  # the training run lives in another store: record this evaluation as its own
         print(f"warning: cannot reopen the training run {run_id} ({type(err).__name__}); "
               "logging a new evaluation run", file=sys.stderr)
-        tracker.start(name, OmegaConf.to_container(cfg, resolve=True),
-                      {"evaluation": "true", "trained_run": str(run_id)})
+        tracker.start(name, config, {"evaluation": "true", "trained_run": str(run_id)})
     try:
         tracker.log_metrics(metrics, step=bundle.get("epoch", 0) if bundle is not None else 0)
         folder = f"evaluation/{cfg.split}" if bundle is not None else "evaluation"

@@ -1,4 +1,5 @@
-"""Inference entry point: `python -m pipeline.infer ckpt=best.pt input=<file or folder> output=<folder>`.
+"""Inference as a library (the `pipeline.infer` and `pipeline.evaluate` entry points call it): checkpoints in, label
+maps out.
 
 Each volume goes through the checkpoint's own preprocessing, a sliding-window pass (optionally mirrored for TTA and
 averaged over several checkpoints), and MONAI's inverse of the preprocessing, so the label map lands on the input's
@@ -9,9 +10,9 @@ import importlib.util
 import itertools
 import sys
 import tempfile
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline import checkpoint, engine, hardware
 from pipeline.data.transforms import preprocess, preprocessing_config
-from pipeline.errors import InputError, exit_on_input_error
+from pipeline.errors import InputError
 from pipeline.export import OnnxRuntimeModel, OpenVinoModel, build_model, export_model
 from pipeline.files import atomic
 from pipeline.io import Reference, Volume, find_inputs, label_dtype
@@ -53,12 +54,39 @@ def checkpoints(ckpt, cache: Path | None = None) -> list[Path]:
     return paths
 
 
+@dataclass(frozen=True, kw_only=True)
+class PredictOptions:
+    """How checkpoints predict: the keys of conf/predict/default.yaml, which pipeline.infer and pipeline.evaluate
+    share (README "Inference" explains each)."""
+
+    device: str = "auto"
+    amp: str | bool = "auto"
+    backend: str = "auto"
+    compile: bool = False
+    channels_last: bool = True
+    overlap: float | None = None  # None: the checkpoint's sliding-window settings
+    sw_batch_size: int | None = None
+    stitch_device: str | None = None
+    tta: bool = False
+    tta_axes: tuple[int, ...] = (0, 1, 2)
+    uncertainty: str | None = None
+    postprocess: dict = field(default_factory=dict)  # keyword arguments of postprocess()
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "PredictOptions":
+        """The options a config gives (the others keep their defaults)."""
+        given = {f.name: OmegaConf.to_object(cfg[f.name]) if OmegaConf.is_config(cfg[f.name]) else cfg[f.name]
+                 for f in fields(cls) if f.name in cfg}
+        return cls(**given | ({"tta_axes": tuple(given["tta_axes"])} if "tta_axes" in given else {}))
+
+
 class Predictor:
     """Rebuilds models, preprocessing and inferers from checkpoints; turns one volume into probabilities on its grid."""
 
-    def __init__(self, bundles: dict[Path, dict], device="auto", amp="auto", overlap=None, sw_batch_size=None,
-                 stitch_device=None, tta: bool = False, tta_axes=(0, 1, 2), uncertainty: str | None = None,
-                 backend: str = "auto", compile: bool = False, channels_last: bool = True):
+    def __init__(self, bundles: dict[Path, dict], options: PredictOptions | None = None, **changes):
+        """`changes`: PredictOptions fields that differ from `options` (default PredictOptions())."""
+        o = self.options = replace(options or PredictOptions(), **changes)
+        device, amp, backend, compile = o.device, o.amp, o.backend, o.compile
         first_path, first = next(iter(bundles.items()))
         for path, bundle in bundles.items():  # ensemble members must see the same input
             if preprocessing_config(bundle["config"]) != preprocessing_config(first["config"]):
@@ -69,8 +97,8 @@ class Predictor:
         # amp=auto keeps fp32 on the CPU: bf16, where the CPU has it, is 2x faster but moves about 0.3% of the
         # boundary voxels (bench/infer.py: label-map Dice 0.997 against fp32), below the >= 0.999 a clinic may expect.
         self.precision = hardware.resolve(amp, self.device, inference=True)
-        window = {k: v for k, v in {"overlap": overlap, "sw_batch_size": sw_batch_size, "device": stitch_device}.items()
-                  if v is not None}
+        window = {k: v for k, v in {"overlap": o.overlap, "sw_batch_size": o.sw_batch_size,
+                                    "device": o.stitch_device}.items() if v is not None}
         if backend not in BACKENDS:
             raise InputError(f"backend={backend}: must be one of {', '.join(BACKENDS)}")
         # the fastest path whose labels match fp32's (bench/infer.py); compile=true asks for torch
@@ -100,14 +128,14 @@ class Predictor:
 
                     inductor_config.freezing = True
                     model = torch.compile(model, dynamic=False)
-                elif channels_last:  # eager torch; Inductor picks its own layouts
+                elif o.channels_last:  # eager torch; Inductor picks its own layouts
                     hardware.channels_last(model)
                 inferer = instantiate(OmegaConf.create(bundle["config"]).trainer.inferer, **window)
                 self.members.append((model, inferer))
         # nnU-Net-style mirroring: every subset of the chosen axes, the unflipped pass included
-        axes = list(tta_axes) if tta else []
+        axes = list(o.tta_axes) if o.tta else []
         self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
-        self.uncertainty = uncertainty
+        self.uncertainty = o.uncertainty
         self.preprocess = Compose(preprocess(cfg))
         self.resampled = cfg.data.spacing is not None
         # Invert orientation/resampling on probabilities (interpolated like the image), then take the argmax.
@@ -196,11 +224,11 @@ def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 
     return np.asarray(t[0])
 
 
-def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch_size=None, stitch_device=None,
-          tta=False, tta_axes=(0, 1, 2), format="nifti", overwrite=False, save_probabilities=False, uncertainty=None,
-          postprocessing: dict | None = None, backend: str = "auto", compile: bool = False) -> dict:
-    """Predict every input (a path or a list of them) into `output`; returns {"written": [...], "skipped": [...],
-    "failed": {input: message}}."""
+def infer(ckpt, input, output, options: PredictOptions | None = None, *, format: str = "nifti",
+          overwrite: bool = False, save_probabilities: bool = False, **changes) -> dict:
+    """Predict every input (a path or a list of them) into `output` with `options` (and `changes`: PredictOptions
+    fields that differ from them); returns {"written": [...], "skipped": [...], "failed": {input: message}}."""
+    options = replace(options or PredictOptions(), **changes)
     volumes = [v for path in (input if isinstance(input, (list, tuple, ListConfig)) else [input])
                for v in find_inputs(path)]
     out_dir = Path(output)
@@ -216,8 +244,7 @@ def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"written": [], "skipped": [], "failed": {}}
     with tempfile.TemporaryDirectory(prefix="pipeline-infer-") as tmp:
-        predictor = Predictor(bundles, device, amp, overlap, sw_batch_size, stitch_device, tta, tta_axes, uncertainty,
-                              backend=backend, compile=compile)
+        predictor = Predictor(bundles, options)
         tqdm.write(f"{predictor.precision}; backend {predictor.backend}")
         for volume in tqdm(volumes, desc="infer", unit="volume"):
             target = out_dir / volume.output_name(format)
@@ -225,7 +252,7 @@ def infer(ckpt, input, output, device="auto", amp="auto", overlap=None, sw_batch
                 report["skipped"].append(target)
                 continue
             try:
-                predict_one(predictor, volume, target, Path(tmp), save_probabilities, postprocessing or {})
+                predict_one(predictor, volume, target, Path(tmp), save_probabilities, options.postprocess)
                 report["written"].append(target)
             except InputError as err:  # one bad file must not stop a folder run
                 report["failed"][volume.path] = str(err)
@@ -247,20 +274,3 @@ def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, s
     if uncertainty is not None:
         ref.write(uncertainty.astype(np.float32), target.parent / volume.output_name("nifti", "_uncertainty"))
     ref.write(labels.astype(label_dtype(predictor.num_classes)), target)
-
-
-@hydra.main(config_path="../conf", config_name="infer", version_base="1.3")
-@exit_on_input_error
-def main(cfg: DictConfig) -> None:
-    report = infer(cfg.ckpt, cfg.input, cfg.output, cfg.device, cfg.amp, cfg.overlap, cfg.sw_batch_size,
-                   cfg.stitch_device, cfg.tta, list(cfg.tta_axes), cfg.format, cfg.overwrite, cfg.save_probabilities,
-                   cfg.uncertainty, OmegaConf.to_container(cfg.postprocess), cfg.backend, cfg.compile)
-    print(f"{len(report['written'])} written, {len(report['skipped'])} skipped (exist; overwrite=true to redo), "
-          f"{len(report['failed'])} failed -> {Path(cfg.output).resolve()}")
-    if report["failed"]:
-        sys.exit(f"error: {len(report['failed'])} of {len(report['written']) + len(report['failed'])} inputs failed: "
-                 + ", ".join(str(p) for p in report["failed"]))
-
-
-if __name__ == "__main__":
-    main()

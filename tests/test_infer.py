@@ -11,7 +11,7 @@ import torch
 
 from pipeline import checkpoint, project_root
 from pipeline.errors import InputError
-from pipeline.infer import Predictor, infer
+from pipeline.inference import Predictor, infer
 from pipeline.train import train
 from tests.conftest import hippocampus_subset, tiny_config
 

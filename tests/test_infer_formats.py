@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline import project_root
-from pipeline.infer import infer, postprocess
+from pipeline.inference import infer, postprocess
 from pipeline.io import find_inputs
 from tests.conftest import shared_dataset
 

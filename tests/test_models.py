@@ -12,7 +12,7 @@ from monai.losses import DeepSupervisionLoss
 
 from pipeline import checkpoint, engine
 from pipeline.errors import InputError
-from pipeline.infer import infer
+from pipeline.inference import infer
 from pipeline.models.adapters import for_inference
 from pipeline.models.weights import initialise, kaiming_
 from pipeline.train import train

@@ -21,7 +21,7 @@ import torch
 
 from pipeline import checkpoint, project_root
 from pipeline.errors import InputError
-from pipeline.infer import checkpoints
+from pipeline.inference import checkpoints
 from pipeline.tracking import HTTP_SETTINGS, MLflowTracker, NullTracker
 from pipeline.train import train
 from tests.conftest import tiny_config

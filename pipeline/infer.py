@@ -1,0 +1,29 @@
+"""Inference entry point: `python -m pipeline.infer ckpt=best.pt input=<file or folder> output=<folder>`.
+
+Parses the config and calls pipeline.inference.infer (the library, also used by pipeline.evaluate).
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.errors import exit_on_input_error
+from pipeline.inference import PredictOptions, infer
+
+
+@hydra.main(config_path="../conf", config_name="infer", version_base="1.3")
+@exit_on_input_error
+def main(cfg: DictConfig) -> None:
+    report = infer(cfg.ckpt, cfg.input, cfg.output, PredictOptions.from_config(cfg), format=cfg.format,
+                   overwrite=cfg.overwrite, save_probabilities=cfg.save_probabilities)
+    print(f"{len(report['written'])} written, {len(report['skipped'])} skipped (exist; overwrite=true to redo), "
+          f"{len(report['failed'])} failed -> {Path(cfg.output).resolve()}")
+    if report["failed"]:
+        sys.exit(f"error: {len(report['failed'])} of {len(report['written']) + len(report['failed'])} inputs failed: "
+                 + ", ".join(str(p) for p in report["failed"]))
+
+
+if __name__ == "__main__":
+    main()
