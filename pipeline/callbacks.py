@@ -11,15 +11,15 @@ from pipeline.io import ras_spacing
 
 
 class Callback:
-    def on_epoch_end(self, job: Job, state: TrainState, log: dict) -> None:
-        """After the epoch's training, validation (`log` holds val_* metrics then), scheduler step and logging."""
+    def on_epoch_end(self, job: Job, state: TrainState, metrics: dict) -> None:
+        """After the epoch's training, validation (`metrics` holds val_* then), scheduler step and logging."""
 
 
 class Checkpoints(Callback):
     """best.pt (weights + config: what inference needs) when validation improved; last.pt (everything a resume
     needs: the TrainState, optimizer and scheduler too) every epoch. Written atomically, by rank 0 alone."""
 
-    def on_epoch_end(self, job: Job, state: TrainState, log: dict) -> None:
+    def on_epoch_end(self, job: Job, state: TrainState, metrics: dict) -> None:
         common = {"run_id": job.tracker.run_id, "precision": job.precision.record()}
         if state.improved and distributed.is_main():
             checkpoint.save(job.run_dir.best, job.model, job.config, epoch=state.epoch, metrics=state.best, **common)
@@ -37,8 +37,8 @@ class Overlays(Callback):
     def __init__(self, every: int):
         self.every, self.spacing = every, None
 
-    def on_epoch_end(self, job: Job, state: TrainState, log: dict) -> None:
-        if "val_dice_mean" not in log or state.epoch % self.every or not distributed.is_main():
+    def on_epoch_end(self, job: Job, state: TrainState, metrics: dict) -> None:
+        if "val_dice_mean" not in metrics or state.epoch % self.every or not distributed.is_main():
             return
         batch = next(iter(job.val_loader))
         if self.spacing is None:  # the grid the network sees: data.spacing, else the first case's own
@@ -58,7 +58,7 @@ class EarlyStopping(Callback):
     def __init__(self, patience: int, min_delta: float = 0.0):
         self.patience, self.min_delta = patience, min_delta
 
-    def on_epoch_end(self, job: Job, state: TrainState, log: dict) -> None:
+    def on_epoch_end(self, job: Job, state: TrainState, metrics: dict) -> None:
         if state.stale >= self.patience and state.stop is None:
             state.stop = (f"early stopping after epoch {state.epoch}: val Dice has not risen by more than "
                           f"{self.min_delta} for {state.stale} validations "

@@ -6,6 +6,7 @@ declared classes, duplicate or escaping paths, too few cases for the split. Empt
 """
 
 import gzip
+import logging
 import sys
 import zlib
 from pathlib import Path
@@ -18,6 +19,8 @@ from tqdm.auto import tqdm
 
 from pipeline.data.sources import data_facts, dataset_problems, split
 from pipeline.errors import InputError, exit_on_input_error
+
+log = logging.getLogger(__name__)
 
 AFFINE_TOLERANCE = 1e-3  # mm; image and label grids further apart than this do not overlay
 
@@ -101,8 +104,8 @@ def check(cfg: DictConfig, progress: bool = True) -> dict:
 def main(cfg: DictConfig) -> None:
     report = check(cfg)
     for fault in report["faults"]:
-        print(f"error: {fault}", file=sys.stderr)
-    print(f"{cfg.data.root}: {report['cases']} cases, {len(report['faults'])} faults, "
+        log.error(fault)
+    log.info(f"{cfg.data.root}: {report['cases']} cases, {len(report['faults'])} faults, "
           f"{len(report['empty'])} empty labels (allowed)")
     if report["faults"]:
         sys.exit(1)

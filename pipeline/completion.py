@@ -7,6 +7,7 @@ normalization and network topology (`auto`), the loss's inverse-frequency class 
 `complete` fails on the missing `data.in_channels` instead of building a wrong network.
 """
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from pipeline.data.sources import Dataset, data_facts, ensure_demo_data, read_da
 from pipeline.errors import InputError
 from pipeline.losses import inverse_frequency_weights
 from pipeline.planning import planned_data, planned_topology
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,5 +52,6 @@ def complete(cfg: DictConfig) -> Completed:
         frequencies = fingerprint(splits["train"], Path(cfg.paths.outputs) / "fingerprints")["class_frequency"]
         frequencies += [0.0] * (cfg.data.num_classes - len(frequencies))  # classes absent from every training label
         fill(cfg, {"loss.weight": inverse_frequency_weights(frequencies)})
-        print(f"loss.weight (inverse class frequency of the training voxels): {[round(w, 3) for w in cfg.loss.weight]}")
+        log.info(f"loss.weight (inverse class frequency of the training voxels): "
+                 f"{[round(w, 3) for w in cfg.loss.weight]}")
     return Completed(dataset, splits)

@@ -6,6 +6,7 @@ Everything here asks torch.distributed whether a process group is up, so a run w
 
 import contextlib
 import json
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +17,8 @@ from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 DEBUG_DIR = "PIPELINE_DDP_DEBUG_DIR"  # set: every rank appends what it validated to rank<r>.jsonl there (tests)
 
@@ -61,13 +64,13 @@ def local_device(device: torch.device) -> torch.device:
 @contextlib.contextmanager
 def session(trainer, device: torch.device):
     """trainer.ddp under torchrun: a process group from torchrun's environment for the block, destroyed after it.
-    Ranks other than 0 print nothing inside it. Without torchrun (or without trainer.ddp) the block runs plainly."""
+    Without torchrun (or without trainer.ddp) the block runs plainly."""
     ddp, processes = trainer.get("ddp"), launched()
     if processes > 1 and not ddp:
         raise InputError(f"started by torchrun with {processes} processes: add trainer=ddp (or each would train alone)")
     if not ddp or not processes or active():
         if ddp and not processes:
-            print("trainer=ddp without torchrun: training in this one process")
+            log.info("trainer=ddp without torchrun: training in this one process")
         yield
         return
     backend = ("nccl" if device.type == "cuda" else "gloo") if ddp.backend == "auto" else ddp.backend
@@ -78,10 +81,7 @@ def session(trainer, device: torch.device):
     dist.init_process_group(backend, timeout=timedelta(minutes=ddp.get("timeout_min", 30)),
                             device_id=bound if backend == "nccl" else None)
     try:
-        with contextlib.ExitStack() as stack:
-            if not is_main():
-                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-            yield
+        yield  # ranks other than 0 log errors only (pipeline.logs.RankZero) and show no progress bars
     finally:
         dist.destroy_process_group()
 
@@ -177,7 +177,7 @@ def own_rng(state: dict) -> dict | None:
         return ranks[rank()]
     if world_size() == 1:
         return {k: v for k, v in state.items() if k != "ranks"}
-    print(f"resume: last.pt holds the random state of {len(ranks or [0])} rank(s), not {world_size()}; "
+    log.info(f"resume: last.pt holds the random state of {len(ranks or [0])} rank(s), not {world_size()}; "
           f"augmentation continues from seed + rank")
     return None
 

@@ -5,6 +5,7 @@ overlays, early stopping; pipeline/callbacks.py). Where a run stands lives in on
 resume restores.
 """
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from pipeline.hardware import Precision, autocast, channels_last
 from pipeline.metrics import SegmentationScores
 from pipeline.models.adapters import centre_crop, for_inference, training_outputs
 from pipeline.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -216,7 +219,7 @@ def keep_to_budget(trainer: DictConfig, state: TrainState) -> dict:
     or, with fit_to_budget=false, a stop once the minutes are spent."""
     if (fitted := budgeted_epochs(trainer, state.epoch, state.train_seconds, state.epoch_seconds)) is not None:
         if len(state.epoch_seconds) == 2 and distributed.is_main():  # the first estimate without one-off costs
-            tqdm.write(f"trainer.max_minutes={trainer.max_minutes}: {fitted} epochs fit "
+            log.info(f"trainer.max_minutes={trainer.max_minutes}: {fitted} epochs fit "
                        f"({state.epoch_seconds[-1]:.1f} s each); the learning-rate schedule ends there")
         state.end = fitted
         return {"planned_epochs": fitted}
@@ -260,27 +263,27 @@ def fit(trainer: DictConfig, job: Job, callbacks: Sequence = (), resume: dict | 
     bar = tqdm(desc="epochs", unit="epoch", initial=state.epoch, total=state.end, disable=not distributed.is_main())
     while state.epoch < state.end:
         state.epoch, state.improved, start = state.epoch + 1, False, time.perf_counter()
-        log = train_epoch(net, job, loss_fn, trainer, state)
-        log |= keep_to_budget(trainer, state)
+        metrics = train_epoch(net, job, loss_fn, trainer, state)
+        metrics |= keep_to_budget(trainer, state)
         bar.total = state.end
         if validating(trainer, state):
-            log |= validate(job.model, job.val_loader, job.inferer, SegmentationScores(job.class_names), job.device,
+            metrics |= validate(job.model, job.val_loader, job.inferer, SegmentationScores(job.class_names), job.device,
                             job.precision.dtype)
-            per_class = ", ".join(f"{n} {log[f'val_dice_{n}']:.3f}" for n in job.class_names[1:])
-            tqdm.write(f"epoch {state.epoch:3d}  loss {log['train_loss']:.4f}  val dice {log['val_dice_mean']:.3f} "
-                       f"({per_class})  iou {log['val_iou_mean']:.3f}")
-            state.record(log, min_delta)
-        step_scheduler(job, state, log)
-        log["epoch_time"] = time.perf_counter() - start
-        job.tracker.log_metrics(log, step=state.epoch)
-        state.history.append({"epoch": state.epoch} | log)
-        bar.set_postfix(loss=f"{log['train_loss']:.4f}", best_dice=f"{state.best['val_dice_mean']:.3f}")
-        distributed.debug("epoch", epoch=state.epoch, log=log)
+            per_class = ", ".join(f"{n} {metrics[f'val_dice_{n}']:.3f}" for n in job.class_names[1:])
+            log.info(f"epoch {state.epoch:3d}  loss {metrics['train_loss']:.4f}  "
+                     f"val dice {metrics['val_dice_mean']:.3f} ({per_class})  iou {metrics['val_iou_mean']:.3f}")
+            state.record(metrics, min_delta)
+        step_scheduler(job, state, metrics)
+        metrics["epoch_time"] = time.perf_counter() - start
+        job.tracker.log_metrics(metrics, step=state.epoch)
+        state.history.append({"epoch": state.epoch} | metrics)
+        bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", best_dice=f"{state.best['val_dice_mean']:.3f}")
+        distributed.debug("epoch", epoch=state.epoch, log=metrics)
         for callback in callbacks:
-            callback.on_epoch_end(job, state, log)
+            callback.on_epoch_end(job, state, metrics)
         bar.update()
         if state.stop:
-            tqdm.write(state.stop)
+            log.info(state.stop)
             break
     bar.close()
     return state.result()

@@ -10,7 +10,7 @@ new evaluation run. Metrics and the handling of empty structures: pipeline/metri
 
 import csv
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,8 @@ from pipeline.io import NIFTI, SITK, Volume, in_ras, ras_spacing, read_array
 from pipeline.metrics import METRICS, case_scores, summarize
 from pipeline.rundir import RunDir
 from pipeline.tracking import tracking_errors
+
+log = logging.getLogger(__name__)
 
 PRINTED = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "precision", "recall", "diff_ml")
 
@@ -237,8 +239,8 @@ def evaluate(cfg: DictConfig) -> dict:
         with atomic(out_dir / "postprocessing.json") as tmp:
             tmp.write_text(json.dumps(checked, indent=1))
         files.append(out_dir / "postprocessing.json")
-        print("post-processing, mean Dice per class:", json.dumps(checked["mean_dice"]))
-        print(f"recommended: {checked['infer_overrides'] or 'none (no option raised a class mean Dice)'}")
+        log.info(f"post-processing, mean Dice per class: {json.dumps(checked['mean_dice'])}")
+        log.info(f"recommended: {checked['infer_overrides'] or 'none (no option raised a class mean Dice)'}")
 
     # Overlays: the worst cases by mean Dice over classes, plus any asked for by id.
     case_dice = {c.id: float(np.mean([r["dice"] for r in rows if r["case"] == c.id])) for c in cases}
@@ -261,13 +263,13 @@ def evaluate(cfg: DictConfig) -> dict:
     files.append(report.write(out_dir / "report.html", rows, summary, source, overlays,
                               curves if curves and curves.is_file() else None))
 
-    print(table(summary))
-    print(f"{len(cases)} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
-    log(cfg, summary, files, out_dir, bundle)
+    log.info(table(summary))
+    log.info(f"{len(cases)} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
+    log_to_tracking(cfg, summary, files, out_dir, bundle)
     return summary
 
 
-def log(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle: dict | None) -> None:
+def log_to_tracking(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle: dict | None) -> None:
     """Summary means as metrics and every file as an artifact: into the checkpoint's training run when known."""
     prefix = f"{cfg.split}_" if bundle is not None else "eval_"
     metrics = {f"{prefix}{m}_{c}": s[m]["mean"] for c, s in summary["classes"].items() for m in METRICS
@@ -281,8 +283,8 @@ def log(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle
     try:
         tracker.start(name, config, {"evaluation": "true"}, run_id=run_id)
     except tracking_errors() as err:  # the training run lives in another store: record this evaluation as its own
-        print(f"warning: cannot reopen the training run {run_id} ({type(err).__name__}); "
-              "logging a new evaluation run", file=sys.stderr)
+        log.warning(f"cannot reopen the training run {run_id} ({type(err).__name__}); "
+              "logging a new evaluation run")
         tracker.start(name, config, {"evaluation": "true", "trained_run": str(run_id)})
     try:
         tracker.log_metrics(metrics, step=bundle.get("epoch", 0) if bundle is not None else 0)
@@ -292,7 +294,7 @@ def log(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle
     finally:
         tracker.finish()
     if tracker.run_id:
-        print(f"logged to MLflow run {tracker.run_id}{' (the training run)' if tracker.run_id == run_id else ''}")
+        log.info(f"logged to MLflow run {tracker.run_id}{' (the training run)' if tracker.run_id == run_id else ''}")
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")

@@ -5,6 +5,7 @@ resolved training config (preprocessing, classes, window size) needed to feed it
 """
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from pipeline import checkpoint
 from pipeline.errors import InputError, exit_on_input_error
 from pipeline.files import atomic
 from pipeline.models import adapters
+
+log = logging.getLogger(__name__)
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
 
@@ -90,7 +93,7 @@ class OpenVinoModel(CpuRuntimeModel):
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 @exit_on_input_error
 def main(cfg: DictConfig) -> None:
-    print(f"wrote {export(cfg.ckpt, cfg.format, cfg.output)}")
+    log.info(f"wrote {export(cfg.ckpt, cfg.format, cfg.output)}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ needed then, and none runs (it would cost seconds where bf16 is emulated). The e
 from those instructions (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY) are honoured: the answer is then fp32, and says why.
 """
 
+import logging
 import os
 import platform
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPES = {name: dtype for dtype, name in NAMES.items()}
@@ -123,7 +125,7 @@ def resolve(amp, device: torch.device, inference: bool = False) -> Precision:
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    log.warning(message)
 
 
 def cpu_class() -> str:

@@ -3,6 +3,7 @@
 Parses the config and calls pipeline.inference.infer (the library, also used by pipeline.evaluate).
 """
 
+import logging
 import sys
 from pathlib import Path
 
@@ -12,13 +13,15 @@ from omegaconf import DictConfig
 from pipeline.errors import exit_on_input_error
 from pipeline.inference import PredictOptions, infer
 
+log = logging.getLogger(__name__)
+
 
 @hydra.main(config_path="../conf", config_name="infer", version_base="1.3")
 @exit_on_input_error
 def main(cfg: DictConfig) -> None:
     report = infer(cfg.ckpt, cfg.input, cfg.output, PredictOptions.from_config(cfg), format=cfg.format,
                    overwrite=cfg.overwrite, save_probabilities=cfg.save_probabilities)
-    print(f"{len(report['written'])} written, {len(report['skipped'])} skipped (exist; overwrite=true to redo), "
+    log.info(f"{len(report['written'])} written, {len(report['skipped'])} skipped (exist; overwrite=true to redo), "
           f"{len(report['failed'])} failed -> {Path(cfg.output).resolve()}")
     if report["failed"]:
         sys.exit(f"error: {len(report['failed'])} of {len(report['written']) + len(report['failed'])} inputs failed: "

@@ -8,7 +8,7 @@ exact grid (shape, affine, orientation). Inputs: NIfTI, NRRD, MHA, DICOM series 
 
 import importlib.util
 import itertools
-import sys
+import logging
 import tempfile
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -28,6 +28,8 @@ from pipeline.export import OnnxRuntimeModel, OpenVinoModel, build_model, export
 from pipeline.files import atomic
 from pipeline.io import Reference, Volume, find_inputs, label_dtype
 from pipeline.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 # Networks exported to ONNX and run by another CPU runtime; backend=auto picks OpenVINO on a CPU in fp32.
 EXPORTED = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
@@ -245,7 +247,7 @@ def infer(ckpt, input, output, options: PredictOptions | None = None, *, format:
     report = {"written": [], "skipped": [], "failed": {}}
     with tempfile.TemporaryDirectory(prefix="pipeline-infer-") as tmp:
         predictor = Predictor(bundles, options)
-        tqdm.write(f"{predictor.precision}; backend {predictor.backend}")
+        log.info(f"{predictor.precision}; backend {predictor.backend}")
         for volume in tqdm(volumes, desc="infer", unit="volume"):
             target = out_dir / volume.output_name(format)
             if target.exists() and not overwrite:
@@ -256,7 +258,7 @@ def infer(ckpt, input, output, options: PredictOptions | None = None, *, format:
                 report["written"].append(target)
             except InputError as err:  # one bad file must not stop a folder run
                 report["failed"][volume.path] = str(err)
-                tqdm.write(f"error: {err}", file=sys.stderr)
+                log.error(str(err))
     return report
 
 

@@ -5,6 +5,7 @@ pipeline.completion.complete writes them); values given explicitly, e.g. on the 
 planner, hence this module.
 """
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import option
 from pipeline.data.fingerprint import fingerprint
+
+log = logging.getLogger(__name__)
 
 PLANNED = ("data.spacing", "data.patch_size", "data.batch_size", "transforms.normalize")
 
@@ -101,7 +104,7 @@ def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]
         # the option as `transforms/normalize=<name>` selects it, with the planned values (e.g. CT's clip range)
         values["transforms.normalize"] = OmegaConf.merge(option("transforms/normalize", norm.pop("name")), norm)
     final = {key: values.get(key, OmegaConf.select(cfg, key)) for key in PLANNED}
-    print(f"plan from {fp['num_cases']} training cases (median shape {[round(s) for s in fp['median_shape']]}, "
+    log.info(f"plan from {fp['num_cases']} training cases (median shape {[round(s) for s in fp['median_shape']]}, "
           f"spacing {fp['median_spacing']}): spacing {final['data.spacing'] or 'native'}, "
           f"patch {list(final['data.patch_size'])}, batch {final['data.batch_size']}, "
           f"normalize {final['transforms.normalize']._target_.rsplit('.', 1)[-1]}")
@@ -122,6 +125,6 @@ def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
         values |= {"model.deep_supr_num": max(heads, 1),
                    "model.deep_supervision": cfg.model.deep_supervision and heads > 0}
     filters = values.get("model.filters", cfg.model.get("filters"))
-    print(f"network: {len(net['strides'])} stages, strides {net['strides'][1:]}, kernels {net['kernel_size']}, "
+    log.info(f"network: {len(net['strides'])} stages, strides {net['strides'][1:]}, kernels {net['kernel_size']}, "
           f"filters {list(filters)}")
     return values

@@ -1,13 +1,15 @@
 """Sweeps: every run of a Hydra multirun is tagged with the sweep's folder; at the end one table compares them."""
 
+import logging
 import shlex
-import sys
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 def sweep_tags() -> dict[str, str]:
@@ -42,7 +44,7 @@ class SweepSummary(Callback):
         try:
             rows = summary(uri, str(config.hydra.sweep.dir))
         except Exception as err:  # a summary must never turn a finished sweep into a failure
-            print(f"sweep summary unavailable ({type(err).__name__}: {err})", file=sys.stderr)
+            log.warning(f"sweep summary unavailable ({type(err).__name__}: {err})")
             return
         if not rows:
             return
@@ -51,8 +53,8 @@ class SweepSummary(Callback):
         shared = set.intersection(*map(set, tokens))
         for r, t in zip(rows, tokens):
             r["overrides"] = " ".join(o for o in t if o not in shared)
-        print(f"\nsweep {config.hydra.sweep.dir}: {len(rows)} runs, best validation Dice first")
-        print(f"{'job':>4}  {'best val Dice':>13}  {'status':9}  {'run':34}  overrides")
+        log.info(f"sweep {config.hydra.sweep.dir}: {len(rows)} runs, best validation Dice first")
+        log.info(f"{'job':>4}  {'best val Dice':>13}  {'status':9}  {'run':34}  overrides")
         for r in rows:
             dice = f"{r['best_val_dice']:.4f}" if r["best_val_dice"] is not None else "-"
-            print(f"{r['job']:>4}  {dice:>13}  {r['status']:9}  {r['run']:34}  {r['overrides']}")
+            log.info(f"{r['job']:>4}  {dice:>13}  {r['status']:9}  {r['run']:34}  {r['overrides']}")

@@ -1,15 +1,17 @@
 """Experiment tracking behind a small interface: the engine reports to a Tracker and knows nothing of MLflow."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from pipeline import project_root
 from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 # MLflow's HTTP client retries a dead server for minutes by default (7 retries, backoff factor 2, 120 s timeout).
 # A tracker gives up on the first failure instead (see MLflowTracker), so one short try is enough; set in `start`,
@@ -116,13 +118,12 @@ class MLflowTracker(NullTracker):
         self.logged: dict[Path, str] = {}  # local file -> its artifact path in the run
 
     def _fail(self, what: str, err: BaseException) -> None:
-        from tqdm.auto import tqdm  # a line of its own beside the engine's progress bars
 
         if not self.failed:
             self.failed = True
             kept = f"; metrics.jsonl and checkpoints stay in {self.local_dir}" if self.local_dir else ""
-            tqdm.write(f"warning: MLflow tracking at {self.uri} failed in {what} ({_one_line(err)}); "
-                       f"no more tracking for this run{kept}", file=sys.stderr)
+            log.warning(f"MLflow tracking at {self.uri} failed in {what} ({_one_line(err)}); "
+                       f"no more tracking for this run{kept}")
 
     def _live(self) -> bool:
         return self.client is not None and self.run_id is not None and not self.failed
@@ -225,7 +226,7 @@ class MLflowTracker(NullTracker):
             self._fail("register", err)
             return None
         uri = f"models:/{self.model_name}/{version.version}"
-        print(f"registered {checkpoint} as {uri} (infer with ckpt={uri})")
+        log.info(f"registered {checkpoint} as {uri} (infer with ckpt={uri})")
         return uri
 
     def finish(self, status: str = "FINISHED") -> None:

@@ -1,6 +1,7 @@
 """Training entry point: `python -m pipeline.train [key=value ...]` (also `--multirun` for sweeps)."""
 
 import json
+import logging
 import platform
 import shlex
 import time
@@ -26,6 +27,8 @@ from pipeline.models.weights import initialise
 from pipeline.rundir import RunDir
 from pipeline.sweep import sweep_tags
 from pipeline.tracking import NullTracker, git_dirty
+
+log = logging.getLogger(__name__)
 
 
 def run_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> str:
@@ -132,7 +135,7 @@ def train(cfg: DictConfig) -> dict:
         cfg = OmegaConf.create(state["config"])
     with distributed.session(cfg.trainer, engine.pick_device(cfg.trainer.device)):  # a process group under torchrun
         if state is not None:
-            print(f"resuming {path} after epoch {state['epoch']}")
+            log.info(f"resuming {path} after epoch {state['epoch']}")
         return _train(cfg, state)
 
 
@@ -155,9 +158,9 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     if state is None and distributed.is_main():
         tracker.log_artifact(save_splits(splits, run_dir.root))
     ranks = f", DDP over {distributed.world_size()} ranks" if distributed.active() else ""
-    print(f"{name}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test cases "
+    log.info(f"{name}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test cases "
           f"from {cfg.data.root} on {job.device}{ranks}")
-    print(job.precision)
+    log.info(job.precision)
     status, start = "FAILED", time.perf_counter()
     try:
         result = engine.fit(cfg.trainer, job, callbacks.from_config(cfg.trainer), resume=state)
@@ -172,7 +175,7 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     finally:
         tracker.finish(status)
     minutes = (time.perf_counter() - start) / 60
-    print(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
+    log.info(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
           f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {run_dir.checkpoints}")
     return result | {"run_name": name, "run_id": tracker.run_id, "config": cfg}
 

@@ -76,6 +76,13 @@ def test_ranks_share_the_cases_and_agree_on_every_metric(ddp_run):
     assert [e["lr"] for e in logs[0]] == [e["lr"] for e in logs[1]]
 
 
+def test_only_rank_zero_speaks_on_the_console_and_in_the_job_log(ddp_run):
+    lines = [f"epoch {e:3d}  loss" for e in (1, 2, 3)]  # the validation line of each epoch (val_every=1)
+    assert [ddp_run["proc"].stdout.count(line) for line in lines] == [1, 1, 1]
+    job_log = (ddp_run["run_dir"] / "train.log").read_text()
+    assert [job_log.count(f"[pipeline.engine][INFO] {line}") for line in lines] == [1, 1, 1]
+
+
 def test_uneven_shares_reduce_to_the_mean_over_every_volume(ddp_run):
     for validations in zip(*(of_kind(r, "validation") for r in ddp_run["records"])):
         for metric in ("dice", "iou"):

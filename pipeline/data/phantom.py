@@ -5,6 +5,7 @@ Each case is a body (soft tissue in air) holding an "organ" (a large rotated ell
 field and Gaussian noise. Shapes, sizes, positions and volume extents vary per case; the same seed gives the same set.
 """
 
+import logging
 import argparse
 import json
 import os
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 LABELS = {"0": "background", "1": "organ", "2": "lesion"}
 SPACING = (1.0, 1.0, 2.5)  # mm; coarse through-plane like most clinical MRI/CT
@@ -110,7 +113,7 @@ def main() -> None:
     parser.add_argument("--num-cases", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(f"wrote {synthesize(args.root, args.num_cases, args.seed)}")
+    log.info(f"wrote {synthesize(args.root, args.num_cases, args.seed)}")
 
 
 if __name__ == "__main__":

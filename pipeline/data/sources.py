@@ -1,5 +1,6 @@
 """Case lists: read a dataset (MSD `dataset.json` or plain folder pairs) and split it into train, val and test."""
 
+import logging
 import json
 import os
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import InputError, faults_error
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -146,7 +149,7 @@ def ensure_demo_data(data: DictConfig) -> None:
     if synth and Path(synth.folder).resolve() == root and not (root / "dataset.json").exists():
         from pipeline.data.phantom import synthesize
 
-        print(f"generating the demo dataset in {root} ({synth.num_cases} cases, seed {synth.seed})")
+        log.info(f"generating the demo dataset in {root} ({synth.num_cases} cases, seed {synth.seed})")
         synthesize(root, synth.num_cases, synth.seed)
 
 

@@ -1,5 +1,6 @@
 """Build the MONAI transform chains, datasets and loaders from the `transforms` and `data` config groups."""
 
+import logging
 import hashlib
 import json
 import os
@@ -13,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import distributed
 from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 KEYS = ["image", "label"]
 PREPROCESSING = ("load", "orient", "resample", "normalize")
@@ -46,7 +49,7 @@ def train_transforms(cfg: DictConfig) -> Compose:
     rot = augment.get("rotate90")
     if rot is not None and len({cfg.data.patch_size[a] for a in rot.spatial_axes}) > 1:
         # Rotated patches would change shape and could not be batched (planned patches are rarely square).
-        print(f"transforms.augment.rotate90 skipped: patch {list(cfg.data.patch_size)} "
+        log.info(f"transforms.augment.rotate90 skipped: patch {list(cfg.data.patch_size)} "
               f"is not square on axes {list(rot.spatial_axes)}")
         augment["rotate90"] = None
     augment = [instantiate(a) for a in augment.values() if a is not None]
@@ -71,7 +74,7 @@ def cache_mode(cfg: DictConfig, cases: list[dict]) -> str:
     budget /= distributed.local_world_size()
     if need <= budget * 2**30:
         return "memory"
-    print(f"data.cache: the cache needs about {need / 2**30:.2f} GiB, "
+    log.info(f"data.cache: the cache needs about {need / 2**30:.2f} GiB, "
           f"over the {budget:.2f} GiB RAM budget; caching on disk")
     return "disk"
 

@@ -1,5 +1,6 @@
 """How a network's weights start: Kaiming initialisation, or tensors copied from a local file (transfer learning)."""
 
+import logging
 import re
 from pathlib import Path
 
@@ -8,6 +9,8 @@ from torch import nn
 
 from pipeline import checkpoint
 from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -45,5 +48,5 @@ def initialise(model: nn.Module, init) -> nn.Module:
         kaiming_(model)
     if init.get("weights"):
         copied = load_matching(model, init["weights"], init.get("prefix"))
-        print(f"init.weights: {len(copied)} of {len(model.state_dict())} tensors copied from {init['weights']}")
+        log.info(f"init.weights: {len(copied)} of {len(model.state_dict())} tensors copied from {init['weights']}")
     return model
