@@ -1,7 +1,9 @@
 """Our own convolution blocks and the small 3D encoder-decoder built from them.
 
-MONAI's UNet wires its own residual units; these blocks exist to show (and test) custom blocks in the same pipeline:
-conv -> norm -> activation, in 2D or 3D (the tables below), reused by Conv3DNet and the teaching networks.
+MONAI's UNet wires its own residual units; these blocks exist to show (and test) custom blocks in the same pipeline.
+One family: conv_norm_act (conv -> norm -> activation, 2D or 3D from the tables below) builds ConvBlock (the teaching
+networks) and the residual ConvBlock3D of Conv3DNet. Conv3DNet is StridedUNet's shape with residual blocks, a separate
+2x2x2 downsampling conv and LeakyReLU; it keeps its own class so that its checkpoints keep their keys.
 """
 
 import torch
@@ -31,19 +33,20 @@ def norm_layer(norm: str, spatial_dims: int, channels: int) -> nn.Module:
     return layer(NORM[norm], spatial_dims)(channels)
 
 
-# Kept for code that imported it: the 3D norms of ConvBlock3D.
-NORMS = {name: (lambda c, name=name: norm_layer(name, 3, c)) for name in NORM}
+# The nonlinearity after a conv and its norm: ReLU in the course networks, LeakyReLU(0.01) as nnU-Net in Conv3DNet.
+ACTIVATION = {"relu": lambda: nn.ReLU(inplace=True), "leaky": lambda: nn.LeakyReLU(0.01, inplace=True), None: None}
 
 
 def conv_norm_act(spatial_dims: int, in_channels: int, out_channels: int, norm: str | None = "instance", *,
-                  stride: int = 1, padding: int = 1, dilation: int = 1) -> list[nn.Module]:
-    """3x3(x3) conv -> norm -> ReLU; norm None or "none" drops the norm (the 2015 U-Net had none) and gives the conv
-    a bias."""
+                  stride: int = 1, padding: int = 1, dilation: int = 1, act: str | None = "relu") -> list[nn.Module]:
+    """3x3(x3) conv -> norm -> activation (`act` None: none, for a residual sum before it); norm None or "none"
+    drops the norm (the 2015 U-Net had none) and gives the conv a bias. Every block of our networks is made of these."""
     use_norm = norm not in (None, "none")
     # A bias right before a norm is wasted: the norm subtracts the mean anyway.
     conv = layer(CONV, spatial_dims)(in_channels, out_channels, 3, stride=stride, padding=padding, dilation=dilation,
                                      bias=not use_norm)
-    return [conv, *([norm_layer(norm, spatial_dims, out_channels)] if use_norm else []), nn.ReLU(inplace=True)]
+    return [conv, *([norm_layer(norm, spatial_dims, out_channels)] if use_norm else []),
+            *([ACTIVATION[act]()] if act else [])]
 
 
 class ConvBlock(nn.Sequential):
@@ -64,23 +67,20 @@ class ConvBlock(nn.Sequential):
 
 
 class ConvBlock3D(nn.Module):
-    """(Conv3d 3x3x3 -> norm -> LeakyReLU) x 2, plus a 1x1x1-projected skip when `residual`; spatial dropout after."""
+    """(Conv3d 3x3x3 -> norm -> LeakyReLU) x 2, plus a 1x1x1-projected skip when `residual`; spatial dropout after.
+    ConvBlock's layers with the second activation after the residual sum (He et al. 2016)."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: str = "instance", residual: bool = True,
                  dropout: float = 0.0):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
-            NORMS[norm](out_channels),
-            nn.LeakyReLU(0.01, inplace=True),
-            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
-            NORMS[norm](out_channels),
-        )
+        # body.0 conv, .1 norm, .2 act, .3 conv, .4 norm: the state_dict keys of every Conv3DNet checkpoint
+        self.body = nn.Sequential(*conv_norm_act(3, in_channels, out_channels, norm, act="leaky"),
+                                  *conv_norm_act(3, out_channels, out_channels, norm, act=None))
         self.skip = None
         if residual:
             self.skip = (nn.Identity() if in_channels == out_channels
                          else nn.Conv3d(in_channels, out_channels, 1, bias=False))
-        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.act = ACTIVATION["leaky"]()
         self.drop = nn.Dropout3d(dropout) if dropout else nn.Identity()  # no parameters: checkpoints keep their keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
