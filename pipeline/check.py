@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.sources import data_facts, dataset_problems, split
 from pipeline.errors import InputError, exit_on_input_error
+from pipeline.io import label_fault
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,10 @@ def check_case(case: dict, num_classes: int, channels: int) -> tuple[list[str], 
     if label is not None:
         if classes.ndim != 3:
             faults.append(f"{case['label']}: a {classes.ndim}D label map {classes.shape} where 3D is expected")
-        elif not np.array_equal(classes, np.round(classes)):
-            faults.append(f"{case['label']}: non-integer label values")
+        elif fault := label_fault(case["label"], classes, num_classes):
+            faults.append(fault)
         else:
-            values = set(np.unique(classes).astype(int).tolist())
-            if values - set(range(num_classes)):
-                faults.append(f"{case['label']}: label values {sorted(values - set(range(num_classes)))} outside the "
-                              f"declared classes 0..{num_classes - 1}")
-            empty = values <= {0}
+            empty = not classes.any()
     if image is not None and label is not None and voxels.ndim >= 3 and classes.ndim == 3:
         if voxels.shape[:3] != classes.shape:
             faults.append(f"{case['label']}: shape {classes.shape} differs from its image's {voxels.shape[:3]}")

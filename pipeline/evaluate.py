@@ -28,7 +28,7 @@ from pipeline.data.sources import case_id, read_dataset, read_msd
 from pipeline.errors import InputError, exit_on_input_error
 from pipeline.files import atomic
 from pipeline.inference import PredictOptions, checkpoints, infer, postprocess
-from pipeline.io import NIFTI, SITK, Volume, in_ras, ras_spacing, read_array
+from pipeline.io import NIFTI, SITK, Volume, in_ras, label_fault, ras_spacing, read_array
 from pipeline.metrics import METRICS, case_scores, summarize
 from pipeline.rundir import RunDir
 from pipeline.tracking import tracking_errors
@@ -139,9 +139,8 @@ def load_pair(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.
                          f"({case.truth}); "
                          "predict on the truth's grid")
     for path, labels in ((case.pred, pred), (case.truth, truth)):
-        if not np.array_equal(labels, np.round(labels)) or labels.min() < 0 or labels.max() >= num_classes:
-            raise InputError(f"{path}: labels must be integers 0..{num_classes - 1}, "
-                             f"found {np.unique(labels)[:8].tolist()}")
+        if fault := label_fault(path, labels, num_classes):
+            raise InputError(fault)
     return pred.astype(np.int16), truth.astype(np.int16), affine
 
 

@@ -208,3 +208,14 @@ def write_nifti(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> No
 
 def label_dtype(num_classes: int):
     return np.uint8 if num_classes <= np.iinfo(np.uint8).max + 1 else np.int16
+
+
+def label_fault(path, labels: np.ndarray, num_classes: int) -> str | None:
+    """Why a label map cannot be scored or trained on (non-integer values, values outside 0..num_classes-1), as
+    `path: problem`; None when it can."""
+    if not np.array_equal(labels, np.round(labels)):
+        return f"{path}: non-integer label values"
+    outside = sorted(set(np.unique(labels).astype(int).tolist()) - set(range(num_classes)))
+    if outside:
+        return f"{path}: label values {outside[:8]} outside the declared classes 0..{num_classes - 1}"
+    return None

@@ -239,8 +239,11 @@ class MLflowTracker(NullTracker):
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the project's sqlite store (as conf/tracking/mlflow.yaml)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root()}/outputs/mlflow.db"
+    """The store conf/tracking/mlflow.yaml names (MLFLOW_TRACKING_URI, else the project's sqlite file), read from
+    the config itself so the two never disagree."""
+    from pipeline.config import option  # composes a config: only for the registry's models:/ URIs
+
+    return str(option("tracking", "mlflow").uri)
 
 
 def download_registered(uri: str, cache: str | Path | None = None) -> list[Path]:
