@@ -34,12 +34,12 @@ from pipeline import engine, hardware, project_root
 from pipeline.callbacks import Checkpoints
 from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
-from pipeline.evaluate import evaluate
+from pipeline.evaluation import evaluate
 from pipeline.metrics import SegmentationScores
 from pipeline.models.adapters import training_outputs
 from pipeline.rundir import RunDir
 from pipeline.tracking import NullTracker
-from pipeline.train import save_splits, setup, train
+from pipeline.training import save_splits, setup, train
 
 TARGET = 0.85
 CLASSES = ["background", "Anterior", "Posterior"]

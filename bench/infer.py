@@ -67,7 +67,7 @@ def prepare(data: Path) -> tuple[Path, Path]:
         (root / "dataset.json").write_text(json.dumps({"name": "BratsSubset", "modality": {"0": "FLAIR", "1": "T1c"},
                                                        "labels": labels, "training": training}))
     if not trained.best.exists():
-        from pipeline.train import train
+        from pipeline.training import train
 
         cfg = compose("train", ["data=msd", f"data.root={root}", "data.patch_size=[96,96,64]", "data.split.val=0.25",
                                 "data.split.test=0", "data.batch_size=1", "loss=dicece", "tracking=none",
@@ -86,8 +86,8 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
 
     from pipeline import checkpoint
     from pipeline.data.transforms import preprocess
-    from pipeline.export import build_model
     from pipeline.inference import Predictor
+    from pipeline.models.export import build_model
 
     bundle = checkpoint.load(ckpt)
     cfg = OmegaConf.create(bundle["config"])

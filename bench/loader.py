@@ -13,7 +13,7 @@ from pipeline.config import compose, shared_data
 from pipeline.data.transforms import loaders
 from pipeline.rundir import RunDir
 from pipeline.tracking import NullTracker
-from pipeline.train import setup
+from pipeline.training import setup
 
 SETTINGS = {
     "DataLoader, main process": ["data.loader=workers", "data.num_workers=0"],

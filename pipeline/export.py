@@ -1,93 +1,17 @@
-"""Export a checkpoint's network: `python -m pipeline.export ckpt=best.pt format=onnx|torchscript [output=...]`.
+"""Export entry point: `python -m pipeline.export ckpt=best.pt format=onnx|torchscript [output=...]`.
 
-The exported file runs without this package (ONNX Runtime, or `torch.jit.load`); a `<name>.json` beside it holds the
-resolved training config (preprocessing, classes, window size) needed to feed it the same inputs.
+Parses the config and calls pipeline.models.export.export.
 """
 
-import json
 import logging
-import warnings
-from pathlib import Path
 
 import hydra
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pipeline import checkpoint
-from pipeline.errors import InputError, exit_on_input_error
-from pipeline.files import atomic
-from pipeline.models import adapters
+from pipeline.errors import exit_on_input_error
+from pipeline.models.export import export
 
 log = logging.getLogger(__name__)
-
-SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
-
-
-def build_model(bundle: dict) -> torch.nn.Module:
-    """The checkpoint's network as inference runs it: one full-size class-logits output (adapters.ForInference)."""
-    model = instantiate(OmegaConf.create(bundle["config"]).model)
-    model.load_state_dict(bundle["state_dict"])
-    return adapters.for_inference(model.eval())
-
-
-def export_model(model: torch.nn.Module, config: dict, fmt: str, path: Path) -> Path:
-    """Write `model` for sliding-window use: fixed window size (the roi), dynamic batch (sw_batch_size); atomic."""
-    if fmt not in SUFFIX:
-        raise InputError(f"format={fmt}: must be onnx or torchscript")
-    example = torch.randn(1, config["data"]["in_channels"], *config["trainer"]["inferer"]["roi_size"])
-    # The tracer's warnings (Python control flow fixed at the example's size, instance norm's training flag) hold for
-    # a fixed-size window, which is all this file is used for: they would only clutter every inference run.
-    with atomic(path) as tmp, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", module=r"torch\.onnx")
-        if fmt == "onnx":
-            # The TorchScript-based exporter: the dynamo one needs onnxscript, which this project does not pin.
-            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                              opset_version=17, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                              dynamo=False)
-        else:
-            torch.jit.save(torch.jit.trace(model, example), str(tmp))
-    return path
-
-
-def export(ckpt: str | Path, fmt: str, output: str | Path | None = None) -> Path:
-    bundle = checkpoint.load(ckpt)
-    path = Path(output) if output else Path(ckpt).with_suffix(SUFFIX.get(fmt, ""))
-    export_model(build_model(bundle), bundle["config"], fmt, path)
-    with atomic(path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(bundle["config"], indent=1))
-    return path
-
-
-class CpuRuntimeModel(torch.nn.Module):
-    """An exported ONNX network behind the nn.Module call the MONAI inferers expect: float32 arrays in and out."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.run(x.float().cpu().numpy()))
-
-
-class OnnxRuntimeModel(CpuRuntimeModel):
-    """ONNX Runtime's CPU execution provider."""
-
-    def __init__(self, path: str | Path):
-        super().__init__()
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.run = lambda array: session.run(None, {"image": array})[0]
-
-
-class OpenVinoModel(CpuRuntimeModel):
-    """OpenVINO's CPU plugin, held at f32: on CPUs with bf16 its default would be bf16, whose label maps differ from
-    fp32's. On an AVX2 CPU its fused kernels ran BRATS windows 1.3-1.4x faster than eager torch (bench/infer.py)."""
-
-    def __init__(self, path: str | Path):
-        super().__init__()
-        import openvino
-
-        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        self.run = lambda array: compiled(array)[0]
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from pipeline import checkpoint, engine, hardware
 from pipeline.data.transforms import preprocess, preprocessing_config
 from pipeline.errors import InputError
-from pipeline.export import OnnxRuntimeModel, OpenVinoModel, build_model, export_model
 from pipeline.files import atomic
 from pipeline.io import Reference, Volume, find_inputs, label_dtype
+from pipeline.models.export import OnnxRuntimeModel, OpenVinoModel, build_model, export_model
 from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import project_root
-from pipeline.check import check
+from pipeline.data.checks import check
 from pipeline.errors import first_line
 from tests.conftest import compose_config
 

@@ -56,7 +56,7 @@ def test_model_options_build_and_segment_a_volume(model, tiny_phantom, tmp_path)
 @pytest.mark.parametrize("loss", options("loss"))
 def test_loss_options_score_a_perfect_prediction_below_a_wrong_one(loss, tmp_path):
     cfg = compose_config("train", [f"loss={loss}", "data.num_classes=2"], tmp_path)
-    if cfg.loss.get("weight") == "inverse_frequency":  # filled from the training data by pipeline.train.setup
+    if cfg.loss.get("weight") == "inverse_frequency":  # filled from the training data by pipeline.training.setup
         cfg.loss.weight = inverse_frequency_weights([0.9, 0.1])
     loss_fn = instantiate(cfg.loss)
     label = torch.zeros(1, 1, 8, 8, 8)

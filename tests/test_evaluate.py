@@ -17,10 +17,10 @@ from PIL import Image
 
 from pipeline import project_root
 from pipeline.errors import InputError
-from pipeline.evaluate import evaluate
+from pipeline.evaluation import evaluate
 from pipeline.metrics import case_scores, summarize
 from pipeline.plots import OVERLAY_SIZE
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import compose_config, tiny_config
 
 CLASSES = ["background", "a", "b"]

@@ -12,7 +12,7 @@ import torch
 from pipeline import checkpoint, project_root
 from pipeline.errors import InputError
 from pipeline.inference import Predictor, infer
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import hippocampus_subset, tiny_config
 
 

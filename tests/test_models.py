@@ -15,7 +15,7 @@ from pipeline.errors import InputError
 from pipeline.inference import infer
 from pipeline.models.adapters import for_inference
 from pipeline.models.weights import initialise, kaiming_
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import CONF, TINY_MODEL, compose_config, tiny_config
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))

@@ -13,7 +13,7 @@ from pipeline.data.fingerprint import fingerprint
 from pipeline.data.sources import read_msd
 from pipeline.models.adapters import training_outputs as outputs
 from pipeline.planning import plan, topology
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import hippocampus_subset, tiny_config
 
 

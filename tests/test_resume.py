@@ -16,7 +16,7 @@ from pipeline import checkpoint, project_root
 from pipeline.completion import complete
 from pipeline.data.transforms import cache_mode
 from pipeline.errors import InputError
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import TINY, TINY_MODEL, tiny_config
 
 DETERMINISTIC = ["trainer.amp=false", "trainer.deterministic=true", "trainer.max_epochs=4", "trainer.val_every=1"]

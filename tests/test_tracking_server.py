@@ -23,7 +23,7 @@ from pipeline import checkpoint, project_root
 from pipeline.errors import InputError
 from pipeline.inference import checkpoints
 from pipeline.tracking import HTTP_SETTINGS, MLflowTracker, NullTracker
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import tiny_config
 
 MLFLOW = Path(sys.executable).parent / "mlflow"

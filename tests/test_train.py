@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint, engine, hardware
-from pipeline.train import train
+from pipeline.training import train
 from tests.conftest import compose_config, tiny_config
 
 RUN_NAMES = {

@@ -1,0 +1,295 @@
+"""Evaluation as a library (pipeline.evaluate runs it): score label maps against ground truth, per case and class.
+
+    python -m pipeline.evaluate pred=<folder> truth=<folder or dataset.json>   # predictions already made
+    python -m pipeline.evaluate ckpt=<best.pt> split=test   # predict a split of the checkpoint's data first
+
+Writes per_case.csv, summary.json, overlay PNGs, report.html and (optionally) postprocessing.json into `output`,
+prints a table, and logs everything to MLflow: into the run that trained the checkpoint when it is known, else into a
+new evaluation run. Metrics and the handling of empty structures: pipeline/metrics.py.
+"""
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from monai.metrics import compute_dice
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from pipeline import checkpoint, plots, report
+from pipeline.data.sources import case_id, read_dataset, read_msd
+from pipeline.errors import InputError
+from pipeline.files import atomic
+from pipeline.inference import PredictOptions, checkpoints, infer, postprocess
+from pipeline.io import NIFTI, SITK, Volume, in_ras, label_fault, ras_spacing, read_array
+from pipeline.metrics import METRICS, case_scores, summarize
+from pipeline.rundir import RunDir
+from pipeline.tracking import tracking_errors
+
+log = logging.getLogger(__name__)
+
+PRINTED = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "precision", "recall", "diff_ml")
+
+
+@dataclass
+class Case:
+    id: str
+    pred: Path
+    truth: Path
+    image: Path | None = None
+
+
+def label_files(folder: Path) -> dict[str, Path]:
+    """case id -> label map file in a folder (NIfTI, NRRD, MHA); inference's extra outputs are not label maps."""
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name.endswith(NIFTI + SITK) and not p.name.startswith("."):
+            stem = Volume(p).stem
+            if not stem.endswith(("_uncertainty", "_probabilities")):
+                files[stem] = p
+    return files
+
+
+def dataset_pairs(spec: Path) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
+    """case id -> (label, image) and the class names of an MSD dataset.json."""
+    dataset = read_msd(spec.parent)
+    names = [dataset.labels[i] for i in range(len(dataset.labels))]
+    return {case_id(c): (Path(c["label"]), Path(c["image"])) for c in dataset.cases}, names
+
+
+def match(pred: Path, truth: Path, images: Path | None) -> tuple[list[Case], list[str] | None]:
+    """Pair every prediction with its ground truth (and image, when known) by case id."""
+    if not pred.is_dir():
+        raise InputError(f"{pred}: pred must be a folder of label maps")
+    predicted = label_files(pred)
+    if not predicted:
+        raise InputError(f"{pred}: holds no NIfTI, NRRD or MHA label maps")
+    names = None
+    if truth.is_file() and truth.name.endswith(".json"):
+        known, names = dataset_pairs(truth)
+    elif truth.is_dir():
+        known = {cid: (p, None) for cid, p in label_files(truth).items()}
+    else:
+        raise InputError(f"{truth}: truth must be a folder of label maps or an MSD dataset.json")
+    image_files = {}
+    if images is not None:
+        if not Path(images).is_dir():
+            raise InputError(f"{images}: images must be a folder")
+        image_files = {v.stem: v.channels[0] if v.channels else v.path for v in
+                       (Volume(p) for p in sorted(Path(images).iterdir()) if p.name.endswith(NIFTI + SITK))}
+    cases = []
+    for cid, p in predicted.items():
+        if cid not in known:
+            raise InputError(f"{p}: no ground truth for case {cid} in {truth}")
+        label, image = known[cid]
+        cases.append(Case(cid, p, label, image_files.get(cid, image)))
+    return cases, names
+
+
+def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictConfig) -> tuple[list[Case], dict]:
+    """Predict one split of a checkpoint's dataset into out_dir/predictions; the cases and the checkpoint. Several
+    members are an ensemble (e.g. the k folds) that must hold out the same cases; its scores then go to a new MLflow
+    run rather than to one member's."""
+    bundle = checkpoint.load(members[0])
+    data = OmegaConf.create(bundle["config"]).data
+    dataset = read_dataset(data)
+    by_id = {case_id(c): c for c in dataset.cases}
+    ids = None
+    for member in members:
+        # The run's own record of its split (splits.json beside checkpoints/) decides; it also survives a changed seed.
+        splits_file = RunDir.of(member).splits
+        if not splits_file.is_file():
+            raise InputError(f"{splits_file}: not found; "
+                             "split= needs the splits.json that training writes beside checkpoints/")
+        recorded = json.loads(splits_file.read_text())
+        if not recorded.get(split_name):
+            raise InputError(f"{splits_file}: split {split_name!r} is missing or empty (have: {', '.join(recorded)})")
+        if ids is not None and recorded[split_name] != ids:
+            raise InputError(f"{splits_file}: its {split_name} split differs from "
+                             f"{RunDir.of(members[0]).splits}'s; "
+                             f"an ensemble is scored on cases every member held out (split=test for the k folds)")
+        ids = recorded[split_name]
+    if len(members) > 1:
+        bundle = bundle | {"run_id": None}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise InputError(f"{data.root}: case {missing[0]} of {splits_file} is not in the dataset any more")
+    cases = [by_id[i] for i in ids]
+    predictions = out_dir / "predictions"
+    result = infer(members, [c["image"] for c in cases], predictions, PredictOptions.from_config(cfg), overwrite=True)
+    if result["failed"]:
+        raise InputError(next(iter(result["failed"].values())))
+    return [Case(case_id(c), predictions / f"{case_id(c)}.nii.gz", Path(c["label"]), Path(c["image"]))
+            for c in cases], bundle
+
+
+def load_pair(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prediction, truth, affine) on one grid, or an InputError naming the file."""
+    pred, pred_affine = read_array(case.pred)
+    truth, affine = read_array(case.truth)
+    if pred.shape != truth.shape or not np.allclose(pred_affine, affine, atol=1e-3):
+        raise InputError(f"{case.pred}: grid {pred.shape} differs from the ground truth's {truth.shape} "
+                         f"({case.truth}); "
+                         "predict on the truth's grid")
+    for path, labels in ((case.pred, pred), (case.truth, truth)):
+        if fault := label_fault(path, labels, num_classes):
+            raise InputError(fault)
+    return pred.astype(np.int16), truth.astype(np.int16), affine
+
+
+POSTPROCESSING = ("largest_component", "fill_holes")
+
+
+def postprocessing_dice(pred: np.ndarray, truth: np.ndarray, class_names: list[str]) -> dict[int, dict[str, float]]:
+    """One case's Dice per foreground class as predicted ("none") and after each post-processing option alone."""
+    def dice(p, c):  # one class: both empty -> 1, one empty -> 0, as in the report
+        return float(compute_dice(torch.as_tensor(p == c)[None, None], torch.as_tensor(truth == c)[None, None],
+                                  include_background=True, ignore_empty=False)[0, 0])
+
+    k = len(class_names)
+    return {c: {"none": dice(pred, c)} | {o: dice(postprocess(pred, **{o: [c]}, num_classes=k), c)
+                                          for o in POSTPROCESSING}
+            for c in range(1, k)}
+
+
+def postprocessing_advice(per_case: list[dict], class_names: list[str]) -> dict:
+    """nnU-Net's question on validation cases: does keeping a class's largest component, or filling its holes, raise
+    that class's mean Dice? The options that do become `pipeline.infer` overrides."""
+    means = {c: {o: float(np.mean([d[c][o] for d in per_case])) for o in ("none", *POSTPROCESSING)}
+             for c in range(1, len(class_names))}
+    recommended = {o: [c for c, m in means.items() if m[o] > m["none"] + 1e-4] for o in POSTPROCESSING}
+    overrides = " ".join(f"postprocess.{o}=[{','.join(map(str, cs))}]" for o, cs in recommended.items() if cs)
+    return {"mean_dice": {class_names[c]: m for c, m in means.items()}, "recommended": recommended,
+            "infer_overrides": overrides}
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    columns = ["case", "class", *METRICS, "empty"]
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if isinstance(r[k], float) and np.isnan(r[k]) else r[k] for k in columns})
+    return path
+
+
+def table(summary: dict) -> str:
+    """Per-class means of the main metrics, one line per class."""
+    lines = [f"{'class':14s}" + "".join(f"{m:>10s}" for m in PRINTED)]
+    rows = [*summary["classes"].items(), ("mean", {m: {"mean": v} for m, v in summary["mean"].items()})]
+    for name, metrics in rows:
+        cells = ("" if metrics[m]["mean"] is None else f"{metrics[m]['mean']:.4f}" for m in PRINTED)
+        lines.append(f"{name:14s}" + "".join(f"{c:>10s}" for c in cells))
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Score, write files, log; returns the summary."""
+    out_dir = Path(cfg.output)
+    bundle, source = None, {}
+    # one, or an ensemble (a list, a folder, the k folds)
+    members = checkpoints(cfg.ckpt) if cfg.ckpt is not None else []
+    if members:
+        cases, bundle = split_cases(members, cfg.split, out_dir, cfg)
+        class_names = list(bundle["config"]["data"]["class_names"])
+        source = {"name": f"{bundle['config']['data']['name']} {cfg.split} split", "split": cfg.split,
+                  "ckpt": ", ".join(str(p.resolve()) for p in members)}
+    elif cfg.pred is not None and cfg.truth is not None:
+        cases, class_names = match(Path(cfg.pred), Path(cfg.truth), cfg.get("images"))
+        source = {"name": Path(cfg.pred).resolve().name, "pred": str(Path(cfg.pred).resolve()),
+                  "truth": str(Path(cfg.truth).resolve())}
+    else:
+        raise InputError("evaluate needs pred=<folder> with truth=<folder or dataset.json>, "
+                         "or ckpt=<checkpoint> with split=")
+    if cfg.class_names:
+        class_names = list(cfg.class_names)
+    if class_names is None:  # plain folders: classes 0..max label
+        top = max(int(read_array(c.truth)[0].max()) for c in cases)
+        class_names = ["background", *(f"class{i}" for i in range(1, max(top, 1) + 1))]
+    unknown = [c for c in cfg.cases if c not in {case.id for case in cases}]
+    if unknown:
+        raise InputError(f"cases={unknown}: not among the evaluated cases")
+    source |= {"cases": len(cases), "classes": class_names[1:], "nsd_tolerance_mm": cfg.nsd_tolerance_mm}
+
+    rows, post = [], []  # one case in memory at a time
+    for case in tqdm(cases, desc="evaluate", unit="case"):
+        pred, truth, affine = load_pair(case, len(class_names))
+        scores = case_scores(pred, truth, nib.affines.voxel_sizes(affine), class_names, cfg.nsd_tolerance_mm)
+        rows += [{"case": case.id} | r for r in scores]
+        if cfg.check_postprocessing:
+            post.append(postprocessing_dice(pred, truth, class_names))
+    summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm,
+                                              "source": source}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [write_csv(rows, out_dir / "per_case.csv")]
+    with atomic(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
+    files.append(out_dir / "summary.json")
+
+    if cfg.check_postprocessing:
+        checked = postprocessing_advice(post, class_names)
+        with atomic(out_dir / "postprocessing.json") as tmp:
+            tmp.write_text(json.dumps(checked, indent=1))
+        files.append(out_dir / "postprocessing.json")
+        log.info(f"post-processing, mean Dice per class: {json.dumps(checked['mean_dice'])}")
+        log.info(f"recommended: {checked['infer_overrides'] or 'none (no option raised a class mean Dice)'}")
+
+    # Overlays: the worst cases by mean Dice over classes, plus any asked for by id.
+    case_dice = {c.id: float(np.mean([r["dice"] for r in rows if r["case"] == c.id])) for c in cases}
+    chosen = sorted(case_dice, key=case_dice.get)[: cfg.overlays]
+    chosen += [c for c in cfg.cases if c not in chosen]
+    overlays = {}
+    for cid in chosen:
+        case = next(c for c in cases if c.id == cid)
+        pred, truth, affine = load_pair(case, len(class_names))
+        image = None
+        if case.image is not None:
+            image, image_affine = read_array(case.image)
+            image = image[..., 0] if image.ndim == 4 else image
+            image = in_ras(image.astype(np.float32), image_affine) if image.shape == truth.shape else None
+        png = plots.overlay(image, in_ras(truth, affine), in_ras(pred, affine), ras_spacing(affine), class_names,
+                            out_dir / "overlays" / f"{cid}.png", title=f"{cid}: mean Dice {case_dice[cid]:.3f}")
+        overlays[cid] = (png, case_dice[cid])
+        files.append(png)
+    curves = RunDir.of(members[0]).curves if len(members) == 1 else None
+    files.append(report.write(out_dir / "report.html", rows, summary, source, overlays,
+                              curves if curves and curves.is_file() else None))
+
+    log.info(table(summary))
+    log.info(f"{len(cases)} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
+    log_to_tracking(cfg, summary, files, out_dir, bundle)
+    return summary
+
+
+def log_to_tracking(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle: dict | None) -> None:
+    """Summary means as metrics and every file as an artifact: into the checkpoint's training run when known."""
+    prefix = f"{cfg.split}_" if bundle is not None else "eval_"
+    metrics = {f"{prefix}{m}_{c}": s[m]["mean"] for c, s in summary["classes"].items() for m in METRICS
+               if s[m]["mean"] is not None}
+    metrics |= {f"{prefix}{m}_mean": v for m, v in summary["mean"].items() if v is not None}
+    run_id = bundle.get("run_id") if bundle is not None else None
+    if bundle is not None:  # a new run, if needed, goes beside the training runs of the same dataset
+        cfg = OmegaConf.merge(cfg, {"data": {"name": bundle["config"]["data"]["name"]}})  # a copy: cfg stays as given
+    tracker, config = instantiate(cfg.tracking), OmegaConf.to_container(cfg, resolve=True)
+    name = f"evaluate_{summary['source']['name'].replace(' ', '_')}"
+    try:
+        tracker.start(name, config, {"evaluation": "true"}, run_id=run_id)
+    except tracking_errors() as err:  # the training run lives in another store: record this evaluation as its own
+        log.warning(f"cannot reopen the training run {run_id} ({type(err).__name__}); "
+              "logging a new evaluation run")
+        tracker.start(name, config, {"evaluation": "true", "trained_run": str(run_id)})
+    try:
+        tracker.log_metrics(metrics, step=bundle.get("epoch", 0) if bundle is not None else 0)
+        folder = f"evaluation/{cfg.split}" if bundle is not None else "evaluation"
+        for f in files:
+            tracker.log_artifact(f, f"{folder}/overlays" if f.parent.name == "overlays" else folder)
+    finally:
+        tracker.finish()
+    if tracker.run_id:
+        log.info(f"logged to MLflow run {tracker.run_id}{' (the training run)' if tracker.run_id == run_id else ''}")

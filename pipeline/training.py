@@ -1,0 +1,179 @@
+"""Training as a library: build every component from a completed config, train, track (pipeline.train runs it)."""
+
+import json
+import logging
+import platform
+import shlex
+import time
+from pathlib import Path
+
+import monai
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from monai.utils import set_determinism
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import callbacks, checkpoint, distributed, engine, hardware, plots
+from pipeline.completion import complete
+from pipeline.data.checks import check
+from pipeline.data.fingerprint import cache_key
+from pipeline.data.sources import case_id, ensure_demo_data
+from pipeline.data.transforms import loaders
+from pipeline.errors import InputError, faults_error
+from pipeline.models.adapters import ValidNetwork
+from pipeline.models.weights import initialise
+from pipeline.rundir import RunDir
+from pipeline.sweep import sweep_tags
+from pipeline.tracking import NullTracker, git_dirty
+
+log = logging.getLogger(__name__)
+
+
+def run_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> str:
+    """`<Model>_<Optimizer>_<Loss>`, e.g. UNet_Adam_DiceLoss."""
+    model_name = getattr(model, "run_name", type(model).__name__)
+    return f"{model_name}_{type(optimizer).__name__}_{type(loss_fn).__name__}"
+
+
+def save_splits(splits: dict[str, list[dict]], run_dir: str | Path) -> Path:
+    """splits.json: case ids per split, so a run's test set can be re-scored later."""
+    path = RunDir(run_dir).splits
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: [case_id(c) for c in v] for k, v in splits.items()}, indent=1))
+    return path
+
+
+def setup(cfg: DictConfig) -> engine.Job:
+    """Data, split, plan and every component, built from the config (shared by `train` and the benchmarks); the
+    caller adds the loaders, tracker and run folder.
+
+    Under DDP rank 0 generates, checks and fingerprints the data first; the other ranks then read its caches.
+    """
+    with distributed.main_first():
+        ensure_demo_data(cfg.data)
+        if cfg.data.get("check", True) and distributed.is_main():  # every fault, before anything is cached or trained
+            faults = check(cfg, progress=False)["faults"]
+            if faults:
+                raise faults_error(faults, cfg.data.root)
+        splits = complete(cfg).splits  # the gate: every value left to the data, the plan or the training cases
+    set_determinism(seed=cfg.seed)  # python, numpy, torch and MONAI transform states
+    torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", False)), warn_only=True)
+    model = initialise(instantiate(cfg.model), cfg.get("init"))  # the same weights on every rank (seed, not rank)
+    if isinstance(model, ValidNetwork):  # unpadded (valid) convolutions: every pooling must be exact on the patch
+        patch, valid = list(cfg.data.patch_size), [model.valid_input_size(n) for n in cfg.data.patch_size]
+        if patch != valid:
+            raise InputError(f"data.patch_size={patch}: {type(model).__name__} needs sizes whose poolings are exact; "
+                             f"the nearest valid patch is {valid}")
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    device = distributed.local_device(engine.pick_device(cfg.trainer.device))  # cuda:LOCAL_RANK under DDP
+
+    def schedule(epochs: int):
+        """The configured scheduler for a run of `epochs` epochs (its length interpolates trainer.max_epochs)."""
+        return instantiate(OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs}}).scheduler)(optimizer)
+
+    return engine.Job(
+        splits=splits,
+        model=model,
+        loss_fn=instantiate(cfg.loss),
+        optimizer=optimizer,
+        scheduler=schedule(cfg.trainer.max_epochs) if cfg.scheduler else None,
+        schedule=schedule if cfg.scheduler else None,  # the engine fits the schedule to a time budget with it
+        inferer=instantiate(cfg.trainer.inferer),
+        device=device,
+        precision=hardware.resolve(cfg.trainer.amp, device),  # from the hardware: bf16 only where the CPU has it
+        class_names=list(cfg.data.class_names),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def resume_from(cfg: DictConfig) -> Path | None:
+    """`resume=true`: the newest last.pt under outputs/runs; `resume=<path>`: that last.pt or run folder."""
+    resume = cfg.get("resume")
+    if resume in (None, False):
+        return None
+    if resume is True:
+        if (found := RunDir.newest_last(Path(cfg.paths.outputs) / "runs" / "train")) is None:
+            raise InputError(f"{cfg.paths.outputs}/runs/train: no run with a last.pt to resume")
+        return found
+    path = Path(resume)
+    for candidate in (path, RunDir(path).last, path / "last.pt"):
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"{path}: no last.pt to resume from")
+
+
+def overrides() -> str:
+    """This job's command-line overrides (empty outside a Hydra entry point)."""
+    return " ".join(shlex.quote(o) for o in HydraConfig.get().overrides.task) if HydraConfig.initialized() else ""
+
+
+def run_tags(cfg: DictConfig, device, chosen: hardware.Precision, cases: list[dict]) -> dict:
+    """What it takes to tell runs apart and redo one: code, data, seed, software, hardware, command."""
+    return {
+        "rerun": f"python -m pipeline.train {overrides()}".strip(), "overrides": overrides(), **sweep_tags(),
+        "seed": cfg.seed, "device": str(device), "amp": chosen.name, "amp_reason": chosen.reason,
+        "cpu": hardware.cpu_class(),
+        "git_dirty": git_dirty(), "data_fingerprint": cache_key(cases), "python": platform.python_version(),
+        "torch": torch.__version__, "monai": monai.__version__,
+        **({"world_size": distributed.world_size()} if distributed.active() else {}),  # DDP: results depend on it
+    }
+
+
+def train(cfg: DictConfig) -> dict:
+    """Build every component from the config, train, and return {"best": metrics, "step_losses": [...], ...}.
+
+    With `resume`, the interrupted run's own config, checkpoint folder and MLflow run are continued. Under torchrun
+    with trainer=ddp each process runs this as one rank of a DistributedDataParallel run (see conf/trainer/ddp.yaml).
+    """
+    state = None
+    if (path := resume_from(cfg)) is not None:
+        state = checkpoint.load(path)
+        if "optimizer" not in state:
+            raise InputError(f"{path}: holds no optimizer state (a best.pt?); resume from last.pt")
+        cfg = OmegaConf.create(state["config"])
+    with distributed.session(cfg.trainer, engine.pick_device(cfg.trainer.device)):  # a process group under torchrun
+        if state is not None:
+            log.info(f"resuming {path} after epoch {state['epoch']}")
+        return _train(cfg, state)
+
+
+def _train(cfg: DictConfig, state: dict | None) -> dict:
+    """One training run (or this rank's part of one) from a composed config; `state`: a loaded last.pt to continue."""
+    job = setup(cfg)
+    splits = job.splits
+    distributed.seed_rank(cfg.seed)  # DDP: each rank augments and shuffles with seed + rank
+    job.train_loader, job.val_loader = loaders(cfg, splits["train"], splits["val"])  # DDP: this rank's share
+    if distributed.debugging():
+        distributed.debug("shares", **{k: [case_id(c) for c in d.dataset.data]
+                                       for k, d in (("train", job.train_loader), ("val", job.val_loader))})
+
+    name = run_name(job.model, job.optimizer, job.loss_fn)
+    tracker = job.tracker = instantiate(cfg.tracking) if distributed.is_main() else NullTracker()  # DDP: rank 0's
+    every_case = [c for part in splits.values() for c in part]
+    tracker.start(name, job.config, run_tags(cfg, job.device, job.precision, every_case),
+                  run_id=state and state.get("run_id"))
+    run_dir = job.run_dir = RunDir(cfg.paths.run_dir)
+    if state is None and distributed.is_main():
+        tracker.log_artifact(save_splits(splits, run_dir.root))
+    ranks = f", DDP over {distributed.world_size()} ranks" if distributed.active() else ""
+    log.info(f"{name}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test cases "
+          f"from {cfg.data.root} on {job.device}{ranks}")
+    log.info(job.precision)
+    status, start = "FAILED", time.perf_counter()
+    try:
+        result = engine.fit(cfg.trainer, job, callbacks.from_config(cfg.trainer), resume=state)
+        tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
+        for ckpt in (run_dir.best, run_dir.last):
+            tracker.log_artifact(ckpt, "checkpoints")
+        if distributed.is_main():
+            tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, run_dir.curves))
+        # tracking.register=true: the best checkpoint becomes a version of the registered model (None otherwise)
+        result["model_uri"] = tracker.register(run_dir.best)
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+    minutes = (time.perf_counter() - start) / 60
+    log.info(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
+          f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {run_dir.checkpoints}")
+    return result | {"run_name": name, "run_id": tracker.run_id, "config": cfg}
