@@ -21,9 +21,28 @@ def faults_error(faults: list[str], root) -> InputError:
     return InputError(faults[0] + more)
 
 
+# What to lower when memory runs out: the batch and patch in training, the window batch and stitching at inference.
+MEMORY_ADVICE = ("lower data.batch_size or data.patch_size (training), sw_batch_size or set stitch_device=cpu "
+                 "(inference)")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """CUDA's torch.OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    return (type(err).__name__ in ("OutOfMemoryError", "MemoryError")
+            or "not enough memory" in str(err) or "out of memory" in str(err).lower())
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def exit_on_input_error(fn):
-    """Wrap a Hydra entry point: an InputError becomes `error: <message>` on stderr and exit status 1, no traceback
-    (unless the config says debug=true)."""
+    """Wrap a Hydra entry point: an InputError becomes `error: <message>` on stderr and exit status 1, no traceback;
+    out of memory one line with what to lower; any other error (a bug) its type and first line, exit 1. The config's
+    debug=true lets every traceback through."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -35,5 +54,11 @@ def exit_on_input_error(fn):
             sys.exit(f"error: {err}")
         except MissingMandatoryValue as err:
             sys.exit(f"error: {err.full_key}: required but not set; add {err.full_key}=... to the command")
+        except Exception as err:  # not an input fault: stop with its message, not per file or as a traceback
+            if _multirun():
+                raise  # a sweep records the job as failed and goes on (Hydra's launcher, Optuna's trial states)
+            if out_of_memory(err):
+                sys.exit(f"error: out of memory ({first_line(err)}); {MEMORY_ADVICE}")
+            sys.exit(f"error: {type(err).__name__}: {first_line(err)} (debug=true shows the traceback)")
 
     return wrapper

@@ -8,6 +8,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from pipeline import project_root
 from pipeline.data.checks import check
@@ -196,3 +197,33 @@ def test_a_library_error_inside_ours_keeps_its_first_line_only():
     assert first_line(ValueError("  bad header\nat offset 352\n")) == "bad header"
     assert first_line(RuntimeError("x" * 500)) == "x" * 200
     assert first_line(OSError()) == "OSError"  # an empty message still names something
+
+
+def test_out_of_memory_and_bugs_stop_an_entry_point_in_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    """A CUDA out-of-memory cannot be made on these machines: the real exception type is raised from the wrapped
+    entry point instead."""
+    from omegaconf import OmegaConf
+
+    from pipeline.errors import exit_on_input_error
+
+    def entry(error):
+        @exit_on_input_error
+        def main(cfg):
+            raise error
+        return main
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    with pytest.raises(SystemExit) as stop:
+        entry(oom)(OmegaConf.create({"debug": False}))
+    assert str(stop.value) == ("error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower "
+                               "data.batch_size or data.patch_size (training), sw_batch_size or set "
+                               "stitch_device=cpu (inference)")
+    with pytest.raises(SystemExit) as stop:
+        entry(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9 GB"))(
+            OmegaConf.create({"debug": False}))
+    assert str(stop.value).startswith("error: out of memory (DefaultCPUAllocator: not enough memory")
+    with pytest.raises(SystemExit) as stop:
+        entry(KeyError("spacing"))(OmegaConf.create({"debug": False}))
+    assert str(stop.value) == "error: KeyError: 'spacing' (debug=true shows the traceback)"
+    with pytest.raises(KeyError):  # debug=true: the exception itself, with its traceback
+        entry(KeyError("spacing"))(OmegaConf.create({"debug": True}))
