@@ -101,7 +101,7 @@ def main_first():
         barrier()
 
 
-def partition(cases: list, even: bool = False) -> list:
+def partition(cases: list, *, even: bool = False) -> list:
     """This rank's share, cases[rank::world_size]. `even`: pad first by repeating cases from the start, so every rank
     gets as many (DDP steps all ranks in lockstep); without it the shares may differ by one."""
     size, n = world_size(), len(cases)
@@ -144,7 +144,7 @@ def gather(obj) -> list:
     return out
 
 
-def wrap(model: torch.nn.Module, device: torch.device, find_unused: bool = False) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, device: torch.device, *, find_unused: bool = False) -> torch.nn.Module:
     """The model in DistributedDataParallel (gradients averaged over ranks) when a process group is up, else itself."""
     if not active():
         return model

@@ -178,7 +178,8 @@ def prepare(trainer: DictConfig, job: Job, resume: dict | None) -> tuple[torch.n
         job.scheduler, state.scheduled = reschedule(job.schedule, job.optimizer, state.end, state.epoch), state.end
     # trainer.compile compiles the training step only: validation's whole volumes differ in shape and would recompile.
     stepper = torch.compile(job.model) if trainer.get("compile") else job.model
-    return distributed.wrap(stepper, job.device, (trainer.get("ddp") or {}).get("find_unused_parameters", False)), state
+    find_unused = (trainer.get("ddp") or {}).get("find_unused_parameters", False)
+    return distributed.wrap(stepper, job.device, find_unused=find_unused), state
 
 
 def train_epoch(net, job: Job, loss_fn, trainer: DictConfig, state: TrainState) -> dict:

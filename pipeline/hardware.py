@@ -89,7 +89,7 @@ def requested(amp) -> str:
     raise InputError(f"amp={amp}: must be auto, false (fp32), bf16 or fp16")
 
 
-def resolve(amp, device: torch.device, inference: bool = False) -> Precision:
+def resolve(amp, device: torch.device, *, inference: bool = False) -> Precision:
     """The precision for `amp` (auto | false | bf16 | fp16) on `device`, with its reason. `inference`: whole-volume
     prediction, where `auto` keeps fp32 on a CPU (bf16 label maps differ from fp32's: Dice 0.997, bench/infer.py).
     An explicit bf16 or fp16 where the hardware only emulates it is kept, after a one-line warning."""

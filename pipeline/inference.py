@@ -143,7 +143,7 @@ class Predictor:
         # Invert orientation/resampling on probabilities (interpolated like the image), then take the argmax.
         self.invert = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False)
 
-    def __call__(self, nifti_path: Path, probabilities: bool = False,
+    def __call__(self, nifti_path: Path, *, probabilities: bool = False,
                  source: Path | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(labels (x, y, z), probabilities (K, x, y, z) or None, uncertainty (x, y, z) or None), on the input grid.
         `source`: the file errors name (default nifti_path)."""
@@ -254,7 +254,8 @@ def infer(ckpt, input, output, options: PredictOptions | None = None, *, format:
                 report["skipped"].append(target)
                 continue
             try:
-                predict_one(predictor, volume, target, Path(tmp), save_probabilities, options.postprocess)
+                predict_one(predictor, volume, target, Path(tmp), save_probabilities=save_probabilities,
+                            post=options.postprocess)
                 report["written"].append(target)
             except InputError as err:  # one bad file must not stop a folder run
                 report["failed"][volume.path] = str(err)
@@ -262,7 +263,7 @@ def infer(ckpt, input, output, options: PredictOptions | None = None, *, format:
     return report
 
 
-def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, save_probabilities: bool,
+def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, *, save_probabilities: bool,
                 post: dict) -> None:
     ref = Reference(volume, tmp)
     labels, probs, uncertainty = predictor(ref.nifti_path, probabilities=save_probabilities, source=volume.path)

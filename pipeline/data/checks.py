@@ -72,7 +72,7 @@ def check_case(case: dict, num_classes: int, channels: int) -> tuple[list[str], 
     return faults, empty
 
 
-def check(cfg: DictConfig, progress: bool = True) -> dict:
+def check(cfg: DictConfig, *, progress: bool = True) -> dict:
     """Every fault of the dataset at cfg.data; returns {"cases", "faults": [...], "empty": [...]}."""
     d = cfg.data
     root = Path(d.root).expanduser()
