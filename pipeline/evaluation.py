@@ -125,8 +125,9 @@ def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictCo
     result = infer(members, [c["image"] for c in cases], predictions, PredictOptions.from_config(cfg), overwrite=True)
     if result["failed"]:
         raise InputError(next(iter(result["failed"].values())))
-    return [Case(case_id(c), predictions / f"{case_id(c)}.nii.gz", Path(c["label"]), Path(c["image"]))
-            for c in cases], bundle
+    # inference names each prediction after its image (an nnU-Net image's _0000 included)
+    return [Case(case_id(c), predictions / Volume(Path(c["image"])).output_name("nifti"), Path(c["label"]),
+                 Path(c["image"])) for c in cases], bundle
 
 
 def load_pair(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -219,3 +219,19 @@ def label_fault(path, labels: np.ndarray, num_classes: int) -> str | None:
     if outside:
         return f"{path}: label values {outside[:8]} outside the declared classes 0..{num_classes - 1}"
     return None
+
+
+def as_nifti(sources: list[Path], target: Path) -> Path:
+    """One NIfTI at `target` (written atomically) from per-channel NIfTI, NRRD or MHA files that share a grid: a 3D
+    volume from one file, (x, y, z, channel) from several; reused while it is newer than every source."""
+    if target.is_file() and target.stat().st_mtime >= max(p.stat().st_mtime for p in sources):
+        return target
+    arrays = [read_array(p) for p in sources]  # InputError naming an unreadable file
+    array, affine = arrays[0]
+    for p, (other, other_affine) in zip(sources[1:], arrays[1:]):
+        if other.shape != array.shape or not np.allclose(other_affine, affine, atol=1e-4):
+            raise InputError(f"{p}: grid differs from {sources[0].name}'s; the channels of a case must share one")
+    data = np.stack([a for a, _ in arrays], axis=-1) if len(arrays) > 1 else array
+    with atomic(target) as tmp:
+        nib.save(nib.Nifti1Image(data, affine), tmp)
+    return target

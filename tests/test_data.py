@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,10 +11,11 @@ import pytest
 
 from pipeline import project_root
 from pipeline.completion import complete
+from pipeline.data.checks import check
 from pipeline.data.phantom import make_case
 from pipeline.data.sources import case_id, read_msd, split
 from pipeline.errors import InputError
-from tests.conftest import compose_config
+from tests.conftest import compose_config, shared_dataset
 
 
 def test_phantoms_are_deterministic_varied_anisotropic_and_two_class():
@@ -113,3 +115,85 @@ def test_debug_true_shows_the_traceback(tmp_path):
                           capture_output=True, text=True, cwd=project_root())
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "InputError" in done.stderr
+
+
+def nnunet_copy(source: Path, folder: Path, n: int, ending: str = ".nii.gz", channels: int = 1) -> Path:
+    """The first n cases of an MSD dataset as an nnU-Net v2 raw dataset: channel c of a case is its image times
+    c + 1; NIfTI cases are linked, other endings written with SimpleITK (their LPS geometry from the NIfTI's)."""
+    import SimpleITK as sitk
+
+    meta = json.loads((source / "dataset.json").read_text())
+    (folder / "imagesTr").mkdir(parents=True), (folder / "labelsTr").mkdir()
+    for case in meta["training"][:n]:
+        cid = Path(case["image"]).name.removesuffix(".nii.gz")
+        label = source / case["label"]
+        for c in range(channels):
+            target = folder / "imagesTr" / f"{cid}_{c:04d}{ending}"
+            if ending == ".nii.gz" and c == 0:
+                target.symlink_to((source / case["image"]).resolve())
+            else:
+                image = sitk.ReadImage(str(source / case["image"]))
+                sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) * (c + 1), str(target))
+        if ending == ".nii.gz":
+            (folder / "labelsTr" / f"{cid}{ending}").symlink_to(label.resolve())
+        else:
+            sitk.WriteImage(sitk.ReadImage(str(label)), str(folder / "labelsTr" / f"{cid}{ending}"))
+    labels = {name: int(k) for k, name in meta["labels"].items()}
+    spec = {"channel_names": {str(c): f"MRI{c}" for c in range(channels)}, "labels": labels, "numTraining": n,
+            "file_ending": ending, "name": "Dataset004_Hippocampus"}
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    return folder
+
+
+def test_an_nnunet_dataset_is_read_as_it_is(tmp_path):
+    source = shared_dataset("msd_hippocampus")
+    root = nnunet_copy(source, tmp_path / "Dataset004_Hippocampus", 8)
+    cfg = compose_config("train", ["data=nnunet", f"data.root={root}"], tmp_path)
+    done = complete(cfg)
+    assert [case_id(c) for c in done.dataset.cases][:2] == ["hippocampus_001", "hippocampus_003"]
+    assert (cfg.data.num_classes, cfg.data.in_channels) == (3, 1)
+    assert list(cfg.data.class_names) == ["background", "Anterior", "Posterior"]
+    assert done.dataset.cases[0]["image"].endswith("imagesTr/hippocampus_001_0000.nii.gz")  # read in place
+    assert check(cfg, progress=False)["faults"] == []
+
+
+@pytest.mark.parametrize("ending", [".nrrd", ".mha"])
+def test_a_two_channel_nnunet_dataset_trains_on_converted_copies_with_the_same_voxels(ending, tmp_path):
+    from monai.transforms import Compose
+
+    from pipeline.data.transforms import preprocess
+
+    source = shared_dataset("msd_hippocampus")
+    root = nnunet_copy(source, tmp_path / "Dataset104_Two", 3, ending=ending, channels=2)
+    cfg = compose_config("train", ["data=nnunet", f"data.root={root}", "data.split.val=0.34", "data.split.test=0"],
+                         tmp_path)
+    done = complete(cfg)
+    assert cfg.data.in_channels == 2 and check(cfg, progress=False)["faults"] == []
+    case = done.dataset.cases[0]
+    assert Path(case["image"]).is_relative_to(tmp_path / "outputs" / "converted")
+    loaded = Compose(preprocess(cfg))(case)
+    reference = Compose(preprocess(cfg))({"image": str(source / "imagesTr" / "hippocampus_001.nii.gz"),
+                                          "label": str(source / "labelsTr" / "hippocampus_001.nii.gz")})
+    assert loaded["image"].shape == (2, *reference["image"].shape[1:])
+    np.testing.assert_array_equal(loaded["label"].numpy(), reference["label"].numpy())
+    assert np.allclose(loaded["image"].affine, reference["image"].affine, atol=1e-5)
+    before = Path(case["image"]).stat().st_mtime_ns
+    complete(compose_config("train", ["data=nnunet", f"data.root={root}", "data.split.val=0.34",
+                                      "data.split.test=0"], tmp_path))
+    assert Path(case["image"]).stat().st_mtime_ns == before  # converted once, then reused
+
+
+def test_nnunet_faults_are_named_in_one_line_each(tmp_path):
+    source = shared_dataset("msd_hippocampus")
+    root = nnunet_copy(source, tmp_path / "Dataset204_Faulty", 3, ending=".nii.gz", channels=1)
+    spec = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps(spec | {"labels": {"background": 0, "whole": [1, 2]}}))
+    cfg = compose_config("train", ["data=nnunet", f"data.root={root}"], tmp_path)
+    with pytest.raises(InputError, match=r"dataset.json: labels.whole: region-based labels are not supported"):
+        complete(cfg)
+    (root / "dataset.json").write_text(json.dumps(spec | {"numTraining": 4}))
+    (root / "imagesTr" / "hippocampus_003_0000.nii.gz").unlink()
+    faults = check(compose_config("train", ["data=nnunet", f"data.root={root}"], tmp_path), progress=False)["faults"]
+    assert faults[0].endswith("dataset.json: numTraining is 4 but " f"{root / 'labelsTr'} holds 3 .nii.gz files")
+    assert faults[1] == (f"{root / 'imagesTr' / 'hippocampus_003_0000.nii.gz'}: missing (channel 0 of case "
+                         f"hippocampus_003, listed in {root / 'dataset.json'} channel_names)")

@@ -1,6 +1,8 @@
-"""Case lists: read a dataset (MSD `dataset.json` or plain folder pairs) and split it into train, val and test."""
+"""Case lists: read a dataset (MSD `dataset.json`, plain folder pairs or an nnU-Net v2 raw dataset) and split it into
+train, val and test."""
 
 import logging
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import InputError, faults_error
+from pipeline.io import as_nifti
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +94,69 @@ def folders_problems(root: str | Path, images: str, labels: str,
     return Dataset(root, root.name, dict(enumerate(class_names)), ["image"], cases), problems
 
 
+def nnunet_problems(root: str | Path, converted: str | Path) -> tuple[Dataset | None, list[str]]:
+    """An nnU-Net v2 raw dataset as nnU-Net reads it: cases are the label files `labelsTr/<case><file_ending>`,
+    each with `imagesTr/<case>_<XXXX><file_ending>` per entry of `channel_names`; every structural fault found.
+
+    The pipeline trains on one NIfTI per case (MONAI's NibabelReader), so a case with several channels or a
+    .nrrd/.mha ending gets a NIfTI copy under `converted` (made once, reused while newer than its sources);
+    the dataset itself is never written to."""
+    root = Path(root)
+    spec = root / "dataset.json"
+    if not spec.is_file():
+        return None, [f"{spec}: not found; data.root must be an nnU-Net v2 raw dataset "
+                      f"(dataset.json, imagesTr/, labelsTr/)"]
+    try:
+        meta = json.loads(spec.read_text())
+        channels = [str(v) for _, v in sorted(meta["channel_names"].items(), key=lambda kv: int(kv[0]))]
+        raw_labels, ending, declared = dict(meta["labels"]), str(meta["file_ending"]), int(meta["numTraining"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        return None, [f"{spec}: not a valid nnU-Net v2 dataset.json ({type(err).__name__}: {err})"]
+    regions = [name for name, value in raw_labels.items() if isinstance(value, (list, tuple))]
+    if regions or "regions_class_order" in meta:
+        key = f"labels.{regions[0]}" if regions else "regions_class_order"
+        return None, [f"{spec}: {key}: region-based labels are not supported; each class needs one integer label"]
+    labels = {int(v): str(k) for k, v in raw_labels.items()}
+    problems = []
+    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
+        problems.append(f"{spec}: labels must be 0..N-1 with background 0, got {sorted(labels)}")
+    label_files = sorted((root / "labelsTr").glob(f"*{ending}"))
+    if len(label_files) != declared:
+        problems.append(f"{spec}: numTraining is {declared} but {root / 'labelsTr'} holds {len(label_files)} "
+                        f"{ending} files")
+    store = Path(converted) / f"{root.name}-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:8]}"
+    cases = []
+    for label in label_files:
+        cid = label.name.removesuffix(ending)
+        images = [root / "imagesTr" / f"{cid}_{c:04d}{ending}" for c in range(len(channels))]
+        if missing := [p for p in images if not p.is_file()]:
+            problems.append(f"{missing[0]}: missing (channel {images.index(missing[0])} of case {cid}, "
+                            f"listed in {spec} channel_names)")
+            continue
+        if ending in (".nii.gz", ".nii") and len(images) == 1:
+            cases.append({"image": os.path.abspath(images[0]), "label": os.path.abspath(label)})  # lexical, as msd
+            continue
+        try:
+            cases.append({"image": str(as_nifti(images, store / "imagesTr" / f"{cid}.nii.gz")),
+                          "label": str(as_nifti([label], store / "labelsTr" / f"{cid}.nii.gz"))})
+        except InputError as err:
+            problems.append(str(err))
+    if not label_files:
+        problems.append(f"{root / 'labelsTr'}: holds no {ending} label files")
+    return Dataset(root, str(meta.get("name") or root.name), labels, channels, cases), problems
+
+
 def dataset_problems(data: DictConfig) -> tuple[Dataset | None, list[str]]:
-    """The dataset at data.root in its data.layout (msd | folders), with every structural fault found."""
+    """The dataset at data.root in its data.layout (msd | folders | nnunet), with every structural fault found."""
     root = Path(data.root).expanduser()
     if data.layout == "msd":
         return msd_problems(root)
     if data.layout == "folders":
         names = None if OmegaConf.is_missing(data, "class_names") else data.get("class_names")
         return folders_problems(root, data.images, data.labels, names)
-    return None, [f"{root}: data.layout={data.layout}: must be msd or folders"]
+    if data.layout == "nnunet":
+        return nnunet_problems(root, data.converted)
+    return None, [f"{root}: data.layout={data.layout}: must be msd, folders or nnunet"]
 
 
 def read_dataset(data: DictConfig) -> Dataset:
@@ -111,7 +168,9 @@ def read_dataset(data: DictConfig) -> Dataset:
 
 
 def case_id(case: dict) -> str:
-    return Path(case["image"]).name.removesuffix(".gz").removesuffix(".nii")
+    """A case's name: its label file's (the image's, for MSD and folder pairs the same name; nnU-Net's images carry
+    a _0000 channel suffix)."""
+    return Path(case.get("label") or case["image"]).name.removesuffix(".gz").removesuffix(".nii")
 
 
 def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5,
