@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# `make data`: the demo phantoms; `make data task=Task04_Hippocampus`: an MSD task downloaded, checked, unpacked
 data: $(STAMP)
-	$(BIN)/python -m pipeline.data.phantom
+	$(if $(task),$(BIN)/python -m pipeline.download $(OVERRIDES),$(BIN)/python -m pipeline.data.phantom)
 
 train: $(STAMP)
 	$(BIN)/python -m pipeline.train $(OVERRIDES)

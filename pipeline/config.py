@@ -1,4 +1,4 @@
-"""Compose configs outside a Hydra run (tests, benchmarks, notebooks), exactly as the entry points do."""
+"""Compose configs as the entry points do, from tests, benchmarks, notebooks or inside a running Hydra app."""
 
 import os
 from pathlib import Path
@@ -12,6 +12,10 @@ from pipeline import project_root
 
 
 def compose(name: str = "train", overrides=()) -> DictConfig:
+    """A config as `python -m pipeline.<name> overrides...` composes it; inside a running Hydra app, from its
+    config search path."""
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=name, overrides=list(overrides))
     with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
         return hydra_compose(config_name=name, overrides=list(overrides))
 
@@ -19,10 +23,7 @@ def compose(name: str = "train", overrides=()) -> DictConfig:
 def option(group: str, name: str) -> DictConfig:
     """One option of a config group exactly as `group=name` composes it, e.g. option("transforms/normalize", "ct"),
     from inside a Hydra app (its config search path) or outside one (the project's conf/)."""
-    overrides = [f"{group}={name}"]
-    cfg = (hydra_compose(config_name="train", overrides=overrides) if GlobalHydra.instance().is_initialized()
-           else compose("train", overrides))
-    return OmegaConf.select(cfg, group.replace("/", "."))
+    return OmegaConf.select(compose("train", [f"{group}={name}"]), group.replace("/", "."))
 
 
 def shared_data() -> Path:

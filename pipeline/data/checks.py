@@ -7,7 +7,6 @@ declared classes, duplicate or escaping paths, too few cases for the split. Empt
 
 import gzip
 import logging
-import sys
 import zlib
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.data.sources import data_facts, dataset_problems, split
-from pipeline.errors import InputError, exit_on_input_error
+from pipeline.errors import InputError
 from pipeline.io import label_fault
 
 log = logging.getLogger(__name__)

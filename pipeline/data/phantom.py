@@ -5,9 +5,9 @@ Each case is a body (soft tissue in air) holding an "organ" (a large rotated ell
 field and Gaussian noise. Shapes, sizes, positions and volume extents vary per case; the same seed gives the same set.
 """
 
-import logging
 import argparse
 import json
+import logging
 import os
 import shutil
 import tempfile

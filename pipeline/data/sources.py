@@ -1,9 +1,9 @@
 """Case lists: read a dataset (MSD `dataset.json`, plain folder pairs or an nnU-Net v2 raw dataset) and split it into
 train, val and test."""
 
-import logging
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path

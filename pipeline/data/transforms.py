@@ -1,8 +1,8 @@
 """Build the MONAI transform chains, datasets and loaders from the `transforms` and `data` config groups."""
 
-import logging
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
