@@ -1,8 +1,14 @@
 """3D medical image segmentation on MONAI, composed with Hydra and tracked with MLflow."""
 
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+try:
+    __version__ = version("pipeline")  # pyproject.toml's, as installed
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 def project_root() -> Path:

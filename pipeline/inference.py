@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # Networks exported to ONNX and run by another CPU runtime; backend=auto picks OpenVINO on a CPU in fp32.
 EXPORTED = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
 BACKENDS = ("auto", "torch", *EXPORTED)
+# nifti: <name>.nii.gz; input: the input's own format (a DICOM-SEG beside the NIfTI for a DICOM series);
+# dicom-seg: a DICOM-SEG beside the NIfTI for a DICOM series, NIfTI for the rest
+FORMATS = ("nifti", "input", "dicom-seg")
 
 
 def checkpoints(ckpt, cache: Path | None = None) -> list[Path]:
@@ -95,6 +98,7 @@ class Predictor:
                 raise InputError(f"{path}: preprocessing differs from {first_path}'s; ensemble members must share it")
         cfg = OmegaConf.create(first["config"])
         self.num_classes, self.in_channels = cfg.data.num_classes, cfg.data.in_channels
+        self.class_names = list(cfg.data.class_names)[: self.num_classes]  # DICOM-SEG segment labels
         self.device = engine.pick_device(device)
         # amp=auto keeps fp32 on the CPU: bf16, where the CPU has it, is 2x faster but moves about 0.3% of the
         # boundary voxels (bench/infer.py: label-map Dice 0.997 against fp32), below the >= 0.999 a clinic may expect.
@@ -236,11 +240,11 @@ def infer(ckpt, input, output, options: PredictOptions | None = None, *, format:
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: output exists and is not a folder")
-    if format not in ("nifti", "input"):
-        raise InputError(f"format={format}: must be nifti or input")
+    if format not in FORMATS:
+        raise InputError(f"format={format}: must be one of {', '.join(FORMATS)}")
     inputs = {v.path.resolve() for v in volumes}
     for v in volumes:
-        if (out_dir / v.output_name(format)).resolve() in inputs:
+        if (out_dir / v.output_name(format if format == "input" else "nifti")).resolve() in inputs:
             raise InputError(f"{v.path}: output would overwrite the input; choose another output= folder")
     bundles = {p: checkpoint.load(p) for p in checkpoints(ckpt)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,13 +253,13 @@ def infer(ckpt, input, output, options: PredictOptions | None = None, *, format:
         predictor = Predictor(bundles, options)
         log.info(f"{predictor.precision}; backend {predictor.backend}")
         for volume in tqdm(volumes, desc="infer", unit="volume"):
-            target = out_dir / volume.output_name(format)
+            target = out_dir / volume.output_name(format if format == "input" else "nifti")
             if target.exists() and not overwrite:
                 report["skipped"].append(target)
                 continue
             try:
                 predict_one(predictor, volume, target, Path(tmp), save_probabilities=save_probabilities,
-                            post=options.postprocess)
+                            post=options.postprocess, dicom_seg=format in ("input", "dicom-seg"))
                 report["written"].append(target)
             except InputError as err:  # one bad file must not stop a folder run
                 report["failed"][volume.path] = str(err)
@@ -264,7 +268,8 @@ def infer(ckpt, input, output, options: PredictOptions | None = None, *, format:
 
 
 def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, *, save_probabilities: bool,
-                post: dict) -> None:
+                post: dict, dicom_seg: bool = False) -> None:
+    """One volume predicted and written on its grid (and as a DICOM-SEG with `dicom_seg` for a DICOM series)."""
     ref = Reference(volume, tmp)
     labels, probs, uncertainty = predictor(ref.nifti_path, probabilities=save_probabilities, source=volume.path)
     if labels.shape != ref.shape:
@@ -277,3 +282,10 @@ def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, *
     if uncertainty is not None:
         ref.write(uncertainty.astype(np.float32), target.parent / volume.output_name("nifti", "_uncertainty"))
     ref.write(labels.astype(label_dtype(predictor.num_classes)), target)
+    if dicom_seg and volume.kind == "dicom":  # after the NIfTI: a series DICOM-SEG cannot describe keeps that
+        from pipeline.dicomseg import write_seg
+
+        try:
+            write_seg(volume.path, labels, predictor.class_names, target.with_name(f"{volume.stem}.seg.dcm"))
+        except InputError as err:
+            raise InputError(f"{err} (the NIfTI {target} is written)") from None

@@ -164,3 +164,63 @@ def test_a_wrong_channel_count_is_a_bad_file_and_a_model_error_stops_the_run(thr
     with pytest.raises(RuntimeError, match="not enough memory"):
         infer(threshold_ckpt(channels=2), inputs, tmp_path / "out2", amp=False)
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
+
+
+def seg_frames(seg_path, slices: list) -> np.ndarray:
+    """A DICOM-SEG read back with highdicom as a label map (slice, row, column), in the order of `slices`."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(seg_path)
+    uids = [s.SOPInstanceUID for s in slices]
+    return seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
+                                             skip_overlap_checks=True)
+
+
+def test_a_dicom_series_gets_a_dicom_seg_that_matches_its_nifti_and_its_slices(threshold_ckpt, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    from pipeline.dicomseg import source_slices
+
+    study = shared_dataset("dicom_hippocampus_crops") / "Study1"
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    files = sorted(p for p in study.rglob("*") if p.is_file())
+    for i, f in zip(np.random.default_rng(1).permutation(len(files)), files):
+        shutil.copy(f, shuffled / f"{i:04d}.dcm")
+    ckpt = threshold_ckpt()
+    [nifti] = infer(ckpt, study, tmp_path / "a", amp=False, format="dicom-seg")["written"]
+    seg_path = nifti.with_name("Study1.seg.dcm")
+    seg = hd.seg.segread(seg_path)
+    slices = source_slices(study)
+    source = slices[0]
+    assert seg.StudyInstanceUID == source.StudyInstanceUID and seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["organ"]  # the checkpoint's class, background aside
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "pipeline" and algorithm.AlgorithmVersion
+    assert seg.NumberOfFrames == len(slices)  # one frame per slice (one segment), empty ones included
+    for frame in seg.PerFrameFunctionalGroupsSequence:  # every frame sits on the slice it references
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        [slice_] = [s for s in slices if s.SOPInstanceUID == uid]
+        np.testing.assert_allclose([float(v) for v in position], [float(v) for v in slice_.ImagePositionPatient])
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(nifti)))  # (z, y, x): slice, row, column
+    assert labels.any() and labels.shape[0] == len(slices)
+    np.testing.assert_array_equal(seg_frames(seg_path, slices), labels)
+
+    [again] = infer(ckpt, shuffled, tmp_path / "b", amp=False, format="input")["written"]  # input: DICOM-SEG too
+    other = again.with_name("shuffled.seg.dcm")
+    np.testing.assert_array_equal(seg_frames(other, slices), labels)
+    assert hd.seg.segread(other).FrameOfReferenceUID == source.FrameOfReferenceUID
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(broken / f.name)
+    report = infer(ckpt, broken, tmp_path / "c", amp=False, format="dicom-seg")
+    [(path, message)] = report["failed"].items()
+    assert path == broken and "no FrameOfReferenceUID; a DICOM-SEG needs it" in message
+    assert (tmp_path / "c" / "broken.nii.gz").is_file() and not (tmp_path / "c" / "broken.seg.dcm").exists()

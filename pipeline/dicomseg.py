@@ -1,0 +1,72 @@
+"""DICOM Segmentation objects from label maps, with highdicom (MONAI core has no DICOM-SEG writer; it lives only in
+the MONAI Deploy SDK): one segment per foreground class, frames referencing the source series' slices."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from pipeline import __version__
+from pipeline.errors import InputError, first_line
+from pipeline.files import atomic
+
+# What a DICOM-SEG needs from every source slice (the referenced instances, the frame of reference, the plane).
+REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID",
+            "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+
+
+# Type 2 attributes of the patient and study modules: the SEG must carry them, empty when the source has none.
+EMPTY_ALLOWED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def source_slices(series: Path) -> list[pydicom.Dataset]:
+    """The series' slices (in memory; the files are never written) in the order SimpleITK (GDCM) reads them, by
+    position along the slice normal: the order of the label map's z axis."""
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series))
+    slices = [pydicom.dcmread(f) for f in files]
+    for f, ds in zip(files, slices):
+        if missing := [a for a in REQUIRED if a not in ds]:
+            raise InputError(f"{f}: no {missing[0]}; a DICOM-SEG needs it")
+        for keyword in EMPTY_ALLOWED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    return slices
+
+
+def write_seg(series: Path, labels: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """`labels` (x, y, z) on the series' grid (as SimpleITK reads it) written as a DICOM-SEG at `path`, atomically:
+    segment k is class k (its name from the checkpoint), one frame per slice and segment (empty ones included, so
+    every frame lines up with a source slice)."""
+    import highdicom as hd  # imported here: only DICOM-SEG output needs it (about 1 s)
+    from pydicom.sr.codedict import codes
+
+    slices = source_slices(series)
+    frames = np.ascontiguousarray(labels.transpose(2, 1, 0)).astype(np.uint8)  # (slice, row, column)
+    if frames.shape != (len(slices), slices[0].Rows, slices[0].Columns):
+        raise InputError(f"{series}: label map {labels.shape} does not match the series "
+                         f"({slices[0].Columns}x{slices[0].Rows}x{len(slices)})")
+    algorithm = hd.AlgorithmIdentificationSequence(name="pipeline", version=__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=k, segment_label=name,
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            # the class has no standard code here: a private coding scheme carries its name
+            segmented_property_type=hd.sr.CodedConcept(value=f"class{k}", scheme_designator="99PIPELINE", meaning=name),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
+        for k, name in enumerate(class_names[1:], start=1)
+    ]
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=slices, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=9000, sop_instance_uid=hd.UID(),
+            instance_number=1, manufacturer="pipeline", manufacturer_model_name="pipeline",
+            software_versions=__version__, device_serial_number="0", series_description="pipeline segmentation",
+            omit_empty_frames=False)
+    except (ValueError, TypeError, AttributeError) as err:  # highdicom's checks of the source series
+        raise InputError(f"{series}: no DICOM-SEG ({first_line(err)})") from None
+    with atomic(path) as tmp:
+        seg.save_as(tmp)
+    return path
