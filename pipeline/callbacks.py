@@ -14,6 +14,9 @@ class Callback:
     def on_epoch_end(self, job: Job, state: TrainState, metrics: dict) -> None:
         """After the epoch's training, validation (`metrics` holds val_* then), scheduler step and logging."""
 
+    def on_interrupt(self, job: Job, state: TrainState) -> None:
+        """A SIGINT/SIGTERM stopped training in the middle of an epoch (state.epoch: the last whole one)."""
+
 
 class Checkpoints(Callback):
     """best.pt (weights + config: what inference needs) when validation improved; last.pt (everything a resume
@@ -28,6 +31,9 @@ class Checkpoints(Callback):
             scheduler = job.scheduler.state_dict() if job.scheduler else None
             checkpoint.save(job.run_dir.last, job.model, job.config, optimizer=job.optimizer.state_dict(),
                             scheduler=scheduler, **common, **saved)
+
+    def on_interrupt(self, job: Job, state: TrainState) -> None:
+        self.on_epoch_end(job, state, {})  # last.pt only: state.improved is False mid-epoch
 
 
 class Overlays(Callback):

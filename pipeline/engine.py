@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline import checkpoint, distributed
 from pipeline.data.sources import case_id
+from pipeline.errors import RunStopped
 from pipeline.hardware import Precision, autocast, channels_last
 from pipeline.metrics import SegmentationScores
 from pipeline.models.adapters import centre_crop, for_inference, training_outputs
@@ -82,6 +83,7 @@ class Job:
     tracker: object = None
     run_dir: RunDir | None = None
     config: dict = field(default_factory=dict)  # the resolved config, saved in every checkpoint
+    interrupts: object = None  # interrupts.Interrupts: a SIGINT/SIGTERM stops training at the next step boundary
 
 
 @dataclass
@@ -100,6 +102,8 @@ class TrainState:
     train_seconds: float = 0.0  # training only, validation excluded
     step_losses: list[float] = field(default_factory=list)  # this process's, not saved
     scheduled: int = 0  # the run length the learning-rate scheduler was built for (end, after every epoch)
+    steps: int = 0  # batches trained in this process, over its epochs (the step an interrupt or a NaN names)
+    interrupted: int | None = None  # the signal that stopped the run in the middle of an epoch
     improved: bool = False  # this epoch's validation beat the best
     stop: str | None = None  # why the run ends after this epoch
 
@@ -127,7 +131,7 @@ class TrainState:
 
     def result(self) -> dict:
         return {"best": self.best, "step_losses": self.step_losses, "history": self.history, "epochs": self.epoch,
-                "train_minutes": self.train_seconds / 60}
+                "train_minutes": self.train_seconds / 60, "interrupted": self.interrupted, "steps": self.steps}
 
 
 def fitted_to_budget(trainer: DictConfig) -> bool:
@@ -195,8 +199,10 @@ def train_epoch(net, job: Job, loss_fn, trainer: DictConfig, state: TrainState) 
         with distributed.local_gradients(net, not stepping):
             loss = batch_loss(net, batch, loss_fn, job.device, job.precision.dtype)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {state.epoch}: loss is {loss.item()}; "
-                                         "lower optimizer.lr or set trainer.amp=false")
+                last = job.run_dir.last if job.run_dir and job.run_dir.last.is_file() else "none yet"
+                raise RunStopped(f"epoch {state.epoch} step {i}: the training loss is {loss.item()}; last good "
+                                 f"checkpoint: {last}; lower optimizer.lr, set trainer.grad_clip (e.g. 1.0) "
+                                 "or trainer.amp=false")
             # Gradients of `accumulate` batches add up before one step: the mean over a k-times larger batch.
             state.scaler.scale(loss / accumulate).backward()
         if stepping:
@@ -207,12 +213,23 @@ def train_epoch(net, job: Job, loss_fn, trainer: DictConfig, state: TrainState) 
             state.scaler.update()
             job.optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        state.steps += 1
+        if stopping(job):  # a SIGINT/SIGTERM arrived: this epoch stays unfinished
+            state.interrupted = stopping(job)
+            break
     state.step_losses += losses
-    # the slowest rank's time: every rank takes the same budget decisions
-    state.epoch_seconds.append(distributed.maximum(time.perf_counter() - start))
-    state.train_seconds += state.epoch_seconds[-1]
+    # the slowest rank's time: every rank takes the same budget decisions; an unfinished epoch is no epoch time
+    seconds = distributed.maximum(time.perf_counter() - start)
+    state.epoch_seconds += [] if state.interrupted else [seconds]
+    state.train_seconds += seconds
     return {"train_loss": distributed.mean(sum(losses), len(losses)), "lr": job.optimizer.param_groups[0]["lr"],
             "train_minutes": state.train_seconds / 60}
+
+
+def stopping(job: Job) -> int | None:
+    """The signal that asks the run to stop (under DDP any rank's, so all ranks stop at the same step), or None."""
+    requested = job.interrupts.signal if job.interrupts is not None else None
+    return int(distributed.maximum(float(requested or 0))) or None if distributed.active() else requested
 
 
 def keep_to_budget(trainer: DictConfig, state: TrainState) -> dict:
@@ -265,6 +282,11 @@ def fit(trainer: DictConfig, job: Job, callbacks: Sequence = (), resume: dict | 
     while state.epoch < state.end:
         state.epoch, state.improved, start = state.epoch + 1, False, time.perf_counter()
         metrics = train_epoch(net, job, loss_fn, trainer, state)
+        if state.interrupted:  # the weights so far, saved as the end of the last whole epoch: a resume redoes this one
+            state.epoch -= 1
+            for callback in callbacks:
+                callback.on_interrupt(job, state)
+            break
         metrics |= keep_to_budget(trainer, state)
         bar.total = state.end
         if validating(trainer, state):

@@ -10,6 +10,15 @@ class InputError(ValueError):
     """A file or setting that cannot be used; the message names the file (or key) and the problem."""
 
 
+class RunStopped(Exception):
+    """A run that stops for a reason it states in one line (a NaN loss, an interrupt): the entry point prints the
+    message and exits with `code` (1; 128 + the signal number for an interrupt)."""
+
+    def __init__(self, message: str, code: int = 1, prefix: str = "error: "):
+        super().__init__(message)
+        self.code, self.prefix = code, prefix
+
+
 def first_line(err: BaseException, limit: int = 200) -> str:
     """An exception's message cut to its first line (a library's multi-line report inside our one-line error)."""
     return str(err).strip().splitlines()[0][:limit] if str(err).strip() else type(err).__name__
@@ -52,6 +61,9 @@ def exit_on_input_error(fn):
             return fn(*args, **kwargs)
         except InputError as err:
             sys.exit(f"error: {err}")
+        except RunStopped as err:
+            print(f"{err.prefix}{err}", file=sys.stderr)
+            sys.exit(err.code)
         except MissingMandatoryValue as err:
             sys.exit(f"error: {err.full_key}: required but not set; add {err.full_key}=... to the command")
         except Exception as err:  # not an input fault: stop with its message, not per file or as a traceback

@@ -20,7 +20,8 @@ from pipeline.data.checks import check
 from pipeline.data.fingerprint import cache_key
 from pipeline.data.sources import case_id, ensure_demo_data
 from pipeline.data.transforms import loaders
-from pipeline.errors import InputError, faults_error
+from pipeline.errors import InputError, RunStopped, faults_error
+from pipeline.interrupts import Interrupts
 from pipeline.models.adapters import ValidNetwork
 from pipeline.models.weights import initialise
 from pipeline.rundir import RunDir
@@ -162,7 +163,12 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     log.info(job.precision)
     status, start = "FAILED", time.perf_counter()
     try:
-        result = engine.fit(cfg.trainer, job, callbacks.from_config(cfg.trainer), resume=state)
+        with Interrupts() as job.interrupts:  # SIGINT/SIGTERM: stop at the next step, save, say how to continue
+            result = engine.fit(cfg.trainer, job, callbacks.from_config(cfg.trainer), resume=state)
+        if result["interrupted"]:
+            status = "KILLED"
+            raise RunStopped(f"interrupted after epoch {result['epochs']} (step {result['steps']}); continue with: "
+                             f"make train resume={run_dir.root}", code=128 + result["interrupted"], prefix="")
         tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
         for ckpt in (run_dir.best, run_dir.last):
             tracker.log_artifact(ckpt, "checkpoints")
@@ -175,5 +181,5 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
         tracker.finish(status)
     minutes = (time.perf_counter() - start) / 60
     log.info(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
-          f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {run_dir.checkpoints}")
+             f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {run_dir.checkpoints}")
     return result | {"run_name": name, "run_id": tracker.run_id, "config": cfg}

@@ -91,3 +91,56 @@ def test_an_oversized_memory_cache_falls_back_to_disk(tiny_phantom, tmp_path):
     cfg = tiny_config(tiny_phantom, tmp_path, overrides=["data.cache=memory", "data.cache_ram_gb=1"])
     complete(cfg)
     assert cache_mode(cfg, dataset.cases) == "memory"
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_saves_last_pt_marks_the_run_killed_and_says_how_to_continue(sig, code, tiny_phantom, tmp_path,
+                                                                                mlflow_store):
+    """A real Ctrl-C (SIGINT) or SLURM's SIGTERM to a training process, after its first epoch."""
+    run_dir = tmp_path / "run"
+    args = [f"data.root={tiny_phantom}", *TINY, *TINY_MODEL["unet3d"], "trainer.max_epochs=200",
+            "trainer.val_every=100", f"hydra.run.dir={run_dir}", f"paths.outputs={run_dir}/outputs"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=project_root(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not last.exists():
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr[-2000:]
+    saved = checkpoint.load(last)  # whole (written atomically), the end of the last whole epoch
+    assert 1 <= saved["epoch"] < 200 and "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"interrupted after epoch {saved['epoch']} (step ")
+    assert line.endswith(f"); continue with: make train resume={run_dir}")
+    assert mlflow.MlflowClient(mlflow_store).get_run(saved["run_id"]).info.status == "KILLED"
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback():
+    script = ("import os, signal, time\nfrom pipeline.interrupts import Interrupts\n"
+              "with Interrupts() as stop:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    assert stop.signal == signal.SIGINT\n"
+              "    print('asked to stop', flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(30)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and done.stdout == "asked to stop\n"
+    assert done.stderr.strip().splitlines()[-1] == "interrupted again: exiting now, without saving"
+    assert "Traceback" not in done.stderr
+
+
+def test_a_nan_loss_stops_with_one_line_naming_the_step_the_checkpoint_and_the_settings(tiny_phantom, tmp_path):
+    from pipeline.errors import RunStopped
+
+    cfg = tiny_config(tiny_phantom, tmp_path, overrides=["optimizer.lr=1e30", "trainer.grad_clip=null",
+                                                         "trainer.max_epochs=3", "tracking=none"])
+    with pytest.raises(RunStopped) as stop:
+        train(cfg)
+    message = str(stop.value)
+    assert "\n" not in message and ": the training loss is nan; last good checkpoint: " in message
+    assert message.startswith("epoch ") and " step " in message.split(":")[0]
+    assert message.endswith("lower optimizer.lr, set trainer.grad_clip (e.g. 1.0) or trainer.amp=false")
+    named = message.split("last good checkpoint: ")[1].split(";")[0]
+    assert named == "none yet" or checkpoint.load(named)["epoch"] >= 1  # what it names loads
