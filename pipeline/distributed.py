@@ -178,7 +178,7 @@ def own_rng(state: dict) -> dict | None:
     if world_size() == 1:
         return {k: v for k, v in state.items() if k != "ranks"}
     log.info(f"resume: last.pt holds the random state of {len(ranks or [0])} rank(s), not {world_size()}; "
-          f"augmentation continues from seed + rank")
+             f"augmentation continues from seed + rank")
     return None
 
 

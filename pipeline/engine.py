@@ -192,31 +192,32 @@ def train_epoch(net, job: Job, loss_fn, trainer: DictConfig, state: TrainState) 
     net.train()
     start, losses, accumulate = time.perf_counter(), [], trainer.get("accumulate") or 1
     job.optimizer.zero_grad(set_to_none=True)
-    steps = tqdm(job.train_loader, desc=f"epoch {state.epoch}", unit="step", leave=False,
-                 disable=not distributed.is_main())
-    for i, batch in enumerate(steps, start=1):
-        stepping = i % accumulate == 0 or i == len(job.train_loader)
-        with distributed.local_gradients(net, not stepping):
-            loss = batch_loss(net, batch, loss_fn, job.device, job.precision.dtype)
-            if not torch.isfinite(loss):
-                last = job.run_dir.last if job.run_dir and job.run_dir.last.is_file() else "none yet"
-                raise RunStopped(f"epoch {state.epoch} step {i}: the training loss is {loss.item()}; last good "
-                                 f"checkpoint: {last}; lower optimizer.lr, set trainer.grad_clip (e.g. 1.0) "
-                                 "or trainer.amp=false")
-            # Gradients of `accumulate` batches add up before one step: the mean over a k-times larger batch.
-            state.scaler.scale(loss / accumulate).backward()
-        if stepping:
-            if trainer.grad_clip:
-                state.scaler.unscale_(job.optimizer)
-                torch.nn.utils.clip_grad_norm_(job.model.parameters(), trainer.grad_clip)
-            state.scaler.step(job.optimizer)
-            state.scaler.update()
-            job.optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        state.steps += 1
-        if stopping(job):  # a SIGINT/SIGTERM arrived: this epoch stays unfinished
-            state.interrupted = stopping(job)
-            break
+    # `with`: the bar is closed even when a step raises (an open bar would garble later lines)
+    with tqdm(job.train_loader, desc=f"epoch {state.epoch}", unit="step", leave=False,
+              disable=not distributed.is_main()) as steps:
+        for i, batch in enumerate(steps, start=1):
+            stepping = i % accumulate == 0 or i == len(job.train_loader)
+            with distributed.local_gradients(net, not stepping):
+                loss = batch_loss(net, batch, loss_fn, job.device, job.precision.dtype)
+                if not torch.isfinite(loss):
+                    last = job.run_dir.last if job.run_dir and job.run_dir.last.is_file() else "none yet"
+                    raise RunStopped(f"epoch {state.epoch} step {i}: the training loss is {loss.item()}; last good "
+                                     f"checkpoint: {last}; lower optimizer.lr, set trainer.grad_clip (e.g. 1.0) "
+                                     "or trainer.amp=false")
+                # Gradients of `accumulate` batches add up before one step: the mean over a k-times larger batch.
+                state.scaler.scale(loss / accumulate).backward()
+            if stepping:
+                if trainer.grad_clip:
+                    state.scaler.unscale_(job.optimizer)
+                    torch.nn.utils.clip_grad_norm_(job.model.parameters(), trainer.grad_clip)
+                state.scaler.step(job.optimizer)
+                state.scaler.update()
+                job.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            state.steps += 1
+            if requested := stopping(job):  # a SIGINT/SIGTERM arrived: this epoch stays unfinished
+                state.interrupted = requested
+                break
     state.step_losses += losses
     # the slowest rank's time: every rank takes the same budget decisions; an unfinished epoch is no epoch time
     seconds = distributed.maximum(time.perf_counter() - start)
@@ -229,7 +230,9 @@ def train_epoch(net, job: Job, loss_fn, trainer: DictConfig, state: TrainState) 
 def stopping(job: Job) -> int | None:
     """The signal that asks the run to stop (under DDP any rank's, so all ranks stop at the same step), or None."""
     requested = job.interrupts.signal if job.interrupts is not None else None
-    return int(distributed.maximum(float(requested or 0))) or None if distributed.active() else requested
+    if distributed.active():
+        return int(distributed.maximum(float(requested or 0))) or None
+    return requested
 
 
 def keep_to_budget(trainer: DictConfig, state: TrainState) -> dict:
@@ -238,7 +241,7 @@ def keep_to_budget(trainer: DictConfig, state: TrainState) -> dict:
     if (fitted := budgeted_epochs(trainer, state.epoch, state.train_seconds, state.epoch_seconds)) is not None:
         if len(state.epoch_seconds) == 2 and distributed.is_main():  # the first estimate without one-off costs
             log.info(f"trainer.max_minutes={trainer.max_minutes}: {fitted} epochs fit "
-                       f"({state.epoch_seconds[-1]:.1f} s each); the learning-rate schedule ends there")
+                     f"({state.epoch_seconds[-1]:.1f} s each); the learning-rate schedule ends there")
         state.end = fitted
         return {"planned_epochs": fitted}
     if trainer.get("max_minutes") is not None and state.train_seconds >= 60 * trainer.max_minutes:
@@ -278,35 +281,35 @@ def fit(trainer: DictConfig, job: Job, callbacks: Sequence = (), resume: dict | 
     # Several outputs (deep supervision): MONAI weighs their losses 1, 1/2, 1/4, ... against a resized label.
     loss_fn = DeepSupervisionLoss(job.loss_fn, weight_mode="exp")
     min_delta = (trainer.get("early_stopping") or {}).get("min_delta", 0.0)
-    bar = tqdm(desc="epochs", unit="epoch", initial=state.epoch, total=state.end, disable=not distributed.is_main())
-    while state.epoch < state.end:
-        state.epoch, state.improved, start = state.epoch + 1, False, time.perf_counter()
-        metrics = train_epoch(net, job, loss_fn, trainer, state)
-        if state.interrupted:  # the weights so far, saved as the end of the last whole epoch: a resume redoes this one
-            state.epoch -= 1
+    with tqdm(desc="epochs", unit="epoch", initial=state.epoch, total=state.end,
+              disable=not distributed.is_main()) as bar:
+        while state.epoch < state.end:
+            state.epoch, state.improved, start = state.epoch + 1, False, time.perf_counter()
+            metrics = train_epoch(net, job, loss_fn, trainer, state)
+            if state.interrupted:  # the weights so far, as the end of the last whole epoch (a resume redoes this one)
+                state.epoch -= 1
+                for callback in callbacks:
+                    callback.on_interrupt(job, state)
+                break
+            metrics |= keep_to_budget(trainer, state)
+            bar.total = state.end
+            if validating(trainer, state):
+                scores = SegmentationScores(job.class_names)
+                metrics |= validate(job.model, job.val_loader, job.inferer, scores, job.device, job.precision.dtype)
+                per_class = ", ".join(f"{n} {metrics[f'val_dice_{n}']:.3f}" for n in job.class_names[1:])
+                log.info(f"epoch {state.epoch:3d}  loss {metrics['train_loss']:.4f}  "
+                         f"val dice {metrics['val_dice_mean']:.3f} ({per_class})  iou {metrics['val_iou_mean']:.3f}")
+                state.record(metrics, min_delta)
+            step_scheduler(job, state, metrics)
+            metrics["epoch_time"] = time.perf_counter() - start
+            job.tracker.log_metrics(metrics, step=state.epoch)
+            state.history.append({"epoch": state.epoch} | metrics)
+            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", best_dice=f"{state.best['val_dice_mean']:.3f}")
+            distributed.debug("epoch", epoch=state.epoch, log=metrics)
             for callback in callbacks:
-                callback.on_interrupt(job, state)
-            break
-        metrics |= keep_to_budget(trainer, state)
-        bar.total = state.end
-        if validating(trainer, state):
-            metrics |= validate(job.model, job.val_loader, job.inferer, SegmentationScores(job.class_names), job.device,
-                            job.precision.dtype)
-            per_class = ", ".join(f"{n} {metrics[f'val_dice_{n}']:.3f}" for n in job.class_names[1:])
-            log.info(f"epoch {state.epoch:3d}  loss {metrics['train_loss']:.4f}  "
-                     f"val dice {metrics['val_dice_mean']:.3f} ({per_class})  iou {metrics['val_iou_mean']:.3f}")
-            state.record(metrics, min_delta)
-        step_scheduler(job, state, metrics)
-        metrics["epoch_time"] = time.perf_counter() - start
-        job.tracker.log_metrics(metrics, step=state.epoch)
-        state.history.append({"epoch": state.epoch} | metrics)
-        bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", best_dice=f"{state.best['val_dice_mean']:.3f}")
-        distributed.debug("epoch", epoch=state.epoch, log=metrics)
-        for callback in callbacks:
-            callback.on_epoch_end(job, state, metrics)
-        bar.update()
-        if state.stop:
-            log.info(state.stop)
-            break
-    bar.close()
+                callback.on_epoch_end(job, state, metrics)
+            bar.update()
+            if state.stop:
+                log.info(state.stop)
+                break
     return state.result()

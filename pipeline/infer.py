@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     report = infer(cfg.ckpt, cfg.input, cfg.output, PredictOptions.from_config(cfg), format=cfg.format,
                    overwrite=cfg.overwrite, save_probabilities=cfg.save_probabilities)
     log.info(f"{len(report['written'])} written, {len(report['skipped'])} skipped (exist; overwrite=true to redo), "
-          f"{len(report['failed'])} failed -> {Path(cfg.output).resolve()}")
+             f"{len(report['failed'])} failed -> {Path(cfg.output).resolve()}")
     if report["failed"]:
         sys.exit(f"error: {len(report['failed'])} of {len(report['written']) + len(report['failed'])} inputs failed: "
                  + ", ".join(str(p) for p in report["failed"]))

@@ -105,9 +105,9 @@ def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]
         values["transforms.normalize"] = OmegaConf.merge(option("transforms/normalize", norm.pop("name")), norm)
     final = {key: values.get(key, OmegaConf.select(cfg, key)) for key in PLANNED}
     log.info(f"plan from {fp['num_cases']} training cases (median shape {[round(s) for s in fp['median_shape']]}, "
-          f"spacing {fp['median_spacing']}): spacing {final['data.spacing'] or 'native'}, "
-          f"patch {list(final['data.patch_size'])}, batch {final['data.batch_size']}, "
-          f"normalize {final['transforms.normalize']._target_.rsplit('.', 1)[-1]}")
+             f"spacing {fp['median_spacing']}): spacing {final['data.spacing'] or 'native'}, "
+             f"patch {list(final['data.patch_size'])}, batch {final['data.batch_size']}, "
+             f"normalize {final['transforms.normalize']._target_.rsplit('.', 1)[-1]}")
     return values
 
 
@@ -126,5 +126,5 @@ def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
                    "model.deep_supervision": cfg.model.deep_supervision and heads > 0}
     filters = values.get("model.filters", cfg.model.get("filters"))
     log.info(f"network: {len(net['strides'])} stages, strides {net['strides'][1:]}, kernels {net['kernel_size']}, "
-          f"filters {list(filters)}")
+             f"filters {list(filters)}")
     return values

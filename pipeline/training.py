@@ -159,7 +159,7 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
         tracker.log_artifact(save_splits(splits, run_dir.root))
     ranks = f", DDP over {distributed.world_size()} ranks" if distributed.active() else ""
     log.info(f"{name}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test cases "
-          f"from {cfg.data.root} on {job.device}{ranks}")
+             f"from {cfg.data.root} on {job.device}{ranks}")
     log.info(job.precision)
     status, start = "FAILED", time.perf_counter()
     try:

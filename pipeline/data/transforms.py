@@ -50,7 +50,7 @@ def train_transforms(cfg: DictConfig) -> Compose:
     if rot is not None and len({cfg.data.patch_size[a] for a in rot.spatial_axes}) > 1:
         # Rotated patches would change shape and could not be batched (planned patches are rarely square).
         log.info(f"transforms.augment.rotate90 skipped: patch {list(cfg.data.patch_size)} "
-              f"is not square on axes {list(rot.spatial_axes)}")
+                 f"is not square on axes {list(rot.spatial_axes)}")
         augment["rotate90"] = None
     augment = [instantiate(a) for a in augment.values() if a is not None]
     return Compose([*preprocess(cfg), EnsureTyped(keys=KEYS, track_meta=False), instantiate(t.pad),
@@ -75,7 +75,7 @@ def cache_mode(cfg: DictConfig, cases: list[dict]) -> str:
     if need <= budget * 2**30:
         return "memory"
     log.info(f"data.cache: the cache needs about {need / 2**30:.2f} GiB, "
-          f"over the {budget:.2f} GiB RAM budget; caching on disk")
+             f"over the {budget:.2f} GiB RAM budget; caching on disk")
     return "disk"
 
 
