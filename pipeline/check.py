@@ -3,26 +3,20 @@
 Parses the config and calls pipeline.data.checks.check; exits 1 when there is any fault.
 """
 
-import logging
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.data.checks import check
+from pipeline.data.checks import check, log_report
 from pipeline.errors import exit_on_input_error
-
-log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @exit_on_input_error
 def main(cfg: DictConfig) -> None:
     report = check(cfg)
-    for fault in report["faults"]:
-        log.error(fault)
-    log.info(f"{cfg.data.root}: {report['cases']} cases, {len(report['faults'])} faults, "
-             f"{len(report['empty'])} empty labels (allowed)")
+    log_report(cfg.data.root, report)
     if report["faults"]:
         sys.exit(1)
 

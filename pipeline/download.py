@@ -3,18 +3,15 @@
 Parses the config, calls pipeline.data.download.fetch, then checks the dataset as training would (pipeline.check).
 """
 
-import logging
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import compose
-from pipeline.data.checks import check
+from pipeline.data.checks import check, log_report
 from pipeline.data.download import fetch
 from pipeline.errors import exit_on_input_error
-
-log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path="../conf", config_name="download", version_base="1.3")
@@ -23,10 +20,7 @@ def main(cfg: DictConfig) -> None:
     root = fetch(cfg.task, cfg.root, cfg.url, cfg.md5)
     if cfg.check:
         report = check(compose("train", ["data=msd", f"data.root={root}"]), progress=True)
-        for fault in report["faults"]:
-            log.error(fault)
-        log.info(f"{root}: {report['cases']} cases, {len(report['faults'])} faults; "
-                 f"train with: make train data=msd data.root={root}")
+        log_report(root, report, then=f"; train with: make train data=msd data.root={root}")
         if report["faults"]:
             sys.exit(1)
 

@@ -48,13 +48,18 @@ def test_sitk_formats_round_trip_in_their_own_format(ext, threshold_ckpt, tmp_pa
     np.testing.assert_array_equal(sitk.GetArrayFromImage(pred), (values > values.mean()).astype(np.uint8))
 
 
+def shuffled_copy(study, folder, seed: int = 0):
+    """The series' files copied under random names: file names no longer follow slice order."""
+    folder.mkdir()
+    files = sorted(p for p in study.rglob("*") if p.is_file())
+    for i, f in zip(np.random.default_rng(seed).permutation(len(files)), files):
+        shutil.copy(f, folder / f"{i:04d}.dcm")
+    return folder
+
+
 def test_dicom_series_is_read_by_slice_position_not_file_name(threshold_ckpt, tmp_path):
     study = shared_dataset("dicom_hippocampus_crops") / "Study1"
-    shuffled = tmp_path / "shuffled"
-    shuffled.mkdir()
-    files = sorted(p for p in study.rglob("*") if p.is_file())
-    for i, f in zip(np.random.default_rng(0).permutation(len(files)), files):
-        shutil.copy(f, shuffled / f"{i:04d}.dcm")  # file names no longer follow slice order
+    shuffled = shuffled_copy(study, tmp_path / "shuffled")
     ckpt = threshold_ckpt()
     [a] = infer(ckpt, study, tmp_path / "a", amp=False)["written"]
     [b] = infer(ckpt, shuffled, tmp_path / "b", amp=False)["written"]
@@ -183,11 +188,8 @@ def test_a_dicom_series_gets_a_dicom_seg_that_matches_its_nifti_and_its_slices(t
     from pipeline.dicomseg import source_slices
 
     study = shared_dataset("dicom_hippocampus_crops") / "Study1"
-    shuffled = tmp_path / "shuffled"
-    shuffled.mkdir()
+    shuffled = shuffled_copy(study, tmp_path / "shuffled", seed=1)
     files = sorted(p for p in study.rglob("*") if p.is_file())
-    for i, f in zip(np.random.default_rng(1).permutation(len(files)), files):
-        shutil.copy(f, shuffled / f"{i:04d}.dcm")
     ckpt = threshold_ckpt()
     [nifti] = infer(ckpt, study, tmp_path / "a", amp=False, format="dicom-seg")["written"]
     seg_path = nifti.with_name("Study1.seg.dcm")

@@ -92,3 +92,11 @@ def check(cfg: DictConfig, *, progress: bool = True) -> dict:
     except InputError as err:
         faults.append(f"{root}: {err}")
     return {"cases": len(dataset.cases), "faults": faults, "empty": empty}
+
+
+def log_report(root, report: dict, then: str = "") -> None:
+    """check()'s faults, one `error:` line each, and a summary line (with `then`: what to do next)."""
+    for fault in report["faults"]:
+        log.error(fault)
+    log.info(f"{root}: {report['cases']} cases, {len(report['faults'])} faults, {len(report['empty'])} empty labels "
+             f"(allowed){then}")
