@@ -5,15 +5,13 @@ Parses the config and calls pipeline.data.checks.check; exits 1 when there is an
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
+from pipeline.config import entry_point
 from pipeline.data.checks import check, log_report
-from pipeline.errors import exit_on_input_error
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-@exit_on_input_error
+@entry_point("train")
 def main(cfg: DictConfig) -> None:
     report = check(cfg)
     log_report(cfg.data.root, report)

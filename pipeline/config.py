@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import hydra
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -24,6 +25,17 @@ def option(group: str, name: str) -> DictConfig:
     """One option of a config group exactly as `group=name` composes it, e.g. option("transforms/normalize", "ct"),
     from inside a Hydra app (its config search path) or outside one (the project's conf/)."""
     return OmegaConf.select(compose("train", [f"{group}={name}"]), group.replace("/", "."))
+
+
+def entry_point(config_name: str):
+    """`python -m pipeline.<name>`: Hydra composes conf/<config_name>.yaml with the command line's overrides, and
+    errors stop it in one line (errors.exit_on_input_error)."""
+    from pipeline.errors import exit_on_input_error
+
+    def decorate(main):
+        return hydra.main(config_path="../conf", config_name=config_name, version_base="1.3")(exit_on_input_error(main))
+
+    return decorate
 
 
 def shared_data() -> Path:

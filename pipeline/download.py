@@ -5,17 +5,14 @@ Parses the config, calls pipeline.data.download.fetch, then checks the dataset a
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import compose
+from pipeline.config import compose, entry_point
 from pipeline.data.checks import check, log_report
 from pipeline.data.download import fetch
-from pipeline.errors import exit_on_input_error
 
 
-@hydra.main(config_path="../conf", config_name="download", version_base="1.3")
-@exit_on_input_error
+@entry_point("download")
 def main(cfg: DictConfig) -> None:
     root = fetch(cfg.task, cfg.root, cfg.url, cfg.md5)
     if cfg.check:

@@ -6,15 +6,13 @@
 Parses the config and calls pipeline.evaluation.evaluate.
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.errors import exit_on_input_error
+from pipeline.config import entry_point
 from pipeline.evaluation import evaluate
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
-@exit_on_input_error
+@entry_point("evaluate")
 def main(cfg: DictConfig) -> float:
     return evaluate(cfg)["mean"]["dice"]
 

@@ -5,17 +5,15 @@ Parses the config and calls pipeline.models.export.export.
 
 import logging
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.errors import exit_on_input_error
+from pipeline.config import entry_point
 from pipeline.models.export import export
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
-@exit_on_input_error
+@entry_point("export")
 def main(cfg: DictConfig) -> None:
     log.info(f"wrote {export(cfg.ckpt, cfg.format, cfg.output)}")
 

@@ -7,17 +7,15 @@ import logging
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.errors import exit_on_input_error
+from pipeline.config import entry_point
 from pipeline.inference import PredictOptions, infer
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(config_path="../conf", config_name="infer", version_base="1.3")
-@exit_on_input_error
+@entry_point("infer")
 def main(cfg: DictConfig) -> None:
     report = infer(cfg.ckpt, cfg.input, cfg.output, PredictOptions.from_config(cfg), format=cfg.format,
                    overwrite=cfg.overwrite, save_probabilities=cfg.save_probabilities)

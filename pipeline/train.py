@@ -3,15 +3,13 @@
 Parses the config and calls pipeline.training.train.
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.errors import exit_on_input_error
+from pipeline.config import entry_point
 from pipeline.training import train
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-@exit_on_input_error
+@entry_point("train")
 def main(cfg: DictConfig) -> float:
     # The return value is what Hydra sweepers (e.g. Optuna) optimise.
     return train(cfg)["best"]["val_dice_mean"]

@@ -26,15 +26,24 @@ class Dataset:
     cases: list[dict]  # {"image": abs path, "label": abs path}
 
 
+def dataset_json(root: Path, layout: str, kind: str) -> tuple[Path, dict | None, list[str]]:
+    """(`<root>/dataset.json`, its content or None, the fault that stops reading it)."""
+    spec = root / "dataset.json"
+    if not spec.is_file():
+        return spec, None, [f"{spec}: not found; data.root must be {layout} (dataset.json, imagesTr/, labelsTr/)"]
+    try:
+        return spec, json.loads(spec.read_text()), []
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return spec, None, [f"{spec}: not a valid {kind} dataset.json ({type(err).__name__}: {err})"]
+
+
 def msd_problems(root: str | Path) -> tuple[Dataset | None, list[str]]:
     """Parse `<root>/dataset.json`; every structural fault found, each `file: problem` (see `pipeline.check`)."""
     root = Path(root)
-    spec = root / "dataset.json"
-    if not spec.is_file():
-        return None, [f"{spec}: not found; data.root must be a folder in MSD layout "
-                      f"(dataset.json, imagesTr/, labelsTr/)"]
+    spec, meta, problems = dataset_json(root, "a folder in MSD layout", "MSD")
+    if meta is None:
+        return None, problems
     try:
-        meta = json.loads(spec.read_text())
         labels = {int(k): str(v) for k, v in meta["labels"].items()}
         modalities = [str(v) for _, v in sorted(meta["modality"].items(), key=lambda kv: int(kv[0]))]
         entries = [(str(c["image"]), str(c["label"])) for c in meta["training"]]
@@ -102,12 +111,10 @@ def nnunet_problems(root: str | Path, converted: str | Path) -> tuple[Dataset | 
     .nrrd/.mha ending gets a NIfTI copy under `converted` (made once, reused while newer than its sources);
     the dataset itself is never written to."""
     root = Path(root)
-    spec = root / "dataset.json"
-    if not spec.is_file():
-        return None, [f"{spec}: not found; data.root must be an nnU-Net v2 raw dataset "
-                      f"(dataset.json, imagesTr/, labelsTr/)"]
+    spec, meta, problems = dataset_json(root, "an nnU-Net v2 raw dataset", "nnU-Net v2")
+    if meta is None:
+        return None, problems
     try:
-        meta = json.loads(spec.read_text())
         channels = [str(v) for _, v in sorted(meta["channel_names"].items(), key=lambda kv: int(kv[0]))]
         raw_labels, ending, declared = dict(meta["labels"]), str(meta["file_ending"]), int(meta["numTraining"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
