@@ -229,7 +229,9 @@ def train_epoch(net, job: Job, loss_fn, trainer: DictConfig, state: TrainState) 
 
 def stopping(job: Job) -> int | None:
     """The signal that asks the run to stop (under DDP any rank's, so all ranks stop at the same step), or None."""
-    requested = job.interrupts.signal if job.interrupts is not None else None
+    if job.interrupts is None:  # nothing listens (benchmarks, notebooks): no collective on every step
+        return None
+    requested = job.interrupts.signal
     if distributed.active():
         return int(distributed.maximum(float(requested or 0))) or None
     return requested
