@@ -1,16 +1,23 @@
 """What happens after a training epoch besides training, as small hooks `engine.fit` calls in order (Lightning's
 callbacks, in plain torch). `from_config` turns them on from the trainer config; a new one needs no edit to fit."""
 
+import logging
 
 import nibabel as nib
 from omegaconf import DictConfig
 
 from pipeline import checkpoint, distributed, plots
 from pipeline.engine import Job, TrainState, predict
+from pipeline.files import free_bytes, megabytes
 from pipeline.io import ras_spacing
+
+log = logging.getLogger(__name__)
 
 
 class Callback:
+    def on_fit_start(self, job: Job, state: TrainState) -> None:
+        """Before the first epoch (of this process: after a resume, state.epoch is the last one done)."""
+
     def on_epoch_end(self, job: Job, state: TrainState, metrics: dict) -> None:
         """After the epoch's training, validation (`metrics` holds val_* then), scheduler step and logging."""
 
@@ -20,7 +27,22 @@ class Callback:
 
 class Checkpoints(Callback):
     """best.pt (weights + config: what inference needs) when validation improved; last.pt (everything a resume
-    needs: the TrainState, optimizer and scheduler too) every epoch. Written atomically, by rank 0 alone."""
+    needs: the TrainState, optimizer and scheduler too) every epoch. Written atomically, by rank 0 alone. Warns once
+    when the disk cannot hold the next last.pt (the temporary copy is written beside the current one)."""
+
+    def __init__(self):
+        self.warned = False
+
+    def on_fit_start(self, job: Job, state: TrainState) -> None:
+        # before any save: the weights plus two optimizer moments a parameter (Adam's; SGD keeps one)
+        self.warn_if_short(job, 3 * sum(p.numel() * p.element_size() for p in job.model.parameters()))
+
+    def warn_if_short(self, job: Job, need: int) -> None:
+        if self.warned or not distributed.is_main() or (free := free_bytes(job.run_dir.checkpoints)) >= need:
+            return
+        self.warned = True
+        log.warning(f"{job.run_dir.checkpoints}: {megabytes(free)} free, less than one last.pt needs "
+                    f"({megabytes(need)}); free some space or set hydra.run.dir to another disk")
 
     def on_epoch_end(self, job: Job, state: TrainState, metrics: dict) -> None:
         common = {"run_id": job.tracker.run_id, "precision": job.precision.record()}
@@ -31,6 +53,7 @@ class Checkpoints(Callback):
             scheduler = job.scheduler.state_dict() if job.scheduler else None
             checkpoint.save(job.run_dir.last, job.model, job.config, optimizer=job.optimizer.state_dict(),
                             scheduler=scheduler, **common, **saved)
+            self.warn_if_short(job, job.run_dir.last.stat().st_size)
 
     def on_interrupt(self, job: Job, state: TrainState) -> None:
         self.on_epoch_end(job, state, {})  # last.pt only: state.improved is False mid-epoch

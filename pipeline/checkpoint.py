@@ -6,16 +6,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, first_line
 from pipeline.files import atomic
 
 
 def save(path: str | Path, model: torch.nn.Module, config: dict, **extra) -> Path:
-    """Write atomically (temp file + rename): an interrupted save never leaves a half-written checkpoint."""
+    """Write atomically (temp file + rename): an interrupted or refused save (files.StorageError) never leaves a
+    half-written checkpoint."""
     module = getattr(model, "module", model)  # unwrap DDP / torch.compile wrappers
     module = getattr(module, "_orig_mod", module)
-    with atomic(path) as tmp:
-        torch.save({"state_dict": module.state_dict(), "config": config, **extra}, tmp)
+    # Through a file object: a full disk is then an OSError (ENOSPC), not torch's "unexpected pos" RuntimeError.
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"state_dict": module.state_dict(), "config": config, **extra}, f)
     return Path(path)
 
 
@@ -27,7 +29,21 @@ def read(path: str | Path, what: str = "checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise InputError(f"{path}: not a readable {what} ({type(err).__name__})") from None
+        raise InputError(f"{path}: not a readable {what}: {unreadable(path, err)}") from None
+
+
+def unreadable(path: Path, err: Exception) -> str:
+    """What is wrong with a file torch.load refused, in a few words."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if "unsupported global" in str(err).lower():  # weights_only=True met a class or function: code it would run
+        return "it holds Python objects that could run code, which weights_only=True refuses to load"
+    if "Weights only load failed" in str(err):
+        return "not a PyTorch checkpoint (its pickle data does not parse)"
+    if "central directory" in str(err) or isinstance(err, EOFError):
+        return f"truncated or corrupt ({size} bytes; an interrupted copy or a full disk?)"
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def load(path: str | Path) -> dict:

@@ -200,7 +200,7 @@ def train_epoch(net, job: Job, loss_fn, trainer: DictConfig, state: TrainState) 
             with distributed.local_gradients(net, not stepping):
                 loss = batch_loss(net, batch, loss_fn, job.device, job.precision.dtype)
                 if not torch.isfinite(loss):
-                    last = job.run_dir.last if job.run_dir and job.run_dir.last.is_file() else "none yet"
+                    last = (job.run_dir and job.run_dir.last_good()) or "none yet"
                     raise RunStopped(f"epoch {state.epoch} step {i}: the training loss is {loss.item()}; last good "
                                      f"checkpoint: {last}; lower optimizer.lr, set trainer.grad_clip (e.g. 1.0) "
                                      "or trainer.amp=false")
@@ -283,6 +283,8 @@ def fit(trainer: DictConfig, job: Job, callbacks: Sequence = (), resume: dict | 
     # Several outputs (deep supervision): MONAI weighs their losses 1, 1/2, 1/4, ... against a resized label.
     loss_fn = DeepSupervisionLoss(job.loss_fn, weight_mode="exp")
     min_delta = (trainer.get("early_stopping") or {}).get("min_delta", 0.0)
+    for callback in callbacks:
+        callback.on_fit_start(job, state)
     with tqdm(desc="epochs", unit="epoch", initial=state.epoch, total=state.end,
               disable=not distributed.is_main()) as bar:
         while state.epoch < state.end:

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from pipeline import checkpoint, engine, hardware
 from pipeline.data.transforms import preprocess, preprocessing_config
-from pipeline.errors import InputError
-from pipeline.files import atomic
+from pipeline.errors import InputError, RunStopped
+from pipeline.files import StorageError, atomic
+from pipeline.interrupts import Interrupts
 from pipeline.io import Reference, Volume, find_inputs, label_dtype
 from pipeline.models.export import OnnxRuntimeModel, OpenVinoModel, build_model, export_model
 from pipeline.rundir import RunDir
@@ -249,10 +250,15 @@ def infer(ckpt, input, output, options: PredictOptions | None = None, *, format:
     bundles = {p: checkpoint.load(p) for p in checkpoints(ckpt)}
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"written": [], "skipped": [], "failed": {}}
-    with tempfile.TemporaryDirectory(prefix="pipeline-infer-") as tmp:
+    # Ctrl-C / SIGTERM stop between volumes: every label map on disk is whole, and a re-run skips them.
+    with tempfile.TemporaryDirectory(prefix="pipeline-infer-") as tmp, Interrupts() as interrupts:
         predictor = Predictor(bundles, options)
         log.info(f"{predictor.precision}; backend {predictor.backend}")
-        for volume in tqdm(volumes, desc="infer", unit="volume"):
+        for done, volume in enumerate(tqdm(volumes, desc="infer", unit="volume")):
+            if interrupts.signal:
+                raise RunStopped(f"interrupted after {done} of {len(volumes)} volumes ({len(report['written'])} "
+                                 f"written to {out_dir}); a re-run skips them", code=128 + interrupts.signal,
+                                 prefix="")
             target = out_dir / volume.output_name(format if format == "input" else "nifti")
             if target.exists() and not overwrite:
                 report["skipped"].append(target)
@@ -264,6 +270,9 @@ def infer(ckpt, input, output, options: PredictOptions | None = None, *, format:
             except InputError as err:  # one bad file must not stop a folder run
                 report["failed"][volume.path] = str(err)
                 log.error(str(err))
+            except StorageError as err:  # a full or read-only disk stops them all
+                raise StorageError(f"{err}; {len(report['written'])} volumes written before it (a re-run skips "
+                                   "them)") from err
     return report
 
 

@@ -49,6 +49,10 @@ def _root_prints() -> bool:
                for h in logging.getLogger().handlers)
 
 
+# A log file on a full or read-only disk must not print a traceback for every record (logging's default, meant for
+# development): the write that matters fails as one StorageError line instead (pipeline/files.py).
+logging.raiseExceptions = False
+
 _pipeline = logging.getLogger("pipeline")
 _pipeline.setLevel(logging.INFO)
 if not any(isinstance(h, Console) for h in _pipeline.handlers):

@@ -21,6 +21,10 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
 
+    def last_good(self) -> Path | None:
+        """The checkpoint a failed run can go on from: last.pt, else best.pt (written atomically: whole or absent)."""
+        return next((p for p in (self.last, self.best) if p.is_file()), None)
+
     @classmethod
     def of(cls, ckpt: str | Path) -> "RunDir":
         """The run a checkpoint in its checkpoints/ folder belongs to."""
@@ -33,7 +37,6 @@ class RunDir:
         return sorted(runs, key=lambda run: run.root.name)
 
     @staticmethod
-    def newest_last(runs: str | Path) -> Path | None:
-        """The most recently written last.pt of the runs in `runs` (outputs/runs/train), or None."""
-        found = sorted(Path(runs).glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
-        return found[-1] if found else None
+    def lasts(runs: str | Path) -> list[Path]:
+        """The last.pt files of the runs in `runs` (outputs/runs/train), the most recently written first."""
+        return sorted(Path(runs).glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True)

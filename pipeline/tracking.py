@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline import project_root
 from pipeline.errors import InputError
+from pipeline.files import appending
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,7 @@ class NullTracker:
         """One JSON line per call in <local_dir>/metrics.jsonl; the console gets the engine's validation line."""
         if self.local_dir is None:
             return
-        path = Path(self.local_dir) / "metrics.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
+        with appending(Path(self.local_dir) / "metrics.jsonl") as f:
             f.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}, default=float) + "\n")
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
@@ -82,7 +81,7 @@ class NullTracker:
         """No registry."""
         return None
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """Nothing to close."""
 
 
@@ -229,10 +228,14 @@ class MLflowTracker(NullTracker):
         log.info(f"registered {checkpoint} as {uri} (infer with ckpt={uri})")
         return uri
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """End the run as FINISHED, FAILED or KILLED; `reason` (the one line the user saw) becomes the tag
+        `stop_reason`."""
         if not self._live():
             return
         try:
+            if reason:
+                self.client.set_tag(self.run_id, "stop_reason", reason[:5000])  # MLflow's tag value limit
             self.client.set_terminated(self.run_id, status)
         except tracking_errors() as err:
             self._fail("finish", err)

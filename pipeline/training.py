@@ -20,7 +20,8 @@ from pipeline.data.checks import check
 from pipeline.data.fingerprint import cache_key
 from pipeline.data.sources import case_id, ensure_demo_data
 from pipeline.data.transforms import loaders
-from pipeline.errors import InputError, RunStopped, faults_error
+from pipeline.errors import InputError, RunStopped, faults_error, first_line
+from pipeline.files import StorageError, atomic
 from pipeline.interrupts import Interrupts
 from pipeline.models.adapters import ValidNetwork
 from pipeline.models.weights import initialise
@@ -40,8 +41,8 @@ def run_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) 
 def save_splits(splits: dict[str, list[dict]], run_dir: str | Path) -> Path:
     """splits.json: case ids per split, so a run's test set can be re-scored later."""
     path = RunDir(run_dir).splits
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: [case_id(c) for c in v] for k, v in splits.items()}, indent=1))
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps({k: [case_id(c) for c in v] for k, v in splits.items()}, indent=1))
     return path
 
 
@@ -88,19 +89,29 @@ def setup(cfg: DictConfig) -> engine.Job:
     )
 
 
-def resume_from(cfg: DictConfig) -> Path | None:
-    """`resume=true`: the newest last.pt under outputs/runs; `resume=<path>`: that last.pt or run folder."""
+def resume_from(cfg: DictConfig) -> tuple[Path, dict] | None:
+    """The last.pt to continue and its content. `resume=<path>`: that last.pt or run folder; `resume=true`: the
+    newest readable last.pt under outputs/runs/train (a newer one that is truncated or corrupt is named and skipped)."""
     resume = cfg.get("resume")
     if resume in (None, False):
         return None
     if resume is True:
-        if (found := RunDir.newest_last(Path(cfg.paths.outputs) / "runs" / "train")) is None:
-            raise InputError(f"{cfg.paths.outputs}/runs/train: no run with a last.pt to resume")
-        return found
+        runs, skipped = Path(cfg.paths.outputs) / "runs" / "train", []
+        for path in RunDir.lasts(runs):
+            try:
+                state = checkpoint.load(path)
+            except InputError as err:
+                skipped.append(str(err))
+                continue
+            if skipped:
+                log.warning(f"resume=true: skipped {'; '.join(skipped)}; resuming {path} instead")
+            return path, state
+        raise InputError(f"{runs}: no run with a readable last.pt to resume" + (f" ({'; '.join(skipped)})"
+                                                                                if skipped else ""))
     path = Path(resume)
     for candidate in (path, RunDir(path).last, path / "last.pt"):
         if candidate.is_file():
-            return candidate
+            return candidate, checkpoint.load(candidate)
     raise InputError(f"{path}: no last.pt to resume from")
 
 
@@ -128,8 +139,8 @@ def train(cfg: DictConfig) -> dict:
     with trainer=ddp each process runs this as one rank of a DistributedDataParallel run (see conf/trainer/ddp.yaml).
     """
     state = None
-    if (path := resume_from(cfg)) is not None:
-        state = checkpoint.load(path)
+    if (found := resume_from(cfg)) is not None:
+        path, state = found
         if "optimizer" not in state:
             raise InputError(f"{path}: holds no optimizer state (a best.pt?); resume from last.pt")
         cfg = OmegaConf.create(state["config"])
@@ -161,7 +172,7 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     log.info(f"{name}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test cases "
              f"from {cfg.data.root} on {job.device}{ranks}")
     log.info(job.precision)
-    status, start = "FAILED", time.perf_counter()
+    status, reason, start = "FAILED", None, time.perf_counter()
     try:
         with Interrupts() as job.interrupts:  # SIGINT/SIGTERM: stop at the next step, save, say how to continue
             result = engine.fit(cfg.trainer, job, callbacks.from_config(cfg.trainer), resume=state)
@@ -177,8 +188,14 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
         # tracking.register=true: the best checkpoint becomes a version of the registered model (None otherwise)
         result["model_uri"] = tracker.register(run_dir.best)
         status = "FINISHED"
+    except StorageError as err:  # the disk, not the run: say which checkpoint survived it
+        reason = f"{err}; last good checkpoint: {run_dir.last_good() or 'none yet'}"
+        raise StorageError(reason) from err
+    except BaseException as err:
+        reason = first_line(err)
+        raise
     finally:
-        tracker.finish(status)
+        tracker.finish(status, reason)
     minutes = (time.perf_counter() - start) / 60
     log.info(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
              f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {run_dir.checkpoints}")

@@ -1,6 +1,8 @@
 """Inference lands on the input's exact grid, whatever its orientation, and never overwrites its input."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint, project_root
-from pipeline.errors import InputError
+from pipeline.errors import InputError, RunStopped
 from pipeline.inference import Predictor, infer
 from pipeline.training import train
 from tests.conftest import hippocampus_subset, tiny_config
@@ -130,3 +132,31 @@ def test_hippocampus_checkpoint_predicts_on_the_input_grid(tmp_path):
     pred, ref = nib.load(out), nib.load(image)
     assert pred.shape == ref.shape
     np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-6)
+
+
+def test_an_interrupted_folder_run_says_how_many_it_wrote_and_a_rerun_skips_them(threshold_ckpt, tmp_path,
+                                                                                  monkeypatch):
+    """A real SIGINT to this process after the second volume: the run stops before the third."""
+    from pipeline import inference
+
+    ckpt, images, out = threshold_ckpt(), tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for i in range(5):
+        write_volume(images / f"case{i}.nii.gz", seed=i)
+    predict_one, written = inference.predict_one, []
+
+    def predict_then_interrupt(*args, **kwargs):
+        predict_one(*args, **kwargs)
+        written.append(args[1])
+        if len(written) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(inference, "predict_one", predict_then_interrupt)
+    with pytest.raises(RunStopped) as stop:
+        infer(ckpt, images, out)
+    assert stop.value.code == 130
+    assert str(stop.value) == f"interrupted after 2 of 5 volumes (2 written to {out}); a re-run skips them"
+    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case1.nii.gz"]  # whole files, no temp ones
+    monkeypatch.undo()
+    report = infer(ckpt, images, out)
+    assert [p.name for p in report["skipped"]] == ["case0.nii.gz", "case1.nii.gz"] and len(report["written"]) == 3

@@ -1,7 +1,6 @@
 """Crashes lose nothing: SIGKILL then resume equals an unbroken run; seeds reproduce; checkpoints cannot run code."""
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -77,9 +76,9 @@ def test_a_malicious_pickle_checkpoint_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     Exploit.marker = marker
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"state_dict": {}, "config": Exploit()}, f)
-    with pytest.raises(InputError, match="evil.pt: not a readable checkpoint"):
+    torch.save({"state_dict": {}, "config": Exploit()}, path)  # torch.save pickles whatever it is given
+    with pytest.raises(InputError, match="evil.pt: not a readable checkpoint: it holds Python objects that could run "
+                                         "code, which weights_only=True refuses to load"):
         checkpoint.load(path)
     assert not marker.exists()
 
@@ -144,3 +143,39 @@ def test_a_nan_loss_stops_with_one_line_naming_the_step_the_checkpoint_and_the_s
     assert message.endswith("lower optimizer.lr, set trainer.grad_clip (e.g. 1.0) or trainer.amp=false")
     named = message.split("last good checkpoint: ")[1].split(";")[0]
     assert named == "none yet" or checkpoint.load(named)["epoch"] >= 1  # what it names loads
+
+
+def truncate(path, keep: float = 0.5) -> int:
+    """Cut a file as an interrupted copy would; returns the bytes left."""
+    data = path.read_bytes()[: int(path.stat().st_size * keep)]
+    path.write_bytes(data)
+    return len(data)
+
+
+def test_a_truncated_last_pt_given_to_resume_is_one_line_naming_the_file(tmp_path):
+    last = checkpoint.save(tmp_path / "run" / "checkpoints" / "last.pt", torch.nn.Linear(100, 2), {}, optimizer={})
+    size = truncate(last)
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", f"resume={tmp_path / 'run'}"], cwd=project_root(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"error: {last}: not a readable checkpoint: truncated or corrupt "
+                                                    f"({size} bytes; an interrupted copy or a full disk?)")
+
+
+def test_resume_true_skips_a_newer_unreadable_last_pt_and_says_which_it_took(tmp_path, caplog):
+    from pipeline.training import resume_from
+
+    runs = tmp_path / "outputs" / "runs" / "train"
+    good = checkpoint.save(runs / "2026-01-01_10-00-00" / "checkpoints" / "last.pt", torch.nn.Linear(4, 2),
+                           {"epoch": 3}, optimizer={})
+    empty = runs / "2026-01-02_10-00-00" / "checkpoints" / "last.pt"
+    empty.parent.mkdir(parents=True)
+    empty.write_bytes(b"")
+    os.utime(good, (time.time() - 60, time.time() - 60))  # the empty one is the newest
+    path, state = resume_from(OmegaConf.create({"resume": True, "paths": {"outputs": str(tmp_path / "outputs")}}))
+    assert path == good and state["config"] == {"epoch": 3}
+    assert caplog.messages[-1] == (f"resume=true: skipped {empty}: not a readable checkpoint: the file is empty; "
+                                   f"resuming {good} instead")
+    good.unlink()
+    with pytest.raises(InputError, match=rf"^{runs}: no run with a readable last.pt to resume \({empty}: not a "):
+        resume_from(OmegaConf.create({"resume": True, "paths": {"outputs": str(tmp_path / "outputs")}}))

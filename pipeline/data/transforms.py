@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import distributed
 from pipeline.errors import InputError
+from pipeline.files import StorageError, free_bytes, megabytes
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,7 @@ def cache_mode(cfg: DictConfig, cases: list[dict]) -> str:
     mode = cfg.data.cache
     if mode not in ("auto", "memory"):
         return mode
-    # float32 image channels + label, from the headers only (no voxel data is read)
-    need = sum(4 * (cfg.data.in_channels + 1) * _voxels(c["image"]) for c in cases)
+    need = cache_bytes(cfg, cases)
     budget = cfg.data.get("cache_ram_gb") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / 2**30
     budget /= distributed.local_world_size()
     if need <= budget * 2**30:
@@ -77,6 +77,12 @@ def cache_mode(cfg: DictConfig, cases: list[dict]) -> str:
     log.info(f"data.cache: the cache needs about {need / 2**30:.2f} GiB, "
              f"over the {budget:.2f} GiB RAM budget; caching on disk")
     return "disk"
+
+
+def cache_bytes(cfg: DictConfig, cases: list[dict]) -> int:
+    """About what the preprocessed cases take: float32 image channels + label, from the headers only (no voxel data
+    is read)."""
+    return sum(4 * (cfg.data.in_channels + 1) * _voxels(c["image"]) for c in cases)
 
 
 def _voxels(path: str) -> int:
@@ -91,7 +97,14 @@ def dataset(cfg: DictConfig, cases: list[dict], transform: Compose, mode: str):
     if mode == "disk":
         # The cache folder is keyed by the preprocessing config, so a changed pipeline never reads stale tensors.
         key = hashlib.sha1(json.dumps(preprocessing_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
-        return PersistentDataset(cases, transform, cache_dir=Path(cfg.paths.outputs) / "cache" / key)
+        folder = Path(cfg.paths.outputs) / "cache" / key
+        # MONAI fills the cache inside the loader's workers, where a full disk surfaces as a worker traceback: check
+        # the room first (cases already cached need none).
+        filled = folder.is_dir() and any(folder.iterdir())  # an earlier run's cache needs no more room
+        if not filled and free_bytes(folder) < (need := cache_bytes(cfg, cases)):
+            raise StorageError.at(folder, f"the disk cache needs about {megabytes(need)} (set data.cache=none, or "
+                                          "paths.outputs= on another disk)")
+        return PersistentDataset(cases, transform, cache_dir=folder)
     if mode == "none":
         return Dataset(cases, transform)
     raise InputError(f"data.cache={mode}: must be auto, memory, disk or none")
