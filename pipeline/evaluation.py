@@ -77,11 +77,14 @@ def match(pred: Path, truth: Path, images: Path | None) -> tuple[list[Case], lis
         known = {cid: (p, None) for cid, p in label_files(truth).items()}
     else:
         raise InputError(f"{truth}: truth must be a folder of label maps or an MSD dataset.json")
+    if images is not None and not Path(images).is_dir():
+        raise InputError(f"{images}: images must be a folder")
+    if images is None and truth.is_dir():  # MSD's and nnU-Net's layout: labelsTr/ beside imagesTr/
+        beside = truth.with_name(truth.name.replace("labels", "images"))
+        images = beside if beside != truth and beside.is_dir() else None
     image_files = {}
-    if images is not None:
-        if not Path(images).is_dir():
-            raise InputError(f"{images}: images must be a folder")
-        image_files = {v.stem: v.channels[0] if v.channels else v.path for v in
+    if images is not None:  # <case>.nii.gz, or nnU-Net's first channel <case>_0000.nii.gz
+        image_files = {v.stem.removesuffix("_0000"): v.channels[0] if v.channels else v.path for v in
                        (Volume(p) for p in sorted(Path(images).iterdir()) if p.name.endswith(NIFTI + SITK))}
     cases = []
     for cid, p in predicted.items():

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from pipeline.files import atomic
 
-OVERLAY_SIZE = (900, 960)  # pixels (width, height) of every overlay PNG: 3x3 panels and a legend row
+OVERLAY_SIZE = (900, 960)  # pixels (width, height) of an overlay PNG: 3x3 panels and a legend row (600 wide without an image)
 CLASS_COLOURS = colormaps["tab10"].colors
 
 
@@ -28,7 +28,8 @@ def largest_structure_centre(labels: np.ndarray) -> tuple[int, int, int]:
 def overlay(image: np.ndarray | None, truth: np.ndarray, pred: np.ndarray, spacing, class_names: list[str], path: Path,
             title: str = "") -> Path:
     """Three orthogonal slices (axial, coronal, sagittal) through the largest true structure, as rows; input, truth
-    and prediction side by side as columns, with a legend of class colours. Arrays are (x, y, z) in RAS order."""
+    and prediction side by side as columns (truth and prediction alone, on black, without an image), with a legend
+    of class colours. Arrays are (x, y, z) in RAS order."""
     centre = largest_structure_centre(truth if truth.any() else pred)
     sx, sy, sz = (float(s) for s in spacing)
     # (name, slicer, pixel aspect): x across and y up for axial; x or y across and z up for coronal and sagittal
@@ -37,10 +38,12 @@ def overlay(image: np.ndarray | None, truth: np.ndarray, pred: np.ndarray, spaci
     k = len(class_names)
     colours = ListedColormap([(0, 0, 0, 0), *[(*CLASS_COLOURS[(c - 1) % 10], 0.55) for c in range(1, k)]])
     lo, hi = np.percentile(image, (1, 99)) if image is not None else (0, 1)
-    fig = Figure(figsize=(OVERLAY_SIZE[0] / 100, OVERLAY_SIZE[1] / 100), dpi=100)
-    axes = fig.subplots(3, 3)
+    columns = [*([("input", None)] if image is not None else []), ("truth", truth), ("prediction", pred)]
+    width = OVERLAY_SIZE[0] * len(columns) // 3
+    fig = Figure(figsize=(width / 100, OVERLAY_SIZE[1] / 100), dpi=100)
+    axes = fig.subplots(3, len(columns))
     for row, (view, cut, aspect) in enumerate(views):
-        for col, (heading, labels) in enumerate((("input", None), ("truth", truth), ("prediction", pred))):
+        for col, (heading, labels) in enumerate(columns):
             ax = axes[row, col]
             background = cut(image) if image is not None else np.zeros_like(cut(truth), dtype=float)
             ax.imshow(background.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect,

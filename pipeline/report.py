@@ -3,7 +3,6 @@ server."""
 
 import base64
 import html
-import json
 import math
 from pathlib import Path
 
@@ -31,7 +30,7 @@ body { font: 14px system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; } \
 td, th { padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; }
 th { background: #f4f4f4; } #cases th { cursor: pointer; } td:first-child, th:first-child { text-align: left; }
-img { max-width: 100%; } figure { display: inline-block; margin: 0 1em 1em 0; } .note { color: #666; max-width: 60em; }
+#source th, #source td { text-align: left; } img { max-width: 100%; } figure { display: inline-block; margin: 0 1em 1em 0; } .note { color: #666; max-width: 60em; }
 """
 
 
@@ -39,6 +38,10 @@ def _cell(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _listed(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _image(path: Path, caption: str) -> str:
@@ -61,12 +64,14 @@ def write(path: Path, rows: list[dict], summary: dict, source: dict, overlays: d
     case_rows = "".join("<tr>" + "".join(f"<td>{_cell(r[c])}</td>" for c in columns) + "</tr>" for r in rows)
     empty = ", ".join(f"{c}: truth {e['truth']}, prediction {e['pred']}, both {e['both']}"
                       for c, e in summary["empty"].items())
+    sources = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_listed(v))}</td></tr>" for k, v in source.items()
+                      if k != "name")
     pictures = "".join(_image(p, f"{case} (mean Dice {score:.3f})") for case, (p, score) in overlays.items())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Evaluation: {html.escape(source.get('name', ''))}</title>
 <style>{STYLE}</style><script>{SCRIPT}</script></head><body>
 <h1>Evaluation: {html.escape(source.get('name', ''))}</h1>
-<pre>{html.escape(json.dumps(source, indent=1, default=str))}</pre>
+<table id="source"><tbody>{sources}</tbody></table>
 <h2>Summary over {summary['cases']} cases</h2>
 <table id="summary"><thead><tr><th>metric</th>{''.join(f'<th>{html.escape(c)}</th>' for c in classes)}\
 <th>mean over classes</th></tr></thead>

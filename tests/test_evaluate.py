@@ -241,3 +241,26 @@ def test_the_folds_of_a_multirun_are_scored_as_one_ensemble_on_the_test_split(ti
     with pytest.raises(InputError, match="val split differs"):  # each fold validates on its own cases
         evaluate(compose_config("evaluate", [f"ckpt={tmp_path / 'cv'}", "split=val", f"output={tmp_path / 'val'}"],
                                 tmp_path))
+
+
+@pytest.mark.parametrize("layout", ["plain", "msd"])
+def test_labels_without_images_draw_no_input_column_and_the_sources_are_a_table(layout, tiny_phantom, tmp_path):
+    """A plain folder of labels has no images to show: truth and prediction alone. Labels in an MSD or nnU-Net
+    layout (labelsTr/ beside imagesTr/) find their images."""
+    ids = predictions_from_truth(tiny_phantom, tmp_path / "pred")
+    truth = tiny_phantom / "labelsTr"
+    if layout == "plain":
+        truth = shutil.copytree(truth, tmp_path / "truth")
+    cfg = compose_config("evaluate", [f"pred={tmp_path / 'pred'}", f"truth={truth}", f"output={tmp_path / 'out'}",
+                                      "overlays=1", "tracking=none"], tmp_path)
+    evaluate(cfg)
+    png = next((tmp_path / "out" / "overlays").glob("*.png"))
+    image = np.asarray(Image.open(png).convert("RGB"))
+    width = OVERLAY_SIZE[0] * (2 if layout == "plain" else 3) // 3
+    assert image.shape == (OVERLAY_SIZE[1], width, 3)
+    grey = (np.ptp(image.astype(int), axis=-1) == 0) & (image[..., 0] > 20) & (image[..., 0] < 235)
+    assert (grey.mean() > 0.05) == (layout == "msd")  # an image's mid greys, or black panels and white margins
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<pre>" not in page
+    assert f'<tr><th>truth</th><td>{truth.resolve()}</td></tr>' in page
+    assert f"<tr><th>cases</th><td>{len(ids)}</td></tr>" in page
