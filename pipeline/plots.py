@@ -11,7 +11,8 @@ from scipy import ndimage
 
 from pipeline.files import atomic
 
-OVERLAY_SIZE = (900, 960)  # pixels (width, height) of an overlay PNG: 3x3 panels and a legend row (600 wide without an image)
+# pixels (width, height) of an overlay PNG: 3x3 panels and a legend row (two columns, 600 wide, without an image)
+OVERLAY_SIZE = (900, 960)
 CLASS_COLOURS = colormaps["tab10"].colors
 
 
