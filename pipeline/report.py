@@ -29,7 +29,8 @@ STYLE = """
 body { font: 14px system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; } \
 td, th { padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; }
-th { background: #f4f4f4; } #source th, #source td { text-align: left; } #cases th { cursor: pointer; } td:first-child, th:first-child { text-align: left; }
+th { background: #f4f4f4; } #source th, #source td { text-align: left; }
+#cases th { cursor: pointer; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; } figure { display: inline-block; margin: 0 1em 1em 0; } .note { color: #666; max-width: 60em; }
 """
 
