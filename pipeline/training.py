@@ -22,7 +22,7 @@ from pipeline.data.sources import case_id, ensure_demo_data
 from pipeline.data.transforms import loaders
 from pipeline.errors import InputError, RunStopped, faults_error, first_line
 from pipeline.files import StorageError, atomic
-from pipeline.interrupts import Interrupts
+from pipeline.interrupts import Interrupts, submitit_job
 from pipeline.models.adapters import ValidNetwork
 from pipeline.models.weights import initialise
 from pipeline.rundir import RunDir
@@ -91,8 +91,12 @@ def setup(cfg: DictConfig) -> engine.Job:
 
 def resume_from(cfg: DictConfig) -> tuple[Path, dict] | None:
     """The last.pt to continue and its content. `resume=<path>`: that last.pt or run folder; `resume=true`: the
-    newest readable last.pt under outputs/runs/train (a newer one that is truncated or corrupt is named and skipped)."""
+    newest readable last.pt under outputs/runs/train (a newer one that is truncated or corrupt is named and skipped).
+    A submitit job whose own run folder already holds a last.pt was requeued: it continues that."""
     resume = cfg.get("resume")
+    if resume is None and submitit_job() and (own := RunDir(cfg.paths.run_dir).last).is_file():  # requeued
+        log.info(f"requeued job: resuming {own}")
+        return own, checkpoint.load(own)
     if resume in (None, False):
         return None
     if resume is True:
@@ -178,6 +182,10 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
             result = engine.fit(cfg.trainer, job, callbacks.from_config(cfg.trainer), resume=state)
         if result["interrupted"]:
             status = "KILLED"
+            if job.interrupts.requeues():  # submitit's signal: its handler requeues the job, which resumes last.pt
+                reason = f"preempted or out of time: requeued by submitit to resume from {run_dir.last}"
+                log.info(reason)
+                job.interrupts.hand_over()  # exits
             raise RunStopped(f"interrupted after epoch {result['epochs']} (step {result['steps']}); continue with: "
                              f"make train resume={run_dir.root}", code=128 + result["interrupted"], prefix="")
         tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
@@ -192,7 +200,7 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
         reason = f"{err}; last good checkpoint: {run_dir.last_good() or 'none yet'}"
         raise StorageError(reason) from err
     except BaseException as err:
-        reason = first_line(err)
+        reason = reason or first_line(err)
         raise
     finally:
         tracker.finish(status, reason)

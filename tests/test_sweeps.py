@@ -1,13 +1,17 @@
 """Sweeps on the field's engines: an Optuna search (hydra-optuna-sweeper) and jobs launched through submitit."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from pipeline import project_root
+from pipeline import checkpoint, project_root
 from tests.conftest import TINY, TINY_MODEL
 
 
@@ -61,3 +65,47 @@ def test_slurm_launcher_config_composes_with_the_cluster_settings(tmp_path):
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
+
+
+def task_processes(folder: Path) -> list[int]:
+    """The pids of the submitit tasks (`python -m submitit.core._submit <folder>`) of jobs under `folder`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmdline and any(str(folder).encode() in part for part in cmdline):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow  # a sweep job trained, preempted, requeued and resumed (~100 s): `make test-slow`
+def test_a_preempted_submitit_job_is_requeued_and_resumes_from_last_pt(tiny_phantom, tmp_path, mlflow_store):
+    """submitit's preemption signal (USR2, what SLURM sends before a time limit) to the running job, as SLURM would:
+    the job saves last.pt, submitit requeues it, and the requeued job finishes the one MLflow run."""
+    experiment, epochs = f"requeue-{tmp_path.name}", 8
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--multirun", "hydra/launcher=submitit_local",
+         "hydra.launcher.timeout_min=10", f"data.root={tiny_phantom}", *TINY, *TINY_MODEL["unet3d"],
+         f"trainer.max_epochs={epochs}", "trainer.val_every=100", f"tracking.experiment={experiment}",
+         f"hydra.sweep.dir={tmp_path}"], cwd=project_root(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "0" / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (last.exists() and checkpoint.load(last)["epoch"] >= 2):
+        time.sleep(0.05)
+    tasks = task_processes(tmp_path / ".submitit")
+    assert len(tasks) == 1
+    os.kill(tasks[0], signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+
+    out = "".join(p.read_text() for p in (tmp_path / ".submitit").rglob("*_log.out"))
+    # submitit's own handler checkpointed and requeued the job, which then resumed
+    assert "Caught signal SIGUSR2" in out and "Calling checkpoint method." in out and "Requeued job" in out
+    assert f"requeued job: resuming {last}" in out and f"resuming {last} after epoch " in out
+    runs = sweep_runs(mlflow_store, experiment)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in mlflow.MlflowClient(mlflow_store).get_metric_history(runs[0].info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, epochs + 1))  # every epoch once, across both processes
+    assert checkpoint.load(last)["epoch"] == epochs
