@@ -79,13 +79,13 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def appending(path: str | Path):
-    """A text file opened for appending (a log of lines, where a lost last line is no harm); a storage fault becomes
-    a StorageError."""
+def appending(path: str | Path, binary: bool = False):
+    """A file opened for appending (a log of lines, where a lost last line is no harm; created if missing); a storage
+    fault becomes a StorageError."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
+        with path.open("ab" if binary else "a") as f:
             yield f
     except OSError as err:
         if (problem := storage_problem(err, path.parent)) is None:

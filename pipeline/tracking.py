@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import project_root
 from pipeline.errors import InputError
-from pipeline.files import appending
+from pipeline.files import StorageError, appending
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,12 @@ class NullTracker:
 
 
 def tracking_errors() -> tuple[type[BaseException], ...]:
-    """What a store or server that went away raises: MlflowException (MLflow wraps HTTP and SQL failures in it),
-    OSError."""
+    """What a store or server that went away raises: MlflowException (MLflow wraps HTTP and most SQL failures in
+    it), SQLAlchemy's own errors (a sqlite file it cannot open), OSError (and a StorageError of ours)."""
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
-    return MlflowException, OSError
+    return MlflowException, SQLAlchemyError, OSError, StorageError
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -150,7 +151,9 @@ class MLflowTracker(NullTracker):
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
         if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            # A file MLflow cannot write would cost a minute of its retries and then a traceback: try it first.
+            with appending(Path(self.uri.removeprefix("sqlite:///")), binary=True):
+                pass
         self.client = client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:
             client.get_run(run_id)  # raises RESOURCE_DOES_NOT_EXIST for a run of another store

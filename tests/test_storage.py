@@ -177,3 +177,18 @@ def test_a_disk_cache_that_cannot_fit_is_refused_before_training(tiny_phantom, t
                                                rf"data.cache=none, or paths.outputs= on another disk\); 0\.1 MB free "
                                                rf"on {disk}$"):
             loaders(cfg, splits["train"], splits["val"])
+
+
+def test_an_mlflow_store_on_a_read_only_disk_is_one_warning_and_training_goes_on(tmp_path, caplog):
+    """Tracking never stops a run: its store failing is one warning (not MLflow's minute of retries and a trace)."""
+    from pipeline.tracking import MLflowTracker
+
+    with tmpfs(tmp_path / "ro", kilobytes=64, read_only=True) as disk:
+        tracker = MLflowTracker(f"sqlite:///{disk}/mlflow.db", "storage-test", local_dir=str(tmp_path / "run"))
+        tracker.start("UNet_Adam_DiceLoss", {}, {})
+        tracker.log_metrics({"train_loss": 0.5}, step=1)
+    assert tracker.run_id is None
+    assert caplog.messages == [f"MLflow tracking at sqlite:///{disk}/mlflow.db failed in start (StorageError: {disk}/"
+                               f"mlflow.db: read-only file system; 0.1 MB free on {disk}); no more tracking for this "
+                               f"run; metrics.jsonl and checkpoints stay in {tmp_path / 'run'}"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("train_loss") == 1
