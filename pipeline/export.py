@@ -1,4 +1,4 @@
-"""Export entry point: `python -m pipeline.export ckpt=best.pt format=onnx|torchscript [output=...]`.
+"""Export entry point: `python -m pipeline.export ckpt=best.pt format=onnx|torchscript|bundle [output=...]`.
 
 Parses the config and calls pipeline.models.export.export.
 """

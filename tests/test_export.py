@@ -1,5 +1,6 @@
 """Exported networks run without this package and agree with PyTorch."""
 
+import json
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from pipeline.inference import infer
 from pipeline.models.adapters import for_inference
 from pipeline.models.export import build_model, export, export_model
 from pipeline.training import train
-from tests.conftest import TINY_MODEL, compose_config, tiny_config
+from tests.conftest import TINY_MODEL, compose_config, hippocampus_subset, tiny_config
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,3 +65,62 @@ def test_every_kind_of_network_exports_to_onnx_as_inference_runs_it(model, tmp_p
     got = onnxruntime.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
     assert got.shape == (2, 3, 32, 32, 16)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+# `python -m monai.bundle <command> ...`, reporting at exit which modules of this package the run imported
+MONAI_BUNDLE = ("import atexit, runpy, sys\n"
+                "atexit.register(lambda: print('imported from pipeline:', sorted(m for m in sys.modules"
+                " if m.split('.')[0] == 'pipeline')))\n"
+                "sys.argv = ['monai.bundle', *sys.argv[1:]]\n"
+                "runpy.run_module('monai.bundle', run_name='__main__', alter_sys=True)\n")
+SCHEMA = project_root() / "tests" / "assets" / "bundle_metadata_schema.json"
+
+
+def monai_bundle(*args, cwd) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-c", MONAI_BUNDLE, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "imported from pipeline: []" in done.stdout  # MONAI alone ran it
+    return done
+
+
+@pytest.mark.parametrize("data", ["phantom", "hippocampus"])
+def test_a_monai_bundle_runs_in_monai_alone_and_labels_as_pipeline_infer(data, tiny_phantom, tmp_path):
+    """Our own network (conv3d) on the phantom, MONAI's DynUNet (experiment=hippocampus) on real MRI."""
+    if data == "phantom":
+        root, model, overrides = tiny_phantom, "conv3d", ["trainer.max_epochs=1"]
+    else:
+        root, model = hippocampus_subset(tmp_path / "hippo", 8), "dynunet"
+        overrides = ["experiment=hippocampus", "data.batch_size=2", "trainer.max_minutes=null", "trainer.max_epochs=1"]
+    train(tiny_config(root, tmp_path / "run", model=model, overrides=["tracking=none", *overrides]))
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    bundle = export(ckpt, "bundle", tmp_path / "bundle")
+    assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()) == [
+        "configs/inference.json", "configs/metadata.json", "docs/README.md", "models/model.pt", "models/model.ts"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for case in sorted((root / "imagesTr").iterdir())[:2]:
+        (images / case.name).symlink_to(case)
+
+    monai_bundle("run", "--config_file", bundle / "configs" / "inference.json", "--bundle_root", bundle,
+                 "--dataset_dir", images, "--output_dir", tmp_path / "bundle_out", cwd=tmp_path)
+    infer(ckpt, images, tmp_path / "pipeline_out")
+    for case in sorted(images.iterdir()):
+        ours = nib.load(tmp_path / "pipeline_out" / case.name)
+        theirs = nib.load(tmp_path / "bundle_out" / case.name.replace(".nii.gz", "_seg.nii.gz"))
+        a, b = np.asarray(ours.dataobj), np.asarray(theirs.dataobj)
+        assert a.shape == b.shape and np.abs(ours.affine - theirs.affine).max() < 1e-6
+        for c in range(1, 3):
+            both = (a == c).sum() + (b == c).sum()
+            assert both > 0 and 2 * ((a == c) & (b == c)).sum() / both >= 0.999, (case.name, c)
+
+    if data == "phantom":  # the metadata against the bundle specification's mandatory keys (offline: see SCHEMA)
+        meta = bundle / "configs" / "metadata.json"
+        done = monai_bundle("verify_metadata", "--meta_file", meta, "--filepath", SCHEMA, cwd=tmp_path)
+        assert "metadata is verified with no error" in done.stdout + done.stderr
+        from monai.bundle import verify_metadata
+
+        broken = tmp_path / "broken.json"
+        broken.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "task"}))
+        with pytest.raises(ValueError):
+            verify_metadata(meta_file=str(broken), filepath=str(SCHEMA))

@@ -1,4 +1,4 @@
-"""Export a checkpoint's network (`python -m pipeline.export ckpt=best.pt format=onnx|torchscript [output=...]`),
+"""Export a checkpoint's network (`python -m pipeline.export ckpt=best.pt format=onnx|torchscript|bundle [output=...]`),
 and run exported networks on CPU runtimes (ONNX Runtime, OpenVINO) for pipeline.inference.
 
 The exported file runs without this package (ONNX Runtime, or `torch.jit.load`); a `<name>.json` beside it holds the
@@ -34,7 +34,7 @@ def build_model(bundle: dict) -> torch.nn.Module:
 def export_model(model: torch.nn.Module, config: dict, fmt: str, path: Path) -> Path:
     """Write `model` for sliding-window use: fixed window size (the roi), dynamic batch (sw_batch_size); atomic."""
     if fmt not in SUFFIX:
-        raise InputError(f"format={fmt}: must be onnx or torchscript")
+        raise InputError(f"format={fmt}: must be onnx, torchscript or bundle")
     example = torch.randn(1, config["data"]["in_channels"], *config["trainer"]["inferer"]["roi_size"])
     # The tracer's warnings (Python control flow fixed at the example's size, instance norm's training flag) hold for
     # a fixed-size window, which is all this file is used for: they would only clutter every inference run.
@@ -52,7 +52,14 @@ def export_model(model: torch.nn.Module, config: dict, fmt: str, path: Path) -> 
 
 
 def export(ckpt: str | Path, fmt: str, output: str | Path | None = None) -> Path:
+    """The checkpoint's network as ONNX or TorchScript (+ its config as JSON beside it), or as a MONAI bundle folder
+    (format=bundle, default <ckpt>_bundle/ beside it: pipeline/models/bundle.py)."""
     bundle = checkpoint.load(ckpt)
+    if fmt == "bundle":
+        from pipeline.models.bundle import export_bundle
+
+        folder = Path(output) if output else Path(ckpt).with_name(f"{Path(ckpt).stem}_bundle")
+        return export_bundle(build_model(bundle), bundle["state_dict"], bundle["config"], folder)
     path = Path(output) if output else Path(ckpt).with_suffix(SUFFIX.get(fmt, ""))
     export_model(build_model(bundle), bundle["config"], fmt, path)
     with atomic(path.with_suffix(".json")) as tmp:
