@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,23 @@ def threshold_ckpt(tiny_phantom, tmp_path):
         return checkpoint.save(tmp_path / "threshold.pt", net, config)
 
     return make
+
+
+def wait_for_epoch(last: Path, epoch: int = 1, timeout: float = 300) -> None:
+    """Until `last` (a running training's last.pt) holds `epoch` or a later one."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (last.exists() and checkpoint.load(last)["epoch"] >= epoch):
+        time.sleep(0.05)
+
+
+def training_process(phantom: Path, run_dir: Path, *overrides: str, outputs: Path | None = None,
+                     epoch: int = 1) -> tuple[subprocess.Popen, Path]:
+    """`python -m pipeline.train` of the tiny UNet on `phantom` in its own process (so real signals and faults can
+    reach it), returned with its last.pt once that holds `epoch`."""
+    args = [f"data.root={phantom}", *TINY, *TINY_MODEL["unet3d"], *overrides, f"hydra.run.dir={run_dir}",
+            f"paths.outputs={outputs or run_dir / 'outputs'}"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=project_root(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = run_dir / "checkpoints" / "last.pt"
+    wait_for_epoch(last, epoch)
+    return proc, last

@@ -16,7 +16,7 @@ from pipeline.completion import complete
 from pipeline.data.transforms import cache_mode
 from pipeline.errors import InputError
 from pipeline.training import train
-from tests.conftest import TINY, TINY_MODEL, tiny_config
+from tests.conftest import tiny_config, training_process
 
 DETERMINISTIC = ["trainer.amp=false", "trainer.deterministic=true", "trainer.max_epochs=4", "trainer.val_every=1"]
 
@@ -40,15 +40,7 @@ def test_two_runs_with_one_seed_are_identical(tiny_phantom, tmp_path, mlflow_sto
 def test_resume_after_sigkill_matches_an_unbroken_run(tiny_phantom, tmp_path, mlflow_store):
     unbroken = train(tiny_config(tiny_phantom, tmp_path / "unbroken", overrides=DETERMINISTIC))
 
-    run_dir = tmp_path / "killed"
-    args = [f"data.root={tiny_phantom}", *TINY, *TINY_MODEL["unet3d"], *DETERMINISTIC, f"hydra.run.dir={run_dir}",
-            f"paths.outputs={run_dir}/outputs"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=project_root(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (last.exists() and checkpoint.load(last)["epoch"] >= 2):
-        time.sleep(0.05)
+    proc, last = training_process(tiny_phantom, tmp_path / "killed", *DETERMINISTIC, epoch=2)
     proc.send_signal(signal.SIGKILL)  # mid-epoch 3: no chance to clean up
     proc.wait()
     killed_at = checkpoint.load(last)["epoch"]
@@ -97,14 +89,7 @@ def test_an_interrupt_saves_last_pt_marks_the_run_killed_and_says_how_to_continu
                                                                                 mlflow_store):
     """A real Ctrl-C (SIGINT) or SLURM's SIGTERM to a training process, after its first epoch."""
     run_dir = tmp_path / "run"
-    args = [f"data.root={tiny_phantom}", *TINY, *TINY_MODEL["unet3d"], "trainer.max_epochs=200",
-            "trainer.val_every=100", f"hydra.run.dir={run_dir}", f"paths.outputs={run_dir}/outputs"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=project_root(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last = run_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not last.exists():
-        time.sleep(0.05)
+    proc, last = training_process(tiny_phantom, run_dir, "trainer.max_epochs=200", "trainer.val_every=100")
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr[-2000:]

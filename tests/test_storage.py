@@ -5,9 +5,7 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,11 +14,11 @@ import nibabel as nib
 import pytest
 import torch
 
-from pipeline import checkpoint, project_root
+from pipeline import checkpoint
 from pipeline.completion import complete
 from pipeline.data.transforms import loaders
 from pipeline.files import StorageError, atomic
-from tests.conftest import TINY, TINY_MODEL, tiny_config
+from tests.conftest import tiny_config, training_process
 
 
 @contextmanager
@@ -113,14 +111,7 @@ def test_training_on_a_disk_that_fills_up_stops_with_one_line_and_the_last_good_
     """The run folder on a 4 MB tmpfs; once epoch 1's checkpoints are written, a file takes the rest of it."""
     with tmpfs(tmp_path / "disk", kilobytes=4096) as disk:
         run_dir = disk / "run"
-        args = [f"data.root={tiny_phantom}", *TINY, *TINY_MODEL["unet3d"], "trainer.max_epochs=50",
-                f"hydra.run.dir={run_dir}", f"paths.outputs={tmp_path}/outputs"]
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=project_root(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        last = run_dir / "checkpoints" / "last.pt"
-        deadline = time.time() + 300
-        while time.time() < deadline and not last.exists():
-            time.sleep(0.05)
+        proc, last = training_process(tiny_phantom, run_dir, "trainer.max_epochs=50", outputs=tmp_path / "outputs")
         fill(disk)
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 1, stderr[-2000:]

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -12,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import checkpoint, project_root
-from tests.conftest import TINY, TINY_MODEL
+from tests.conftest import TINY, TINY_MODEL, wait_for_epoch
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess:
@@ -91,9 +90,7 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_from_last_pt(tiny_phan
          f"trainer.max_epochs={epochs}", "trainer.val_every=100", f"tracking.experiment={experiment}",
          f"hydra.sweep.dir={tmp_path}"], cwd=project_root(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "0" / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (last.exists() and checkpoint.load(last)["epoch"] >= 2):
-        time.sleep(0.05)
+    wait_for_epoch(last, 2)
     tasks = task_processes(tmp_path / ".submitit")
     assert len(tasks) == 1
     os.kill(tasks[0], signal.SIGUSR2)
