@@ -26,7 +26,8 @@ def preprocessing_config(cfg) -> dict:
     """The settings that decide preprocessing, as plain data (a config or a checkpoint's dict): what a disk cache is
     keyed by and what ensemble members must share."""
     stages = {k: cfg["transforms"][k] for k in PREPROCESSING} | {"spacing": cfg["data"]["spacing"]}
-    return OmegaConf.to_container(OmegaConf.create(stages), resolve=True)
+    # resolved in place: a node's interpolations (${data.spacing}) refer to the whole config, which a copy lacks
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in stages.items()}
 
 
 def preprocess(cfg: DictConfig) -> list:
