@@ -23,17 +23,22 @@ class StorageError(RunStopped):
         return cls(f"{path}: {problem}; {megabytes(free_bytes(path))} free on {mount_point(path)}")
 
 
-def free_bytes(path: str | Path) -> int:
-    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+def _existing(path: str | Path) -> Path:
+    """`path`, or its nearest parent that exists (a folder a write is about to create)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+    return shutil.disk_usage(_existing(path)).free
 
 
 def mount_point(path: str | Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() or (not os.path.ismount(path) and path != path.parent):
+    path = _existing(path)
+    while not os.path.ismount(path) and path != path.parent:
         path = path.parent
     return path
 
@@ -79,14 +84,28 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def appending(path: str | Path, binary: bool = False):
-    """A file opened for appending (a log of lines, where a lost last line is no harm; created if missing); a storage
-    fault becomes a StorageError."""
+def appending(path: str | Path):
+    """A text file opened for appending (a log of lines, where a lost last line is no harm; created if missing); a
+    storage fault becomes a StorageError."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab" if binary else "a") as f:
+        with path.open("a") as f:
             yield f
+    except OSError as err:
+        if (problem := storage_problem(err, path.parent)) is None:
+            raise
+        raise StorageError.at(path, problem) from err
+
+
+def ensure_writable(path: str | Path) -> None:
+    """Create `path` if missing (an empty file) and check it can be written, or raise a StorageError."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        if not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     except OSError as err:
         if (problem := storage_problem(err, path.parent)) is None:
             raise

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import project_root
 from pipeline.errors import InputError
-from pipeline.files import StorageError, appending
+from pipeline.files import StorageError, appending, ensure_writable
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ class MLflowTracker(NullTracker):
 
         if self.uri.startswith("sqlite:///"):
             # A file MLflow cannot write would cost a minute of its retries and then a traceback: try it first.
-            with appending(Path(self.uri.removeprefix("sqlite:///")), binary=True):
-                pass
+            ensure_writable(self.uri.removeprefix("sqlite:///"))
         self.client = client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:
             client.get_run(run_id)  # raises RESOURCE_DOES_NOT_EXIST for a run of another store

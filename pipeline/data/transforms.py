@@ -30,14 +30,14 @@ def preprocessing_config(cfg) -> dict:
     return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in stages.items()}
 
 
+def preprocessing_stages(cfg) -> list[str]:
+    """The stages that run (a config or a checkpoint's dict): resample only when the dataset asks for a spacing."""
+    return [s for s in PREPROCESSING if s != "resample" or cfg["data"]["spacing"] is not None]
+
+
 def preprocess(cfg: DictConfig) -> list:
     """Load -> orient -> (resample) -> normalize: deterministic, shared by training, validation and inference."""
-    t = cfg.transforms
-    stages = [instantiate(t.load), instantiate(t.orient)]
-    if cfg.data.spacing is not None:  # resample only when the dataset asks for a target spacing
-        stages.append(instantiate(t.resample))
-    stages.append(instantiate(t.normalize))
-    return stages
+    return [instantiate(cfg.transforms[s]) for s in preprocessing_stages(cfg)]
 
 
 def train_transforms(cfg: DictConfig) -> Compose:

@@ -14,12 +14,14 @@ label key dropped; MONAI's bundle config reads Hydra's `_target_` syntax as it i
 import json
 from pathlib import Path
 
+import ignite
 import monai
+import nibabel
 import numpy as np
 import torch
 
 from pipeline import __version__
-from pipeline.data.transforms import PREPROCESSING
+from pipeline.data.transforms import preprocessing_stages
 from pipeline.files import atomic
 from pipeline.models.export import export_model
 
@@ -44,8 +46,7 @@ def image_only(stage: dict) -> dict:
 
 def preprocessing(config: dict) -> list[dict]:
     """The checkpoint's load -> orient -> (resample) -> normalize, as training and pipeline.infer ran them."""
-    stages = [s for s in PREPROCESSING if s != "resample" or config["data"]["spacing"] is not None]
-    return [image_only(config["transforms"][s]) for s in stages]
+    return [image_only(config["transforms"][s]) for s in preprocessing_stages(config)]
 
 
 def inference_config(config: dict) -> dict:
@@ -95,8 +96,7 @@ def metadata(config: dict) -> dict:
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "required_packages_version": {"nibabel": __import__("nibabel").__version__,
-                                      "pytorch-ignite": __import__("ignite").__version__},
+        "required_packages_version": {"nibabel": nibabel.__version__, "pytorch-ignite": ignite.__version__},
         "optional_packages_version": {},
         "task": f"{data['name']}: segmentation of {', '.join(names[1:])}",
         "description": (f"A {config['model']['_target_'].rsplit('.', 1)[-1]} trained by pipeline {__version__} "
