@@ -125,6 +125,20 @@ class MLflowTracker(NullTracker):
             log.warning(f"MLflow tracking at {self.uri} failed in {what} ({_one_line(err)}); "
                        f"no more tracking for this run{kept}")
 
+    def _artifact_root(self) -> str | None:
+        """Where a new experiment keeps its artifacts: artifact_location, else mlartifacts/ beside a sqlite store (so
+        a store and its artifacts stay together, wherever the cwd is; MLflow's default is ./mlruns of the cwd).
+        None for a server, which keeps them under its own --artifacts-destination."""
+        if not self.uri.startswith(("sqlite:", "file:", "/")):
+            return None
+        if self.artifact_location:
+            root = Path(self.artifact_location)
+        elif self.uri.startswith("sqlite:///"):
+            root = Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        else:
+            return None
+        return (root.absolute() / self.experiment).as_uri()
+
     def _live(self) -> bool:
         return self.client is not None and self.run_id is not None and not self.failed
 
@@ -161,13 +175,8 @@ class MLflowTracker(NullTracker):
             return
         experiment = client.get_experiment_by_name(self.experiment)
         if experiment is None:
-            # A local store would otherwise put artifacts in ./mlruns of whatever the cwd is; a server picks its own
-            # (mlflow-artifacts:/ under --artifacts-destination).
-            local = self.uri.startswith(("sqlite:", "file:", "/")) and self.artifact_location
             try:
-                experiment_id = client.create_experiment(
-                    self.experiment,
-                    artifact_location=Path(self.artifact_location, self.experiment).as_uri() if local else None)
+                experiment_id = client.create_experiment(self.experiment, artifact_location=self._artifact_root())
             except tracking_errors()[0] as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another job of a sweep made it first
                     raise

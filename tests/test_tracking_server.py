@@ -270,6 +270,9 @@ def test_register_off_and_null_tracker_register_nothing(tmp_path, mlflow_store):
     assert json.loads((tmp_path / "null" / "metrics.jsonl").read_text())["val_dice_mean"] == 0.25
     run = mlflow.MlflowClient(mlflow_store).get_run(tracker.run_id)
     assert run.info.status == "KILLED" and run.data.params == {"a": "1"} and run.data.metrics == {"val_dice_mean": 0.75}
+    # artifacts beside the sqlite store, not in the cwd's outputs/ (tests once filled the repo's outputs/mlartifacts)
+    store = Path(mlflow_store.removeprefix("sqlite:///"))
+    assert run.info.artifact_uri.startswith((store.parent / "mlartifacts" / "register-off").as_uri() + "/")
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
