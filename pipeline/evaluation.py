@@ -100,6 +100,9 @@ def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictCo
     members are an ensemble (e.g. the k folds) that must hold out the same cases; its scores then go to a new MLflow
     run rather than to one member's."""
     bundle = checkpoint.load(members[0])
+    if "data" not in bundle["config"]:  # e.g. saved by hand or by an older pipeline: its dataset is unknown
+        raise InputError(f"{members[0]}: its config names no dataset, so split={split_name} cannot be predicted "
+                         "(score label maps with pred= truth= instead)")
     data = OmegaConf.create(bundle["config"]).data
     dataset = read_dataset(data)
     by_id = {case_id(c): c for c in dataset.cases}

@@ -13,9 +13,10 @@ import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from pipeline import project_root
+from pipeline import checkpoint, project_root
 from pipeline.errors import InputError
 from pipeline.evaluation import evaluate
 from pipeline.metrics import case_scores, summarize
@@ -241,6 +242,16 @@ def test_the_folds_of_a_multirun_are_scored_as_one_ensemble_on_the_test_split(ti
     with pytest.raises(InputError, match="val split differs"):  # each fold validates on its own cases
         evaluate(compose_config("evaluate", [f"ckpt={tmp_path / 'cv'}", "split=val", f"output={tmp_path / 'val'}"],
                                 tmp_path))
+
+
+def test_a_checkpoint_without_a_dataset_in_its_config_is_one_line_for_split(tmp_path):
+    """A checkpoint saved by hand (or by an older pipeline) holds weights but no data config: split= cannot know its
+    cases, and says so instead of an OmegaConf 'Missing key data'."""
+    ckpt = checkpoint.save(tmp_path / "run" / "checkpoints" / "last.pt", torch.nn.Linear(2, 2), {"model": {}})
+    (tmp_path / "run" / "splits.json").write_text(json.dumps({"test": ["a"]}))
+    with pytest.raises(InputError, match=rf"^{ckpt}: its config names no dataset, so split=test cannot be predicted"):
+        evaluate(compose_config("evaluate", [f"ckpt={ckpt}", "split=test", f"output={tmp_path / 'out'}"], tmp_path))
+    assert not (tmp_path / "out" / "predictions").exists()
 
 
 @pytest.mark.parametrize("layout", ["plain", "msd"])
