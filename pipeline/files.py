@@ -88,24 +88,28 @@ def appending(path: str | Path):
     """A text file opened for appending (a log of lines, where a lost last line is no harm; created if missing); a
     storage fault becomes a StorageError."""
     path = Path(path)
-    try:
+    with storage_faults(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             yield f
-    except OSError as err:
-        if (problem := storage_problem(err, path.parent)) is None:
-            raise
-        raise StorageError.at(path, problem) from err
 
 
 def ensure_writable(path: str | Path) -> None:
     """Create `path` if missing (an empty file) and check it can be written, or raise a StorageError."""
     path = Path(path)
-    try:
+    with storage_faults(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         if not os.access(path, os.W_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+
+@contextmanager
+def storage_faults(path: Path):
+    """An OSError of the storage that holds `path` (full, read-only, no permission) becomes a StorageError naming
+    `path`; any other error passes unchanged."""
+    try:
+        yield
     except OSError as err:
         if (problem := storage_problem(err, path.parent)) is None:
             raise

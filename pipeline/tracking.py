@@ -133,11 +133,16 @@ class MLflowTracker(NullTracker):
             return None
         if self.artifact_location:
             root = Path(self.artifact_location)
-        elif self.uri.startswith("sqlite:///"):
-            root = Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        elif self.sqlite_file:
+            root = self.sqlite_file.parent / "mlartifacts"
         else:
             return None
         return (root.absolute() / self.experiment).as_uri()
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The database file of a local sqlite store (sqlite:///<path>); None for any other store."""
+        return Path(self.uri.removeprefix("sqlite:///")) if self.uri.startswith("sqlite:///") else None
 
     def _live(self) -> bool:
         return self.client is not None and self.run_id is not None and not self.failed
@@ -164,9 +169,9 @@ class MLflowTracker(NullTracker):
         from mlflow.tracking.context.registry import resolve_tags
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-        if self.uri.startswith("sqlite:///"):
+        if self.sqlite_file:
             # A file MLflow cannot write would cost a minute of its retries and then a traceback: try it first.
-            ensure_writable(self.uri.removeprefix("sqlite:///"))
+            ensure_writable(self.sqlite_file)
         self.client = client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:
             client.get_run(run_id)  # raises RESOURCE_DOES_NOT_EXIST for a run of another store
