@@ -28,11 +28,13 @@ data: $(STAMP)
 train: $(STAMP)
 	$(BIN)/python -m pipeline.train $(OVERRIDES)
 
-# k-fold cross-validation (data.fold=0..4, one run each, in one Hydra multirun), then the folds' ensemble with mirror
-# TTA scored on the held-out test split, which no fold trained on: `make cv experiment=hippocampus`.
+# k-fold cross-validation (data.fold=0..4, one run each, in one Hydra multirun), scored as nnU-Net scores it (each
+# fold's final model on its own validation cases, pooled), then the folds' ensemble with mirror TTA scored on the
+# held-out test split, which no fold trained on: `make cv experiment=hippocampus`.
 CV_DIR := outputs/cv/$(shell date +%Y-%m-%d_%H-%M-%S)
 cv: $(STAMP)
 	$(BIN)/python -m pipeline.train --multirun 'data.fold=range(0,5)' hydra.sweep.dir=$(CV_DIR) $(OVERRIDES)
+	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=cv output=$(CV_DIR)/cv
 	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=test tta=true output=$(CV_DIR)/ensemble_test
 
 sweep: $(STAMP)

@@ -95,42 +95,71 @@ def match(pred: Path, truth: Path, images: Path | None) -> tuple[list[Case], lis
     return cases, names
 
 
+def recorded_split(member: Path, name: str) -> list[str]:
+    """The case ids of split `name` as the member's run recorded them (splits.json beside checkpoints/): the record
+    decides, and it survives a changed seed."""
+    splits_file = RunDir.of(member).splits
+    if not splits_file.is_file():
+        raise InputError(f"{splits_file}: not found; "
+                         "split= needs the splits.json that training writes beside checkpoints/")
+    recorded = json.loads(splits_file.read_text())
+    if not recorded.get(name):
+        raise InputError(f"{splits_file}: split {name!r} is missing or empty (have: {', '.join(recorded)})")
+    return recorded[name]
+
+
+def predicted_groups(members: list[Path], split_name: str) -> list[tuple[list[Path], list[str]]]:
+    """Which checkpoints predict which cases. A split of a dataset: all members together (an ensemble, e.g. the k folds
+    on the test split, which every member must hold out). split=cv: each fold alone on the cases it validated on, so
+    that the k folds together predict every non-test case once (nnU-Net's cross-validation)."""
+    if split_name != "cv":
+        ids = recorded_split(members[0], split_name)
+        for member in members[1:]:
+            if recorded_split(member, split_name) != ids:
+                raise InputError(f"{RunDir.of(member).splits}: its {split_name} split differs from "
+                                 f"{RunDir.of(members[0]).splits}'s; an ensemble is scored on cases every member held "
+                                 "out (split=test for the k folds; split=cv scores each fold on its own val split)")
+        return [(members, ids)]
+    groups, validated_by = [], {}
+    test = recorded_split(members[0], "test")
+    for member in members:
+        splits_file = RunDir.of(member).splits
+        if recorded_split(member, "test") != test:
+            raise InputError(f"{splits_file}: its test split differs from {RunDir.of(members[0]).splits}'s; "
+                             "split=cv takes the folds of one cross-validation")
+        ids = recorded_split(member, "val")
+        if shared := next((i for i in ids if i in validated_by), None):
+            raise InputError(f"{splits_file}: validates case {shared}, as {validated_by[shared]} does; "
+                             "split=cv takes each fold of one cross-validation once")
+        validated_by |= {i: splits_file for i in ids}
+        groups.append(([member], ids))
+    return groups
+
+
 def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictConfig) -> tuple[list[Case], dict]:
-    """Predict one split of a checkpoint's dataset into out_dir/predictions; the cases and the checkpoint. Several
-    members are an ensemble (e.g. the k folds) that must hold out the same cases; its scores then go to a new MLflow
-    run rather than to one member's."""
+    """Predict one split of a checkpoint's dataset (or, split=cv, each fold's validation cases) into
+    out_dir/predictions; the cases and the checkpoint. Several members' scores go to a new MLflow run rather than to
+    one member's."""
     bundle = checkpoint.load(members[0])
     if "data" not in bundle["config"]:  # e.g. saved by hand or by an older pipeline: its dataset is unknown
         raise InputError(f"{members[0]}: its config names no dataset, so split={split_name} cannot be predicted "
                          "(score label maps with pred= truth= instead)")
     data = OmegaConf.create(bundle["config"]).data
-    dataset = read_dataset(data)
-    by_id = {case_id(c): c for c in dataset.cases}
-    ids = None
-    for member in members:
-        # The run's own record of its split (splits.json beside checkpoints/) decides; it also survives a changed seed.
-        splits_file = RunDir.of(member).splits
-        if not splits_file.is_file():
-            raise InputError(f"{splits_file}: not found; "
-                             "split= needs the splits.json that training writes beside checkpoints/")
-        recorded = json.loads(splits_file.read_text())
-        if not recorded.get(split_name):
-            raise InputError(f"{splits_file}: split {split_name!r} is missing or empty (have: {', '.join(recorded)})")
-        if ids is not None and recorded[split_name] != ids:
-            raise InputError(f"{splits_file}: its {split_name} split differs from "
-                             f"{RunDir.of(members[0]).splits}'s; "
-                             f"an ensemble is scored on cases every member held out (split=test for the k folds)")
-        ids = recorded[split_name]
+    by_id = {case_id(c): c for c in read_dataset(data).cases}
+    groups = predicted_groups(members, split_name)
     if len(members) > 1:
         bundle = bundle | {"run_id": None}
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise InputError(f"{data.root}: case {missing[0]} of {splits_file} is not in the dataset any more")
-    cases = [by_id[i] for i in ids]
-    predictions = out_dir / "predictions"
-    result = infer(members, [c["image"] for c in cases], predictions, PredictOptions.from_config(cfg), overwrite=True)
-    if result["failed"]:
-        raise InputError(next(iter(result["failed"].values())))
+    for group, ids in groups:
+        if missing := next((i for i in ids if i not in by_id), None):
+            raise InputError(f"{data.root}: case {missing} of {RunDir.of(group[0]).splits} is not in the dataset "
+                             "any more")
+    predictions, options, cases = out_dir / "predictions", PredictOptions.from_config(cfg), []
+    for group, ids in groups:
+        chosen = [by_id[i] for i in ids]
+        result = infer(group, [c["image"] for c in chosen], predictions, options, overwrite=True)
+        if result["failed"]:
+            raise InputError(next(iter(result["failed"].values())))
+        cases += chosen
     # inference names each prediction after its image (an nnU-Net image's _0000 included)
     return [Case(case_id(c), predictions / Volume(Path(c["image"])).output_name("nifti"), Path(c["label"]),
                  Path(c["image"])) for c in cases], bundle
@@ -201,7 +230,8 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output)
     bundle, source = None, {}
     # one, or an ensemble (a list, a folder, the k folds)
-    members = checkpoints(cfg.ckpt) if cfg.ckpt is not None else []
+    # split=cv scores each fold's final model (last.pt): its best.pt was picked on the very cases cv scores
+    members = checkpoints(cfg.ckpt, final=cfg.split == "cv") if cfg.ckpt is not None else []
     if members:
         cases, bundle = split_cases(members, cfg.split, out_dir, cfg)
         class_names = list(bundle["config"]["data"]["class_names"])

@@ -227,21 +227,52 @@ def test_bad_predictions_are_one_line_errors_naming_the_file(tiny_phantom, tmp_p
     assert done.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nothing'}: pred must be a folder of label maps"
 
 
-def test_the_folds_of_a_multirun_are_scored_as_one_ensemble_on_the_test_split(tiny_phantom, tmp_path, mlflow_store):
-    for fold in (0, 1):  # the layout `make cv` leaves: <sweep dir>/<job number>/checkpoints/best.pt
-        train(tiny_config(tiny_phantom, tmp_path / "cv" / str(fold), overrides=["tracking=none", f"data.fold={fold}"]))
-    members = [tmp_path / "cv" / str(fold) / "checkpoints" / "best.pt" for fold in (0, 1)]
-    cfg = compose_config("evaluate", [f"ckpt={tmp_path / 'cv'}", "split=test", f"output={tmp_path / 'eval'}"], tmp_path)
+@pytest.fixture(scope="module")
+def two_folds(tiny_phantom, tmp_path_factory):
+    """Folds 0 and 1 of a 5-fold cross-validation, in the layout `make cv` leaves: <sweep dir>/<job>/checkpoints/."""
+    folder = tmp_path_factory.mktemp("cv")
+    for fold in (0, 1):
+        train(tiny_config(tiny_phantom, folder / str(fold), overrides=["tracking=none", f"data.fold={fold}"]))
+    return folder
+
+
+def test_the_folds_of_a_multirun_are_scored_as_one_ensemble_on_the_test_split(two_folds, tmp_path, mlflow_store):
+    members = [two_folds / str(fold) / "checkpoints" / "best.pt" for fold in (0, 1)]
+    cfg = compose_config("evaluate", [f"ckpt={two_folds}", "split=test", f"output={tmp_path / 'eval'}"], tmp_path)
     summary = evaluate(cfg)
-    test_ids = json.loads((tmp_path / "cv" / "0" / "splits.json").read_text())["test"]
+    test_ids = json.loads((two_folds / "0" / "splits.json").read_text())["test"]
     assert sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir()) == [f"{i}.nii.gz" for i in test_ids]
     assert summary["source"]["ckpt"] == ", ".join(str(m.resolve()) for m in members)
     runs = mlflow.MlflowClient(mlflow_store).search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(mlflow_store).search_experiments()], "tags.evaluation = 'true'")
     assert any(r.data.metrics.get("test_dice_mean") == pytest.approx(summary["mean"]["dice"]) for r in runs)
     with pytest.raises(InputError, match="val split differs"):  # each fold validates on its own cases
-        evaluate(compose_config("evaluate", [f"ckpt={tmp_path / 'cv'}", "split=val", f"output={tmp_path / 'val'}"],
-                                tmp_path))
+        evaluate(compose_config("evaluate", [f"ckpt={two_folds}", "split=val", f"output={tmp_path / 'val'}"], tmp_path))
+
+
+def test_split_cv_scores_each_fold_on_its_own_validation_cases_with_its_final_model(two_folds, tmp_path):
+    """nnU-Net's cross-validation score: fold k's last.pt (its best.pt was picked on these very cases) predicts the
+    cases fold k validated on, and the pooled cases are scored as one set."""
+    folds = (0, 1)
+    last = [two_folds / str(fold) / "checkpoints" / "last.pt" for fold in folds]
+    validated = [json.loads((two_folds / str(fold) / "splits.json").read_text())["val"] for fold in folds]
+    cv = evaluate(compose_config("evaluate", [f"ckpt={two_folds}", "split=cv", f"output={tmp_path / 'out'}",
+                                              "tracking=none"], tmp_path))
+    assert cv["source"]["ckpt"] == ", ".join(str(p.resolve()) for p in last)
+    assert cv["cases"] == len(validated[0]) + len(validated[1])
+    predicted = tmp_path / "out" / "predictions"
+    assert sorted(p.name for p in predicted.iterdir()) == sorted(f"{i}.nii.gz" for ids in validated for i in ids)
+    alone = [evaluate(compose_config("evaluate", [f"ckpt={ckpt}", "split=val", f"output={tmp_path / str(fold)}",
+                                                  "tracking=none"], tmp_path)) for fold, ckpt in zip(folds, last)]
+    for fold, ids in zip(folds, validated):  # each case's labels are its own fold's, alone
+        for i in ids:
+            mine = nib.load(tmp_path / str(fold) / "predictions" / f"{i}.nii.gz").get_fdata()
+            assert np.array_equal(nib.load(predicted / f"{i}.nii.gz").get_fdata(), mine)
+    pooled = sum(s["cases"] * s["mean"]["dice"] for s in alone) / sum(s["cases"] for s in alone)
+    assert cv["mean"]["dice"] == pytest.approx(pooled)
+    with pytest.raises(InputError, match=rf"{two_folds / '0' / 'splits.json'}: validates case {validated[0][0]}"):
+        evaluate(compose_config("evaluate", [f"ckpt=[{last[0]},{last[0]}]", "split=cv", f"output={tmp_path / 'x'}",
+                                             "tracking=none"], tmp_path))
 
 
 def test_a_checkpoint_without_a_dataset_in_its_config_is_one_line_for_split(tmp_path):
