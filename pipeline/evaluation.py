@@ -95,17 +95,17 @@ def match(pred: Path, truth: Path, images: Path | None) -> tuple[list[Case], lis
     return cases, names
 
 
-def recorded_split(member: Path, name: str) -> list[str]:
-    """The case ids of split `name` as the member's run recorded them (splits.json beside checkpoints/): the record
-    decides, and it survives a changed seed."""
+def recorded_split(member: Path, *names: str) -> list[list[str]]:
+    """The case ids of each split in `names` as the member's run recorded them (splits.json beside checkpoints/, read
+    once): the record decides, and it survives a changed seed."""
     splits_file = RunDir.of(member).splits
     if not splits_file.is_file():
         raise InputError(f"{splits_file}: not found; "
                          "split= needs the splits.json that training writes beside checkpoints/")
     recorded = json.loads(splits_file.read_text())
-    if not recorded.get(name):
-        raise InputError(f"{splits_file}: split {name!r} is missing or empty (have: {', '.join(recorded)})")
-    return recorded[name]
+    if missing := next((name for name in names if not recorded.get(name)), None):
+        raise InputError(f"{splits_file}: split {missing!r} is missing or empty (have: {', '.join(recorded)})")
+    return [recorded[name] for name in names]
 
 
 def predicted_groups(members: list[Path], split_name: str) -> list[tuple[list[Path], list[str]]]:
@@ -113,21 +113,21 @@ def predicted_groups(members: list[Path], split_name: str) -> list[tuple[list[Pa
     on the test split, which every member must hold out). split=cv: each fold alone on the cases it validated on, so
     that the k folds together predict every non-test case once (nnU-Net's cross-validation)."""
     if split_name != "cv":
-        ids = recorded_split(members[0], split_name)
+        [ids] = recorded_split(members[0], split_name)
         for member in members[1:]:
-            if recorded_split(member, split_name) != ids:
+            if recorded_split(member, split_name) != [ids]:
                 raise InputError(f"{RunDir.of(member).splits}: its {split_name} split differs from "
                                  f"{RunDir.of(members[0]).splits}'s; an ensemble is scored on cases every member held "
                                  "out (split=test for the k folds; split=cv scores each fold on its own val split)")
         return [(members, ids)]
-    groups, validated_by = [], {}
-    test = recorded_split(members[0], "test")
+    groups, validated_by, first_test = [], {}, None
     for member in members:
         splits_file = RunDir.of(member).splits
-        if recorded_split(member, "test") != test:
+        test, ids = recorded_split(member, "test", "val")
+        first_test = first_test or test
+        if test != first_test:
             raise InputError(f"{splits_file}: its test split differs from {RunDir.of(members[0]).splits}'s; "
                              "split=cv takes the folds of one cross-validation")
-        ids = recorded_split(member, "val")
         if shared := next((i for i in ids if i in validated_by), None):
             raise InputError(f"{splits_file}: validates case {shared}, as {validated_by[shared]} does; "
                              "split=cv takes each fold of one cross-validation once")
