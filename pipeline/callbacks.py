@@ -52,7 +52,7 @@ class Checkpoints(Callback):
         if distributed.is_main():
             scheduler = job.scheduler.state_dict() if job.scheduler else None
             checkpoint.save(job.run_dir.last, job.model, job.config, optimizer=job.optimizer.state_dict(),
-                            scheduler=scheduler, **common, **saved)
+                            scheduler=scheduler, schedule=job.schedule_config, **common, **saved)
             self.warn_if_short(job, job.run_dir.last.stat().st_size)
 
     def on_interrupt(self, job: Job, state: TrainState) -> None:

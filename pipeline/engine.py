@@ -83,6 +83,9 @@ class Job:
     tracker: object = None
     run_dir: RunDir | None = None
     config: dict = field(default_factory=dict)  # the resolved config, saved in every checkpoint
+    # the scheduler node as composed, its length still ${trainer.max_epochs}: last.pt keeps it so that a resumed run
+    # (whose config is the resolved one, the length frozen at max_epochs) can still refit its schedule to a budget
+    schedule_config: dict | None = None
     interrupts: object = None  # interrupts.Interrupts: a SIGINT/SIGTERM stops training at the next step boundary
 
 

@@ -86,6 +86,7 @@ def setup(cfg: DictConfig) -> engine.Job:
         precision=hardware.resolve(cfg.trainer.amp, device),  # from the hardware: bf16 only where the CPU has it
         class_names=list(cfg.data.class_names),
         config=OmegaConf.to_container(cfg, resolve=True),
+        schedule_config=OmegaConf.to_container(cfg.scheduler, resolve=False) if cfg.scheduler else None,
     )
 
 
@@ -148,6 +149,8 @@ def train(cfg: DictConfig) -> dict:
         if "optimizer" not in state:
             raise InputError(f"{path}: holds no optimizer state (a best.pt?); resume from last.pt")
         cfg = OmegaConf.create(state["config"])
+        if state.get("schedule"):  # as composed: its length follows trainer.max_epochs, which a budget refits
+            cfg.scheduler = state["schedule"]
     with distributed.session(cfg.trainer, engine.pick_device(cfg.trainer.device)):  # a process group under torchrun
         if state is not None:
             log.info(f"resuming {path} after epoch {state['epoch']}")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import signal
 from types import SimpleNamespace
 
 import mlflow
@@ -11,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint, engine, hardware
+from pipeline.errors import RunStopped
 from pipeline.training import train
 from tests.conftest import compose_config, tiny_config
 
@@ -126,3 +128,29 @@ def test_a_time_budget_ends_the_schedule_at_the_budget(tiny_phantom, tmp_path, m
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6)  # annealed to eta_min at the budget
     assert [h["planned_epochs"] for h in result["history"]] == [6] * 6
     assert [h["epoch"] for h in result["history"] if "val_dice_mean" in h] == [3, 6]
+
+
+def test_a_resumed_budgeted_run_refits_its_schedule_as_an_unbroken_run_does(tiny_phantom, tmp_path, monkeypatch):
+    """last.pt holds the resolved config (the schedule's length frozen at max_epochs=1000); a budget that changes
+    the run's length after a resume must still end the schedule there (it once rebuilt it 1000 epochs long)."""
+    # the budget's estimate, without a clock: 8 epochs fit while epochs 1-3 run, 6 from epoch 4 (a faster machine)
+    monkeypatch.setattr(engine, "budgeted_epochs", lambda trainer, epoch, *_: 8 if epoch <= 3 else 6)
+    overrides = ["tracking=none", "scheduler=cosine", "trainer.max_epochs=1000", "trainer.max_minutes=10",
+                 "trainer.val_every=100"]
+    unbroken = train(tiny_config(tiny_phantom, tmp_path / "unbroken", overrides=overrides))
+
+    steps = iter(range(1, 10_000))  # SIGTERM at the first step of epoch 4: last.pt holds epoch 3
+    monkeypatch.setattr(engine, "stopping", lambda job: signal.SIGTERM if next(steps) == 3 * len(job.train_loader) + 1
+                        else None)
+    with pytest.raises(RunStopped, match="interrupted after epoch 3"):
+        train(tiny_config(tiny_phantom, tmp_path / "broken", overrides=overrides))
+    assert checkpoint.load(tmp_path / "broken" / "checkpoints" / "last.pt")["scheduler"]["T_max"] == 8
+    monkeypatch.setattr(engine, "stopping", lambda job: None)
+    resumed = train(OmegaConf.create({"resume": str(tmp_path / "broken")}))
+
+    assert resumed["epochs"] == unbroken["epochs"] == 6
+    lrs = [[h["lr"] for h in run["history"]] for run in (unbroken, resumed)]
+    assert lrs[1] == pytest.approx(lrs[0], rel=1e-9)
+    last = checkpoint.load(tmp_path / "broken" / "checkpoints" / "last.pt")
+    assert last["scheduler"]["T_max"] == 6
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6)  # annealed to eta_min at the end
