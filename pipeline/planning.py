@@ -56,16 +56,19 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
     }
 
 
-# Network topology for DynUNet (nnU-Net's get_pool_and_conv_props rule). Base width 16, not nnU-Net's 32: on a 2-core
-# CPU a 32-wide network trains 3.8x slower a step (bench figures in the README), which costs more Dice in a time budget.
+# Network topology for DynUNet (nnU-Net's get_pool_and_conv_props rule). Base width 16 by default, not nnU-Net's 32:
+# on a 2-core AVX2 CPU in fp32 a 32-wide network trains 3.8x slower a step, which costs more Dice in a time budget;
+# where bf16 is fast (AMX) an epoch costs 2.6x and 32 wins (`plan.base_filters=32`, experiment=hippocampus_wide;
+# figures in the README).
 TOPOLOGY = ("kernel_size", "strides", "upsample_kernel_size", "filters")
 BASE_FILTERS, MAX_FILTERS, MIN_FEATURE_MAP = 16, 320, 4
 
 
-def topology(patch: list[int], spacing: list[float]) -> dict:
+def topology(patch: list[int], spacing: list[float], base_filters: int = BASE_FILTERS) -> dict:
     """Per-stage kernels, strides and widths for a patch (nnU-Net's rule): halve an axis while it stays even, at least
     MIN_FEATURE_MAP voxels and within 2x of the finest spacing; a kernel is 3 along an axis once its spacing is within
-    2x of the finest (1 before: an anisotropic axis is first convolved in-plane only). Widths double per stage."""
+    2x of the finest (1 before: an anisotropic axis is first convolved in-plane only). Widths double per stage from
+    base_filters."""
     size, spacing = list(patch), list(spacing)
 
     def kernel(previous):
@@ -81,7 +84,7 @@ def topology(patch: list[int], spacing: list[float]) -> dict:
         spacing = [s * st for s, st in zip(spacing, stride)]
         strides.append(stride)
         kernels.append(kernel(kernels[-1]))
-    filters = [min(BASE_FILTERS * 2**i, MAX_FILTERS) for i in range(len(strides))]
+    filters = [min(base_filters * 2**i, MAX_FILTERS) for i in range(len(strides))]
     return {"kernel_size": kernels, "strides": strides, "upsample_kernel_size": strides[1:], "filters": filters}
 
 
@@ -118,7 +121,8 @@ def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
         return {}
     spacing = cfg.data.spacing or fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")["median_spacing"]
     dims = cfg.model.get("spatial_dims", 3)  # a 2D network plans over the first two axes
-    net = topology(list(cfg.data.patch_size)[:dims], list(spacing)[:dims])
+    base = (cfg.get("plan") or {}).get("base_filters", BASE_FILTERS)
+    net = topology(list(cfg.data.patch_size)[:dims], list(spacing)[:dims], base)
     values = {f"model.{key}": net[key] for key in TOPOLOGY if _is_auto(cfg.model.get(key))}
     if "deep_supr_num" in cfg.model:  # DynUNet: 1 <= extra heads < upsampling stages (none on a 2-stage net)
         heads = min(cfg.model.deep_supr_num, len(values.get("model.strides", cfg.model.strides)) - 2)

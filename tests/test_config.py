@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from monai.transforms import Compose
+from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from pipeline.completion import complete
@@ -134,6 +135,19 @@ def test_experiment_options_compose_and_build(experiment, tmp_path):
     net = for_inference(instantiate(cfg.model))  # as validation and inference run it (deep supervision off)
     patch = list(cfg.data.patch_size)
     assert net(torch.randn(1, cfg.data.in_channels, *patch)).shape == (1, cfg.data.num_classes, *patch)
+
+
+def test_the_wide_hippocampus_recipe_differs_from_the_main_one_only_in_width(tmp_path):
+    root = f"data.root={shared_dataset('msd_hippocampus')}"
+    main, wide = (compose_config("train", [f"experiment={e}", root], tmp_path) for e in ("hippocampus",
+                                                                                      "hippocampus_wide"))
+    for cfg in (main, wide):
+        complete(cfg)
+    assert list(main.model.filters) == [16, 32, 64, 128] and list(wide.model.filters) == [32, 64, 128, 256]
+    main, wide = (OmegaConf.to_container(c, resolve=True) for c in (main, wide))
+    for c in (main, wide):
+        del c["model"]["filters"], c["plan"]["base_filters"]
+    assert main == wide
 
 
 def test_infer_config_composes(tmp_path):

@@ -75,6 +75,8 @@ def test_network_topology_follows_nnunets_rule():
     assert aniso["strides"] == [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
     assert aniso["kernel_size"] == [[3, 3, 1]] + [[3, 3, 3]] * 4 and aniso["filters"] == [16, 32, 64, 128, 256]
     assert topology([512, 512, 512], [1.0, 1.0, 1.0])["filters"][-1] == 320  # capped as nnU-Net caps it
+    assert topology([40, 56, 40], [1.0, 1.0, 1.0], base_filters=32)["filters"] == [32, 64, 128, 256]
+    assert topology([512, 512, 512], [1.0, 1.0, 1.0], base_filters=32)["filters"] == [32, 64, 128, 256] + [320] * 4
 
 
 def test_auto_topology_builds_a_dynunet_that_fits_the_patch(tiny_phantom, tmp_path):
