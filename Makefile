@@ -6,10 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-# make lists command-line variables last-first; reverse them so Hydra sees the user's order. CV_DIR is make's own
-# (where `make cv` writes), not a Hydra key.
+# make lists command-line variables last-first; reverse them so Hydra sees the user's order. Make's own variables
+# (the Python that creates .venv, the folder `make cv` writes) are not Hydra keys and stay here.
+MAKE_VARS := PYTHON CV_DIR
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
-OVERRIDES := $(foreach o,$(call reverse,$(filter-out CV_DIR=%,$(MAKEOVERRIDES))),'$(o)')
+OVERRIDES := $(foreach o,$(call reverse,$(filter-out $(MAKE_VARS:%=%=%),$(MAKEOVERRIDES))),'$(o)')
 
 .PHONY: install train cv infer sweep evaluate test test-slow lint bench mlflow-ui mlflow-server data clean
 
