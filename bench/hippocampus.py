@@ -1,6 +1,7 @@
 """Hippocampus: held-out test Dice against minutes of CPU training, in one process on one machine, for
 (a) a plainly written MONAI tutorial recipe, (b) the kept recipe (`experiment=hippocampus`, its schedule fitted to the
-budget) and (c) its k-fold ensemble with mirror TTA, whose minutes count every member's.
+budget) and (c) its ensemble with mirror TTA, whose minutes count every member's: k folds (`--members folds`, as
+`make cv` trains them) or k final models on every non-test case with different seeds (`--members all`).
 
 Every recipe trains on the default split's training cases (the folds: on the non-test cases) and is scored on the
 same 31 held-out test cases with sliding-window inference; scoring time is not training time. (a) and (b) are scored
@@ -8,7 +9,7 @@ once their training time passes each mark, (c) once, at the largest mark. Prints
 took to a mean Dice of 0.85 and their ratio, (b)'s throughput against this machine's matrix-multiply rate, and the
 CPU class (the figures hold for that class only).
 
-    .venv/bin/python bench/hippocampus.py [--marks 5 10 20 40 80] [--folds 5] [--only a b c] [--data ...]
+    .venv/bin/python bench/hippocampus.py [--marks 5 10 20 40 80] [--folds 5] [--members folds|all] [--only a b c]
 """
 
 import argparse
@@ -111,16 +112,21 @@ def kept(args, marks: list[float]) -> tuple[list[tuple], dict]:
 
 
 def ensemble(args, minutes: float) -> tuple:
-    """(c) k folds of the kept recipe, minutes / k of training each, scored together with mirror TTA by
-    pipeline.evaluate."""
-    folder, trained = OUT / "folds", 0.0
-    for fold in range(args.folds):
+    """(c) k members of the kept recipe, minutes / k of training each, scored together with mirror TTA by
+    pipeline.evaluate: the k folds (each fold's best.pt, as `make cv` ensembles them) or, with `--members all`, k
+    `data.fold=all` models with seeds 0..k-1 (their last.pt: their best.pt was picked on cases they trained on)."""
+    folder, trained, members = OUT / args.members, 0.0, []
+    for k in range(args.folds):
+        member = ([f"data.fold={k}"] if args.members == "folds" else ["data.fold=all", f"seed={k}"])
         result = train(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
-                                         f"data.fold={fold}", f"trainer.max_minutes={minutes / args.folds}",
-                                         f"paths.run_dir={folder / str(fold)}"]))
+                                         *member, f"trainer.max_minutes={minutes / args.folds}",
+                                         f"paths.run_dir={folder / str(k)}"]))
         trained += result["train_minutes"]
-    summary = evaluate(compose("evaluate", [f"ckpt={folder}", "split=test", "tta=true", "tracking=none",
-                                            f"output={OUT / 'folds_test'}", f"paths.run_dir={OUT / 'folds_test'}"]))
+        run = RunDir(folder / str(k))
+        members.append(str(run.best if args.members == "folds" else run.last))
+    summary = evaluate(compose("evaluate", [f"ckpt=[{','.join(members)}]", "split=test", "tta=true",
+                                            "tracking=none", f"output={OUT / (args.members + '_test')}",
+                                            f"paths.run_dir={OUT / (args.members + '_test')}"]))
     dice = {name: summary["classes"][name]["dice"]["mean"] for name in CLASSES[1:]}
     return trained, summary["mean"]["dice"], dice["Anterior"], dice["Posterior"]
 
@@ -166,6 +172,8 @@ def main() -> None:
                         help="also score every minute up to this one (for the minutes to 0.85)")
     parser.add_argument("--tutorial-minutes", type=float, help="train (a) only this long (default: the largest mark)")
     parser.add_argument("--folds", type=int, default=5, help="ensemble members of (c)")
+    parser.add_argument("--members", choices=["folds", "all"], default="folds",
+                        help="(c)'s members: the k folds, or k data.fold=all models with different seeds")
     parser.add_argument("--experiment", default="hippocampus", help="the kept recipe")
     parser.add_argument("--only", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
     parser.add_argument("--data", default=str(shared_data() / "msd_hippocampus"))
@@ -177,6 +185,8 @@ def main() -> None:
     split = setup(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
                                     f"paths.run_dir={OUT / 'split'}"])).splits
     rows = {}
+    c_label = (f"{args.folds}-fold ensemble" if args.members == "folds"
+               else f"{args.folds} x data.fold=all ensemble")
     if "b" in args.only:
         print(f"(b) experiment={args.experiment}")
         rows["b"], info = kept(args, marks)
@@ -185,15 +195,14 @@ def main() -> None:
         rows["a"] = tutorial(split["train"], split["test"],
                              [m for m in marks if m <= (args.tutorial_minutes or max(marks))])
     if "c" in args.only:
-        print(f"(c) {args.folds}-fold ensemble of experiment={args.experiment}, "
-              f"{max(args.marks) / args.folds:g} min each, mirror TTA")
+        print(f"(c) {c_label}, {max(args.marks) / args.folds:g} min each, mirror TTA")
         rows["c"] = [ensemble(args, max(args.marks))]
 
     labels = {"a": "(a) MONAI tutorial recipe", "b": f"(b) experiment={args.experiment}",
-              "c": f"(c) {args.folds}-fold ensemble + TTA"}
+              "c": f"(c) {c_label} + TTA"}
     print(f"\nheld-out test split: {len(split['test'])} cases; mean Dice after N minutes of training; "
           f"{hardware.cpu_class()}")
-    print(f"{'recipe':34s}" + "".join(f"{f'{m:g} min':>9s}" for m in args.marks)
+    print(f"{'recipe':38s}" + "".join(f"{f'{m:g} min':>9s}" for m in args.marks)
           + f"{f'to {TARGET}':>11s}  final (anterior, posterior)")
     for key in ("a", "b", "c"):
         if key in rows:
@@ -202,7 +211,7 @@ def main() -> None:
             m, dice, ant, post = points[-1]
             cells = "".join(f"{at(points, m, m == max(args.marks)) if key != 'c' or m == max(args.marks) else '-':>9s}"
                             for m in args.marks)
-            print(f"{labels[key]:34s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}"
+            print(f"{labels[key]:38s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}"
                   f"  {dice:.3f} ({ant:.3f}, {post:.3f}) after {m:.1f} min")
     if "a" in rows and "b" in rows:
         ta, tb = minutes_to(rows["a"]), minutes_to(rows["b"])
