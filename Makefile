@@ -33,6 +33,8 @@ train: $(STAMP)
 # k-fold cross-validation (data.fold=0..4, one run each, in one Hydra multirun), scored as nnU-Net scores it (each
 # fold's final model on its own validation cases, pooled), then the folds' ensemble with mirror TTA scored on the
 # held-out test split, which no fold trained on: `make cv experiment=hippocampus`.
+# A stopped cv goes on with the same command plus `CV_DIR=<its folder> resume=auto`: each fold continues its own
+# last.pt (a finished fold returns at once, a missing one starts), then both evaluations run.
 CV_DIR := outputs/cv/$(shell date +%Y-%m-%d_%H-%M-%S)
 cv: $(STAMP)
 	$(BIN)/python -m pipeline.train --multirun 'data.fold=range(0,5)' hydra.sweep.dir=$(CV_DIR) $(OVERRIDES)

@@ -92,12 +92,15 @@ def setup(cfg: DictConfig) -> engine.Job:
 
 def resume_from(cfg: DictConfig) -> tuple[Path, dict] | None:
     """The last.pt to continue and its content. `resume=<path>`: that last.pt or run folder; `resume=true`: the
-    newest readable last.pt under outputs/runs/train (a newer one that is truncated or corrupt is named and skipped).
-    A submitit job whose own run folder already holds a last.pt was requeued: it continues that."""
+    newest readable last.pt under outputs/runs/train (a newer one that is truncated or corrupt is named and skipped);
+    `resume=auto`: this run folder's own last.pt if it holds one, else a fresh run (a stopped `make cv` run again into
+    its folder). A submitit job whose own run folder already holds a last.pt was requeued: it continues that too."""
     resume = cfg.get("resume")
-    if resume is None and submitit_job() and (own := RunDir(cfg.paths.run_dir).last).is_file():  # requeued
-        log.info(f"requeued job: resuming {own}")
-        return own, checkpoint.load(own)
+    if resume == "auto" or (resume is None and submitit_job()):
+        if (own := RunDir(cfg.paths.run_dir).last).is_file():
+            log.info(f"{'resume=auto' if resume else 'requeued job'}: resuming {own}")
+            return own, checkpoint.load(own)
+        return None
     if resume in (None, False):
         return None
     if resume is True:

@@ -164,3 +164,25 @@ def test_resume_true_skips_a_newer_unreadable_last_pt_and_says_which_it_took(tmp
     good.unlink()
     with pytest.raises(InputError, match=rf"^{runs}: no run with a readable last.pt to resume \({empty}: not a "):
         resume_from(OmegaConf.create({"resume": True, "paths": {"outputs": str(tmp_path / "outputs")}}))
+
+
+def test_resume_auto_continues_the_run_folders_own_last_pt_and_starts_afresh_without_one(tmp_path, caplog):
+    from pipeline.training import resume_from
+
+    def auto(run_dir):
+        return resume_from(OmegaConf.create({"resume": "auto", "paths": {"run_dir": str(run_dir)}}))
+
+    assert auto(tmp_path / "never_started") is None
+    last = checkpoint.save(tmp_path / "stopped" / "checkpoints" / "last.pt", torch.nn.Linear(4, 2), {"epoch": 3},
+                           optimizer={})
+    path, state = auto(tmp_path / "stopped")
+    assert path == last and state["config"] == {"epoch": 3}
+    assert caplog.messages[-1] == f"resume=auto: resuming {last}"
+
+
+def test_a_finished_run_given_resume_auto_returns_without_training_again(tiny_phantom, tmp_path, mlflow_store):
+    # `make cv CV_DIR=<a stopped cv> resume=auto`: the folds that had finished must not train again
+    first = train(tiny_config(tiny_phantom, tmp_path / "fold"))
+    again = train(tiny_config(tiny_phantom, tmp_path / "fold", overrides=["resume=auto"]))
+    assert first["epochs"] == again["epochs"] == 1 and len(first["step_losses"]) > 0
+    assert again["step_losses"] == [] and again["run_id"] == first["run_id"]
