@@ -210,7 +210,11 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
         raise
     finally:
         tracker.finish(status, reason)
-    minutes = (time.perf_counter() - start) / 60
+    minutes, done = (time.perf_counter() - start) / 60, state["epoch"] if state else 0
+    took = f"{result['epochs']} epochs in {minutes:.1f} min"
+    if done:  # a resumed run: say what this process did
+        took = (f"epochs {done + 1}-{result['epochs']} in {minutes:.1f} min, resumed after epoch {done}"
+                if result["epochs"] > done else f"finished before, at epoch {done}: nothing left to train")
     log.info(f"{name}: best val dice {result['best']['val_dice_mean']:.4f} at epoch {result['best']['epoch']} "
-             f"({result['epochs']} epochs in {minutes:.1f} min); checkpoints in {run_dir.checkpoints}")
+             f"({took}); checkpoints in {run_dir.checkpoints}")
     return result | {"run_name": name, "run_id": tracker.run_id, "config": cfg}

@@ -37,7 +37,7 @@ def test_two_runs_with_one_seed_are_identical(tiny_phantom, tmp_path, mlflow_sto
     assert tags["torch"] == torch.__version__
 
 
-def test_resume_after_sigkill_matches_an_unbroken_run(tiny_phantom, tmp_path, mlflow_store):
+def test_resume_after_sigkill_matches_an_unbroken_run(tiny_phantom, tmp_path, mlflow_store, caplog):
     unbroken = train(tiny_config(tiny_phantom, tmp_path / "unbroken", overrides=DETERMINISTIC))
 
     proc, last = training_process(tiny_phantom, tmp_path / "killed", *DETERMINISTIC, epoch=2)
@@ -50,6 +50,8 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tiny_phantom, tmp_path, ml
     train(OmegaConf.create({"resume": str(last)}))
     resumed = checkpoint.load(last)
     assert resumed["epoch"] == 4
+    assert f"(epochs {killed_at + 1}-4 in " in caplog.messages[-1]
+    assert f" min, resumed after epoch {killed_at}); checkpoints in" in caplog.messages[-1]
     run_id = resumed["run_id"]
     assert mlflow.MlflowClient(mlflow_store).get_run(run_id).info.status == "FINISHED"
     for key in ("train_loss", "val_dice_mean", "lr"):
@@ -180,9 +182,11 @@ def test_resume_auto_continues_the_run_folders_own_last_pt_and_starts_afresh_wit
     assert caplog.messages[-1] == f"resume=auto: resuming {last}"
 
 
-def test_a_finished_run_given_resume_auto_returns_without_training_again(tiny_phantom, tmp_path, mlflow_store):
+def test_a_finished_run_given_resume_auto_returns_without_training_again(tiny_phantom, tmp_path, mlflow_store,
+                                                                         caplog):
     # `make cv CV_DIR=<a stopped cv> resume=auto`: the folds that had finished must not train again
     first = train(tiny_config(tiny_phantom, tmp_path / "fold"))
     again = train(tiny_config(tiny_phantom, tmp_path / "fold", overrides=["resume=auto"]))
     assert first["epochs"] == again["epochs"] == 1 and len(first["step_losses"]) > 0
     assert again["step_losses"] == [] and again["run_id"] == first["run_id"]
+    assert "(finished before, at epoch 1: nothing left to train); checkpoints in" in caplog.messages[-1]
