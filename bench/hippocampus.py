@@ -116,17 +116,17 @@ def ensemble(args, minutes: float) -> tuple:
     pipeline.evaluate: the k folds (each fold's best.pt, as `make cv` ensembles them) or, with `--members all`, k
     `data.fold=all` models with seeds 0..k-1 (their last.pt: their best.pt was picked on cases they trained on)."""
     folder, trained, members = OUT / args.members, 0.0, []
+    folds = args.members == "folds"
     for k in range(args.folds):
-        member = ([f"data.fold={k}"] if args.members == "folds" else ["data.fold=all", f"seed={k}"])
+        member = [f"data.fold={k}"] if folds else ["data.fold=all", f"seed={k}"]
         result = train(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
                                          *member, f"trainer.max_minutes={minutes / args.folds}",
                                          f"paths.run_dir={folder / str(k)}"]))
         trained += result["train_minutes"]
-        run = RunDir(folder / str(k))
-        members.append(str(run.best if args.members == "folds" else run.last))
+        members.append(str(RunDir(folder / str(k)).best if folds else RunDir(folder / str(k)).last))
+    scored = OUT / f"{args.members}_test"
     summary = evaluate(compose("evaluate", [f"ckpt=[{','.join(members)}]", "split=test", "tta=true",
-                                            "tracking=none", f"output={OUT / (args.members + '_test')}",
-                                            f"paths.run_dir={OUT / (args.members + '_test')}"]))
+                                            "tracking=none", f"output={scored}", f"paths.run_dir={scored}"]))
     dice = {name: summary["classes"][name]["dice"]["mean"] for name in CLASSES[1:]}
     return trained, summary["mean"]["dice"], dice["Anterior"], dice["Posterior"]
 
