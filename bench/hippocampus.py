@@ -123,7 +123,8 @@ def ensemble(args, minutes: float) -> tuple:
                                          *member, f"trainer.max_minutes={minutes / args.folds}",
                                          f"paths.run_dir={folder / str(k)}"]))
         trained += result["train_minutes"]
-        members.append(str(RunDir(folder / str(k)).best if folds else RunDir(folder / str(k)).last))
+        run = RunDir(folder / str(k))
+        members.append(str(run.best if folds else run.last))
     scored = OUT / f"{args.members}_test"
     summary = evaluate(compose("evaluate", [f"ckpt=[{','.join(members)}]", "split=test", "tta=true",
                                             "tracking=none", f"output={scored}", f"paths.run_dir={scored}"]))
