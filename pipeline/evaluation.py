@@ -28,7 +28,7 @@ from pipeline.errors import InputError
 from pipeline.files import atomic
 from pipeline.inference import PredictOptions, checkpoints, infer, postprocess
 from pipeline.io import NIFTI, SITK, Volume, in_ras, label_fault, ras_spacing, read_array
-from pipeline.metrics import METRICS, case_scores, summarize
+from pipeline.metrics import METRICS, case_scores, paired_difference, summarize
 from pipeline.rundir import RunDir
 from pipeline.tracking import tracking_errors
 
@@ -215,6 +215,39 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def scored_dice(path: Path) -> tuple[Path, dict[tuple[str, str], float]]:
+    """(case, class) -> Dice of an earlier evaluation: its folder or its per_case.csv."""
+    path = path / "per_case.csv" if path.is_dir() else path
+    if not path.is_file():
+        raise InputError(f"{path}: not found; compare= takes an evaluation's folder or its per_case.csv")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return path, {(r["case"], r["class"]): float(r["dice"]) for r in rows}
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path}: not a per_case.csv of pipeline.evaluate (needs case, class and dice in every row)"
+                         ) from err
+
+
+def compared(rows: list[dict], path: Path, theirs: dict[tuple[str, str], float], class_names: list[str]) -> dict:
+    """This evaluation's Dice minus an earlier one's on the same cases, per class and as the mean over classes of
+    each case (the figure the summary averages), with paired_difference's interval and test."""
+    ours = {(r["case"], r["class"]): r["dice"] for r in rows}
+    if ours.keys() != theirs.keys():
+        extra, missing = sorted(theirs.keys() - ours.keys()), sorted(ours.keys() - theirs.keys())
+        what = (f"scores case {extra[0][0]} ({extra[0][1]}), which this evaluation does not" if extra
+                else f"has no score for case {missing[0][0]} ({missing[0][1]})")
+        raise InputError(f"{path}: {what}; a paired comparison takes the same cases and classes")
+    cases = sorted({case for case, _ in ours})
+
+    def per_case(scores, name=None):
+        return {c: float(np.mean([scores[c, n] for n in class_names[1:] if name in (None, n)])) for c in cases}
+
+    return {"against": str(path.resolve()), "metric": "dice",
+            "mean": paired_difference(per_case(ours), per_case(theirs)),
+            "classes": {n: paired_difference(per_case(ours, n), per_case(theirs, n)) for n in class_names[1:]}}
+
+
 def table(summary: dict) -> str:
     """Per-class means of the main metrics, one line per class."""
     lines = [f"{'class':14s}" + "".join(f"{m:>10s}" for m in PRINTED)]
@@ -229,6 +262,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """Score, write files, log; returns the summary."""
     out_dir = Path(cfg.output)
     bundle, source = None, {}
+    against = scored_dice(Path(cfg.compare)) if cfg.get("compare") else None  # read first: out_dir may be the same
     # one, or an ensemble (a list, a folder, the k folds)
     # split=cv scores each fold's final model (last.pt): its best.pt was picked on the very cases cv scores
     members = checkpoints(cfg.ckpt, final=cfg.split == "cv") if cfg.ckpt is not None else []
@@ -261,6 +295,12 @@ def evaluate(cfg: DictConfig) -> dict:
         rows += [{"case": case.id} | r for r in scores]
         if cfg.check_postprocessing:
             post.append(postprocessing_dice(pred, truth, class_names))
+    comparison = compared(rows, *against, class_names) if against else None
+    if comparison:
+        m = comparison["mean"]
+        source["compared with"] = (f"{comparison['against']}: mean Dice {m['difference']:+.4f} (95% paired bootstrap "
+                                   f"{m['ci95'][0]:+.4f}..{m['ci95'][1]:+.4f}, {m['cases']} cases; higher in "
+                                   f"{m['higher']}, lower in {m['lower']}; Wilcoxon p {m['wilcoxon_p']:.3g})")
     summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm,
                                               "source": source}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,6 +308,11 @@ def evaluate(cfg: DictConfig) -> dict:
     with atomic(out_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     files.append(out_dir / "summary.json")
+
+    if comparison:
+        with atomic(out_dir / "comparison.json") as tmp:
+            tmp.write_text(json.dumps(comparison, indent=1))
+        files.append(out_dir / "comparison.json")
 
     if cfg.check_postprocessing:
         checked = postprocessing_advice(post, class_names)
@@ -299,6 +344,11 @@ def evaluate(cfg: DictConfig) -> dict:
                               curves if curves and curves.is_file() else None))
 
     log.info(table(summary))
+    if comparison:
+        log.info(f"against {source['compared with']}")
+        for name, d in comparison["classes"].items():
+            log.info(f"  {name}: {d['difference']:+.4f} ({d['ci95'][0]:+.4f}..{d['ci95'][1]:+.4f}, "
+                     f"Wilcoxon p {d['wilcoxon_p']:.3g})")
     log.info(f"{len(cases)} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
     log_to_tracking(cfg, summary, files, out_dir, bundle)
     return summary

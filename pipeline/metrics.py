@@ -14,6 +14,7 @@ from monai.metrics import (
     get_confusion_matrix,
 )
 from monai.networks.utils import one_hot
+from scipy.stats import bootstrap, wilcoxon
 
 
 class SegmentationScores:
@@ -141,3 +142,17 @@ def summarize(rows: list[dict], class_names: list[str]) -> dict:
         means = [c[metric]["mean"] for c in summary["classes"].values() if c[metric]["mean"] is not None]
         summary["mean"][metric] = float(np.mean(means)) if means else None
     return summary
+
+
+def paired_difference(ours: dict[str, float], theirs: dict[str, float], resamples: int = 10_000) -> dict:
+    """Mean of ours - theirs over the same cases, its 95% interval from paired bootstrap resamples of the cases
+    (percentile) and the Wilcoxon signed-rank p-value: does a change beat the case-to-case spread of one test set?"""
+    diff = np.array([ours[c] - theirs[c] for c in sorted(ours)])
+    if np.ptp(diff) < 1e-12:  # every case moved alike (e.g. not at all): nothing to resample, the interval is a point
+        low = high = float(diff[0])
+    else:
+        ci = bootstrap((diff,), np.mean, n_resamples=resamples, method="percentile", rng=np.random.default_rng(0))
+        low, high = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
+    return {"cases": len(diff), "difference": float(diff.mean()), "ci95": [low, high],
+            "higher": int((diff > 0).sum()), "lower": int((diff < 0).sum()),
+            "wilcoxon_p": float(wilcoxon(diff).pvalue) if diff.any() else 1.0}

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline import checkpoint, project_root
 from pipeline.errors import InputError
 from pipeline.evaluation import evaluate
-from pipeline.metrics import case_scores, summarize
+from pipeline.metrics import case_scores, paired_difference, summarize
 from pipeline.plots import OVERLAY_SIZE
 from pipeline.training import train
 from tests.conftest import compose_config, tiny_config
@@ -163,6 +163,58 @@ def test_folder_run_is_one_new_mlflow_run(folder_run, mlflow_store):
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "evaluation")}
     assert {"evaluation/per_case.csv", "evaluation/summary.json", "evaluation/report.html",
             "evaluation/overlays"} <= logged
+
+
+def test_paired_difference_matches_hand_computed_values():
+    theirs = {c: 0.8 for c in "abcde"}
+    ours = dict(zip("abcde", (0.9, 0.85, 0.8, 0.7, 0.95)))  # differences +0.1 +0.05 0 -0.1 +0.15
+    d = paired_difference(ours, theirs)
+    assert d["cases"] == 5 and d["difference"] == pytest.approx(0.04)
+    assert (d["higher"], d["lower"]) == (3, 1)
+    assert -0.1 < d["ci95"][0] < 0.04 < d["ci95"][1] < 0.15  # resampled means lie within the differences' range
+    # Wilcoxon, zeros dropped: |d| ranks 0.05 -> 1, 0.1 and 0.1 -> 2.5 each, 0.15 -> 4; the negative ranks sum to 2.5
+    assert d["wilcoxon_p"] > 0.2
+    shifted = paired_difference({c: v + 0.01 for c, v in theirs.items()}, theirs)
+    assert shifted["difference"] == pytest.approx(0.01) and shifted["ci95"] == pytest.approx([0.01, 0.01])
+    same = paired_difference(theirs, theirs)
+    assert (same["difference"], same["ci95"], same["wilcoxon_p"]) == (0.0, [0.0, 0.0], 1.0)
+
+
+def test_compare_scores_the_paired_difference_against_an_earlier_evaluation(folder_run, tiny_phantom, tmp_path):
+    _, earlier, ids = folder_run
+    with open(earlier / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    case_dice = {i: np.mean([float(r["dice"]) for r in rows if r["case"] == i]) for i in ids}
+    perfect = tmp_path / "perfect"  # the ground truth itself as the prediction: Dice 1 for every case and class
+    perfect.mkdir()
+    for i in ids:
+        shutil.copy(tiny_phantom / "labelsTr" / f"{i}.nii.gz", perfect / f"{i}.nii.gz")
+    args = [f"truth={tiny_phantom / 'dataset.json'}", "overlays=0", "tracking=none"]
+    summary = evaluate(compose_config("evaluate", [f"pred={perfect}", f"compare={earlier}",
+                                                   f"output={tmp_path / 'out'}", *args], tmp_path))
+    written = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert written["against"] == str((earlier / "per_case.csv").resolve())
+    mean = written["mean"]
+    assert mean["difference"] == pytest.approx(np.mean([1 - v for v in case_dice.values()]))
+    assert (mean["cases"], mean["higher"], mean["lower"]) == (3, 2, 0)  # the exact case ties
+    assert written["classes"]["lesion"]["difference"] == pytest.approx(
+        np.mean([1 - float(r["dice"]) for r in rows if r["class"] == "lesion"]))
+    assert summary["source"]["compared with"].startswith(f"{written['against']}: mean Dice +{mean['difference']:.4f}")
+    assert "<th>compared with</th>" in (tmp_path / "out" / "report.html").read_text()
+
+    itself = evaluate(compose_config("evaluate", [f"pred={perfect}", f"compare={tmp_path / 'out'}",
+                                                  f"output={tmp_path / 'again'}", *args], tmp_path))
+    assert "mean Dice +0.0000 (95% paired bootstrap +0.0000..+0.0000, 3 cases" in itself["source"]["compared with"]
+
+    fewer = tmp_path / "fewer.csv"  # an evaluation of other cases cannot be paired
+    fewer.write_text("".join(line for line in open(earlier / "per_case.csv") if not line.startswith(ids[2])))
+    with pytest.raises(InputError, match=rf"^{fewer}: has no score for case {ids[2]} \(lesion\); a paired"):
+        evaluate(compose_config("evaluate", [f"pred={perfect}", f"compare={fewer}", f"output={tmp_path / 'x'}",
+                                             *args], tmp_path))
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'nowhere'}: not found; compare= takes"):
+        evaluate(compose_config("evaluate", [f"pred={perfect}", f"compare={tmp_path / 'nowhere'}",
+                                             f"output={tmp_path / 'x'}", *args], tmp_path))
+    assert not (tmp_path / "x").exists()  # nothing written by either
 
 
 def chromium() -> str:
