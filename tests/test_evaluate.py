@@ -214,7 +214,12 @@ def test_compare_scores_the_paired_difference_against_an_earlier_evaluation(fold
     with pytest.raises(InputError, match=rf"^{tmp_path / 'nowhere'}: not found; compare= takes"):
         evaluate(compose_config("evaluate", [f"pred={perfect}", f"compare={tmp_path / 'nowhere'}",
                                              f"output={tmp_path / 'x'}", *args], tmp_path))
-    assert not (tmp_path / "x").exists()  # nothing written by either
+    junk = tmp_path / "junk.csv"
+    junk.write_text("case,score\nphantom_000,0.9\n")
+    with pytest.raises(InputError, match=rf"^{junk}: not a per_case.csv of pipeline.evaluate"):
+        evaluate(compose_config("evaluate", [f"pred={perfect}", f"compare={junk}", f"output={tmp_path / 'x'}",
+                                             *args], tmp_path))
+    assert not (tmp_path / "x").exists()  # nothing written by any of them
 
 
 def chromium() -> str:
