@@ -227,8 +227,8 @@ def postprocess(labels: np.ndarray, largest_component=(), num_components: int = 
     if largest_component:
         t = KeepLargestConnectedComponent(applied_labels=list(largest_component), is_onehot=False, independent=True,
                                           num_components=num_components)(t)
-    if fill_holes:
-        t = FillHoles(applied_labels=list(fill_holes))(t)
+    if fill_holes:  # background voxels only: MONAI's FillHoles (in place) also paints over a class inside another
+        t = torch.where(t == 0, FillHoles(applied_labels=list(fill_holes))(t.clone()), t)  # (a lesion in an organ)
     return np.asarray(t[0])
 
 

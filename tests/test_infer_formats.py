@@ -104,6 +104,18 @@ def test_postprocessing_on_hand_built_masks():
     assert (out == 2).sum() == 125
 
 
+def test_filling_a_class_s_holes_keeps_the_classes_it_encloses():
+    """An organ with a lesion inside and a background void: the void becomes organ, the lesion stays (MONAI's
+    FillHoles alone paints the lesion over too)."""
+    labels = np.zeros((12, 12, 12), np.uint8)
+    labels[2:10, 2:10, 2:10] = 1
+    labels[4:6, 4:6, 4:6] = 2          # 8 lesion voxels inside the organ
+    labels[7, 7, 7] = 0                # one enclosed background voxel
+    out = postprocess(labels, fill_holes=[1], num_classes=3)
+    assert out[7, 7, 7] == 1 and (out == 2).sum() == 8
+    assert (out != labels).sum() == 1
+
+
 def test_folder_run_skips_existing_goes_on_after_a_bad_file_and_exits_nonzero(threshold_ckpt, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
