@@ -262,7 +262,10 @@ def evaluate(cfg: DictConfig) -> dict:
     """Score, write files, log; returns the summary."""
     out_dir = Path(cfg.output)
     bundle, source = None, {}
-    against = scored_dice(Path(cfg.compare)) if cfg.get("compare") else None  # read first: out_dir may be the same
+    against = scored_dice(Path(cfg.compare)) if cfg.get("compare") else None
+    if against and against[0].resolve() == (out_dir / "per_case.csv").resolve():
+        raise InputError(f"{against[0]}: this evaluation would overwrite it (output={out_dir}); compare= takes an "
+                         "earlier evaluation's folder, not this one's")
     # one, or an ensemble (a list, a folder, the k folds)
     # split=cv scores each fold's final model (last.pt): its best.pt was picked on the very cases cv scores
     members = checkpoints(cfg.ckpt, final=cfg.split == "cv") if cfg.ckpt is not None else []

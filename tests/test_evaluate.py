@@ -214,6 +214,9 @@ def test_compare_scores_the_paired_difference_against_an_earlier_evaluation(fold
     with pytest.raises(InputError, match=rf"^{tmp_path / 'nowhere'}: not found; compare= takes"):
         evaluate(compose_config("evaluate", [f"pred={perfect}", f"compare={tmp_path / 'nowhere'}",
                                              f"output={tmp_path / 'x'}", *args], tmp_path))
+    with pytest.raises(InputError, match=rf"^{earlier / 'per_case.csv'}: this evaluation would overwrite it"):
+        evaluate(compose_config("evaluate", [f"pred={perfect}", f"compare={earlier}", f"output={earlier}", *args],
+                                tmp_path))
     junk = tmp_path / "junk.csv"
     junk.write_text("case,score\nphantom_000,0.9\n")
     with pytest.raises(InputError, match=rf"^{junk}: not a per_case.csv of pipeline.evaluate"):
