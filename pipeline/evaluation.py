@@ -215,37 +215,48 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def scored_dice(path: Path) -> tuple[Path, dict[tuple[str, str], float]]:
-    """(case, class) -> Dice of an earlier evaluation: its folder or its per_case.csv."""
+def scored_dice(path: Path) -> tuple[Path, list[dict]]:
+    """The rows (case, class, dice) of an earlier evaluation: its folder or its per_case.csv."""
     path = path / "per_case.csv" if path.is_dir() else path
     if not path.is_file():
         raise InputError(f"{path}: not found; compare= takes an evaluation's folder or its per_case.csv")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     try:
-        return path, {(r["case"], r["class"]): float(r["dice"]) for r in rows}
+        return path, [{"case": r["case"], "class": r["class"], "dice": float(r["dice"])} for r in rows]
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{path}: not a per_case.csv of pipeline.evaluate (needs case, class and dice in every row)"
                          ) from err
 
 
-def compared(rows: list[dict], path: Path, theirs: dict[tuple[str, str], float], class_names: list[str]) -> dict:
-    """This evaluation's Dice minus an earlier one's on the same cases, per class and as the mean over classes of
-    each case (the figure the summary averages), with paired_difference's interval and test."""
-    ours = {(r["case"], r["class"]): r["dice"] for r in rows}
-    if ours.keys() != theirs.keys():
-        extra, missing = sorted(theirs.keys() - ours.keys()), sorted(ours.keys() - theirs.keys())
+def case_dice(rows: list[dict], class_name: str | None = None) -> dict[str, float]:
+    """case -> its Dice: the mean over classes (what the summary's mean averages and the overlays rank by), or one
+    class's."""
+    by_case = {}
+    for r in rows:
+        if class_name in (None, r["class"]):
+            by_case.setdefault(r["case"], []).append(r["dice"])
+    return {case: float(np.mean(dice)) for case, dice in by_case.items()}
+
+
+def compared(rows: list[dict], path: Path, earlier: list[dict], class_names: list[str]) -> dict:
+    """This evaluation's Dice minus an earlier one's on the same cases, per case and per class, with
+    paired_difference's interval and test."""
+    ours, theirs = ({(r["case"], r["class"]) for r in rs} for rs in (rows, earlier))
+    if ours != theirs:
+        extra, missing = sorted(theirs - ours), sorted(ours - theirs)
         what = (f"scores case {extra[0][0]} ({extra[0][1]}), which this evaluation does not" if extra
                 else f"has no score for case {missing[0][0]} ({missing[0][1]})")
         raise InputError(f"{path}: {what}; a paired comparison takes the same cases and classes")
-    cases = sorted({case for case, _ in ours})
-
-    def per_case(scores, name=None):
-        return {c: float(np.mean([scores[c, n] for n in class_names[1:] if name in (None, n)])) for c in cases}
-
     return {"against": str(path.resolve()), "metric": "dice",
-            "mean": paired_difference(per_case(ours), per_case(theirs)),
-            "classes": {n: paired_difference(per_case(ours, n), per_case(theirs, n)) for n in class_names[1:]}}
+            "mean": paired_difference(case_dice(rows), case_dice(earlier)),
+            "classes": {n: paired_difference(case_dice(rows, n), case_dice(earlier, n)) for n in class_names[1:]}}
+
+
+def difference_text(d: dict) -> str:
+    """One paired_difference as printed: the difference, its interval, the cases that rose and fell, the test."""
+    return (f"{d['difference']:+.4f} (95% paired bootstrap {d['ci95'][0]:+.4f}..{d['ci95'][1]:+.4f}, {d['cases']} "
+            f"cases; higher in {d['higher']}, lower in {d['lower']}; Wilcoxon p {d['wilcoxon_p']:.3g})")
 
 
 def table(summary: dict) -> str:
@@ -300,10 +311,7 @@ def evaluate(cfg: DictConfig) -> dict:
             post.append(postprocessing_dice(pred, truth, class_names))
     comparison = compared(rows, *against, class_names) if against else None
     if comparison:
-        m = comparison["mean"]
-        source["compared with"] = (f"{comparison['against']}: mean Dice {m['difference']:+.4f} (95% paired bootstrap "
-                                   f"{m['ci95'][0]:+.4f}..{m['ci95'][1]:+.4f}, {m['cases']} cases; higher in "
-                                   f"{m['higher']}, lower in {m['lower']}; Wilcoxon p {m['wilcoxon_p']:.3g})")
+        source["compared with"] = f"{comparison['against']}: mean Dice {difference_text(comparison['mean'])}"
     summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm,
                                               "source": source}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,8 +334,8 @@ def evaluate(cfg: DictConfig) -> dict:
         log.info(f"recommended: {checked['infer_overrides'] or 'none (no option raised a class mean Dice)'}")
 
     # Overlays: the worst cases by mean Dice over classes, plus any asked for by id.
-    case_dice = {c.id: float(np.mean([r["dice"] for r in rows if r["case"] == c.id])) for c in cases}
-    chosen = sorted(case_dice, key=case_dice.get)[: cfg.overlays]
+    mean_dice = case_dice(rows)
+    chosen = sorted(mean_dice, key=mean_dice.get)[: cfg.overlays]
     chosen += [c for c in cfg.cases if c not in chosen]
     overlays = {}
     for cid in chosen:
@@ -339,8 +347,8 @@ def evaluate(cfg: DictConfig) -> dict:
             image = image[..., 0] if image.ndim == 4 else image
             image = in_ras(image.astype(np.float32), image_affine) if image.shape == truth.shape else None
         png = plots.overlay(image, in_ras(truth, affine), in_ras(pred, affine), ras_spacing(affine), class_names,
-                            out_dir / "overlays" / f"{cid}.png", title=f"{cid}: mean Dice {case_dice[cid]:.3f}")
-        overlays[cid] = (png, case_dice[cid])
+                            out_dir / "overlays" / f"{cid}.png", title=f"{cid}: mean Dice {mean_dice[cid]:.3f}")
+        overlays[cid] = (png, mean_dice[cid])
         files.append(png)
     curves = RunDir.of(members[0]).curves if len(members) == 1 else None
     files.append(report.write(out_dir / "report.html", rows, summary, source, overlays,
@@ -350,8 +358,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if comparison:
         log.info(f"against {source['compared with']}")
         for name, d in comparison["classes"].items():
-            log.info(f"  {name}: {d['difference']:+.4f} ({d['ci95'][0]:+.4f}..{d['ci95'][1]:+.4f}, "
-                     f"Wilcoxon p {d['wilcoxon_p']:.3g})")
+            log.info(f"  {name}: {difference_text(d)}")
     log.info(f"{len(cases)} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
     log_to_tracking(cfg, summary, files, out_dir, bundle)
     return summary

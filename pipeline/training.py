@@ -210,7 +210,8 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
         raise
     finally:
         tracker.finish(status, reason)
-    minutes, done = (time.perf_counter() - start) / 60, state["epoch"] if state else 0
+    minutes = (time.perf_counter() - start) / 60
+    done = state["epoch"] if state else 0  # epochs finished before this process began
     took = f"{result['epochs']} epochs in {minutes:.1f} min"
     if done:  # a resumed run: say what this process did
         took = (f"epochs {done + 1}-{result['epochs']} in {minutes:.1f} min, resumed after epoch {done}"
