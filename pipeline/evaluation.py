@@ -215,32 +215,35 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def scored_dice(path: Path) -> tuple[Path, list[dict]]:
-    """The rows (case, class, dice) of an earlier evaluation: its folder or its per_case.csv."""
+COMPARED = {"dice": "Dice", "nsd": "NSD", "hd95_mm": "HD95 mm"}  # compare=: the metrics paired, as printed
+
+
+def scored(path: Path) -> tuple[Path, list[dict]]:
+    """The rows (case, class and the COMPARED metrics) of an earlier evaluation: its folder or its per_case.csv."""
     path = path / "per_case.csv" if path.is_dir() else path
     if not path.is_file():
         raise InputError(f"{path}: not found; compare= takes an evaluation's folder or its per_case.csv")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     try:
-        return path, [{"case": r["case"], "class": r["class"], "dice": float(r["dice"])} for r in rows]
+        return path, [{"case": r["case"], "class": r["class"]} | {m: float(r[m]) for m in COMPARED} for r in rows]
     except (KeyError, TypeError, ValueError) as err:
-        raise InputError(f"{path}: not a per_case.csv of pipeline.evaluate (needs case, class and dice in every row)"
-                         ) from err
+        raise InputError(f"{path}: not a per_case.csv of pipeline.evaluate (needs case, class, "
+                         f"{', '.join(COMPARED)} in every row)") from err
 
 
-def case_dice(rows: list[dict], class_name: str | None = None) -> dict[str, float]:
-    """case -> its Dice: the mean over classes (what the summary's mean averages and the overlays rank by), or one
+def case_means(rows: list[dict], metric: str = "dice", class_name: str | None = None) -> dict[str, float]:
+    """case -> one metric: the mean over classes (what the summary's mean averages and the overlays rank by), or one
     class's."""
     by_case = {}
     for r in rows:
         if class_name in (None, r["class"]):
-            by_case.setdefault(r["case"], []).append(r["dice"])
-    return {case: float(np.mean(dice)) for case, dice in by_case.items()}
+            by_case.setdefault(r["case"], []).append(r[metric])
+    return {case: float(np.mean(values)) for case, values in by_case.items()}
 
 
 def compared(rows: list[dict], path: Path, earlier: list[dict], class_names: list[str]) -> dict:
-    """This evaluation's Dice minus an earlier one's on the same cases, per case and per class, with
+    """This evaluation's Dice, NSD and HD95 minus an earlier one's on the same cases, per case and per class, with
     paired_difference's interval and test."""
     ours, theirs = ({(r["case"], r["class"]) for r in rs} for rs in (rows, earlier))
     if ours != theirs:
@@ -248,9 +251,11 @@ def compared(rows: list[dict], path: Path, earlier: list[dict], class_names: lis
         what = (f"scores case {extra[0][0]} ({extra[0][1]}), which this evaluation does not" if extra
                 else f"has no score for case {missing[0][0]} ({missing[0][1]})")
         raise InputError(f"{path}: {what}; a paired comparison takes the same cases and classes")
-    return {"against": str(path.resolve()), "metric": "dice",
-            "mean": paired_difference(case_dice(rows), case_dice(earlier)),
-            "classes": {n: paired_difference(case_dice(rows, n), case_dice(earlier, n)) for n in class_names[1:]}}
+    return {"against": str(path.resolve()),
+            **{m: {"mean": paired_difference(case_means(rows, m), case_means(earlier, m)),
+                   "classes": {n: paired_difference(case_means(rows, m, n), case_means(earlier, m, n))
+                               for n in class_names[1:]}}
+               for m in COMPARED}}
 
 
 def difference_text(d: dict) -> str:
@@ -273,7 +278,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """Score, write files, log; returns the summary."""
     out_dir = Path(cfg.output)
     bundle, source = None, {}
-    against = scored_dice(Path(cfg.compare)) if cfg.get("compare") else None
+    against = scored(Path(cfg.compare)) if cfg.get("compare") else None
     if against and against[0].resolve() == (out_dir / "per_case.csv").resolve():
         raise InputError(f"{against[0]}: this evaluation would overwrite it (output={out_dir}); compare= takes an "
                          "earlier evaluation's folder, not this one's")
@@ -311,7 +316,7 @@ def evaluate(cfg: DictConfig) -> dict:
             post.append(postprocessing_dice(pred, truth, class_names))
     comparison = compared(rows, *against, class_names) if against else None
     if comparison:
-        source["compared with"] = f"{comparison['against']}: mean Dice {difference_text(comparison['mean'])}"
+        source["compared with"] = f"{comparison['against']}: mean Dice {difference_text(comparison['dice']['mean'])}"
     summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm,
                                               "source": source}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -334,7 +339,7 @@ def evaluate(cfg: DictConfig) -> dict:
         log.info(f"recommended: {checked['infer_overrides'] or 'none (no option raised a class mean Dice)'}")
 
     # Overlays: the worst cases by mean Dice over classes, plus any asked for by id.
-    mean_dice = case_dice(rows)
+    mean_dice = case_means(rows)
     chosen = sorted(mean_dice, key=mean_dice.get)[: cfg.overlays]
     chosen += [c for c in cfg.cases if c not in chosen]
     overlays = {}
@@ -356,9 +361,11 @@ def evaluate(cfg: DictConfig) -> dict:
 
     log.info(table(summary))
     if comparison:
-        log.info(f"against {source['compared with']}")
-        for name, d in comparison["classes"].items():
-            log.info(f"  {name}: {difference_text(d)}")
+        log.info(f"against {comparison['against']}, this evaluation minus that one:")
+        for metric, label in COMPARED.items():
+            log.info(f"  mean {label}: {difference_text(comparison[metric]['mean'])}")
+            for name, d in comparison[metric]["classes"].items():
+                log.info(f"    {name}: {difference_text(d)}")
     log.info(f"{len(cases)} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
     log_to_tracking(cfg, summary, files, out_dir, bundle)
     return summary

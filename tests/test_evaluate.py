@@ -184,7 +184,8 @@ def test_compare_scores_the_paired_difference_against_an_earlier_evaluation(fold
     _, earlier, ids = folder_run
     with open(earlier / "per_case.csv") as f:
         rows = list(csv.DictReader(f))
-    case_dice = {i: np.mean([float(r["dice"]) for r in rows if r["case"] == i]) for i in ids}
+    def case_mean(metric):
+        return {i: np.mean([float(r[metric]) for r in rows if r["case"] == i]) for i in ids}
     perfect = tmp_path / "perfect"  # the ground truth itself as the prediction: Dice 1 for every case and class
     perfect.mkdir()
     for i in ids:
@@ -194,11 +195,16 @@ def test_compare_scores_the_paired_difference_against_an_earlier_evaluation(fold
                                                    f"output={tmp_path / 'out'}", *args], tmp_path))
     written = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert written["against"] == str((earlier / "per_case.csv").resolve())
-    mean = written["mean"]
-    assert mean["difference"] == pytest.approx(np.mean([1 - v for v in case_dice.values()]))
+    mean = written["dice"]["mean"]
+    assert mean["difference"] == pytest.approx(np.mean([1 - v for v in case_mean("dice").values()]))
     assert (mean["cases"], mean["higher"], mean["lower"]) == (3, 2, 0)  # the exact case ties
-    assert written["classes"]["lesion"]["difference"] == pytest.approx(
+    assert written["dice"]["classes"]["lesion"]["difference"] == pytest.approx(
         np.mean([1 - float(r["dice"]) for r in rows if r["class"] == "lesion"]))
+    # a perfect prediction: NSD 1 and HD95 0 mm in every case, so the differences are 1 - NSD and -HD95 of the earlier
+    assert written["nsd"]["mean"]["difference"] == pytest.approx(np.mean([1 - v for v in case_mean("nsd").values()]))
+    hd95 = written["hd95_mm"]["mean"]
+    assert hd95["difference"] == pytest.approx(-np.mean(list(case_mean("hd95_mm").values())))
+    assert hd95["higher"] == 0 and hd95["difference"] < 0
     assert summary["source"]["compared with"].startswith(f"{written['against']}: mean Dice +{mean['difference']:.4f}")
     assert "<th>compared with</th>" in (tmp_path / "out" / "report.html").read_text()
 
