@@ -1,7 +1,9 @@
 """Hippocampus: held-out test Dice against minutes of CPU training, in one process on one machine, for
 (a) a plainly written MONAI tutorial recipe, (b) the kept recipe (`experiment=hippocampus`, its schedule fitted to the
 budget) and (c) its ensemble with mirror TTA, whose minutes count every member's: k folds (`--members folds`, as
-`make cv` trains them) or k final models on every non-test case with different seeds (`--members all`).
+`make cv` trains them) or k final models on every non-test case with different seeds (`--members all`). (d), asked for
+with `--only ... d --budgets ...`: what a user given N minutes gets, one run per budget with its schedule fitted to
+it (`trainer.max_minutes=N`, `--budget-experiment`, by default the short-budget recipe `hippocampus_fast`).
 
 Every recipe trains on the default split's training cases (the folds: on the non-test cases) and is scored on the
 same 31 held-out test cases with sliding-window inference; scoring time is not training time. (a) and (b) are scored
@@ -10,6 +12,7 @@ took to a mean Dice of 0.85 and their ratio, (b)'s throughput against this machi
 CPU class (the figures hold for that class only).
 
     .venv/bin/python bench/hippocampus.py [--marks 5 10 20 40 80] [--folds 5] [--members folds|all] [--only a b c]
+    .venv/bin/python bench/hippocampus.py --only a d --budgets 1 2 3 5 --tutorial-minutes 10 --marks 1 2 3 5 10
 """
 
 import argparse
@@ -93,11 +96,12 @@ def tutorial(train_cases, test_cases, marks: list[float]) -> list[tuple]:
     return points
 
 
-def kept(args, marks: list[float]) -> tuple[list[tuple], dict]:
-    """(b) the kept recipe, trained by the project's engine with its schedule fitted to the largest mark."""
-    cfg = compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
+def kept(experiment: str, data: str, marks: list[float], run_dir) -> tuple[list[tuple], dict]:
+    """(b) the kept recipe, trained by the project's engine with its schedule fitted to the largest mark and scored on
+    the test split as it passes each mark and at its end. (d) is one such run per budget, with one mark."""
+    cfg = compose("train", [f"experiment={experiment}", f"data.root={data}", "tracking=none",
                             f"trainer.max_minutes={max(marks)}", f"trainer.val_minutes=[{','.join(map(str, marks))}]",
-                            "trainer.val_every=1000000", f"paths.run_dir={OUT / 'kept'}"])
+                            "trainer.val_every=1000000", f"paths.run_dir={run_dir}"])
     run = setup(cfg)
     # so that `pipeline.evaluate ckpt=<kept>/checkpoints/last.pt split=test` works
     save_splits(run.splits, cfg.paths.run_dir)
@@ -165,6 +169,16 @@ def at(points, mark: float, last: bool) -> str:
     return f"{hit[1]:.3f}" if hit else "-"
 
 
+def cell(key: str, points, mark: float, largest: float, budgets: dict) -> str:
+    """One table cell: (a), (b) scored as they passed the mark; (c) only at the largest mark; (d) the run whose budget
+    the mark is."""
+    if key == "c":
+        return at(points, mark, True) if mark == largest else "-"
+    if key == "d":
+        return f"{budgets[mark][1]:.3f}" if mark in budgets else "-"
+    return at(points, mark, mark == largest)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--marks", type=float, nargs="+", default=[5, 10, 20, 40, 80],
@@ -176,7 +190,10 @@ def main() -> None:
     parser.add_argument("--members", choices=["folds", "all"], default="folds",
                         help="(c)'s members: the k folds, or k data.fold=all models with different seeds")
     parser.add_argument("--experiment", default="hippocampus", help="the kept recipe")
-    parser.add_argument("--only", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
+    parser.add_argument("--only", nargs="+", choices=["a", "b", "c", "d"], default=["a", "b", "c"])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1, 2, 3, 5],
+                        help="(d): minutes of training, one run fitted to each")
+    parser.add_argument("--budget-experiment", default="hippocampus_fast", help="(d)'s recipe")
     parser.add_argument("--data", default=str(shared_data() / "msd_hippocampus"))
     args = parser.parse_args()
     marks = sorted(set(args.marks) | {float(m) for m in range(1, int(args.fine) + 1)})
@@ -190,7 +207,7 @@ def main() -> None:
                else f"{args.folds} x data.fold=all ensemble")
     if "b" in args.only:
         print(f"(b) experiment={args.experiment}")
-        rows["b"], info = kept(args, marks)
+        rows["b"], info = kept(args.experiment, args.data, marks, OUT / "kept")
     if "a" in args.only:
         print("(a) tutorial recipe")
         rows["a"] = tutorial(split["train"], split["test"],
@@ -198,26 +215,31 @@ def main() -> None:
     if "c" in args.only:
         print(f"(c) {c_label}, {max(args.marks) / args.folds:g} min each, mirror TTA")
         rows["c"] = [ensemble(args, max(args.marks))]
+    if "d" in args.only:
+        print(f"(d) experiment={args.budget_experiment}, one run fitted to each budget: {args.budgets} min")
+        rows["d"] = [kept(args.budget_experiment, args.data, [b], OUT / f"budget_{b:g}")[0][-1]
+                     for b in sorted(args.budgets)]
 
     labels = {"a": "(a) MONAI tutorial recipe", "b": f"(b) experiment={args.experiment}",
-              "c": f"(c) {c_label} + TTA"}
+              "c": f"(c) {c_label} + TTA", "d": f"(d) {args.budget_experiment}, fitted"}
+    budgets = dict(zip(sorted(args.budgets), rows.get("d", [])))  # (d): budget -> its run's final score
     print(f"\nheld-out test split: {len(split['test'])} cases; mean Dice after N minutes of training; "
           f"{hardware.cpu_class()}")
     print(f"{'recipe':38s}" + "".join(f"{f'{m:g} min':>9s}" for m in args.marks)
           + f"{f'to {TARGET}':>11s}  final (anterior, posterior)")
-    for key in ("a", "b", "c"):
+    for key in ("a", "b", "c", "d"):
         if key in rows:
             points = rows[key]
             reach = minutes_to(points) if key != "c" else None
             m, dice, ant, post = points[-1]
-            cells = "".join(f"{at(points, m, m == max(args.marks)) if key != 'c' or m == max(args.marks) else '-':>9s}"
-                            for m in args.marks)
+            cells = "".join(f"{cell(key, points, mark, max(args.marks), budgets):>9s}" for mark in args.marks)
             print(f"{labels[key]:38s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}"
                   f"  {dice:.3f} ({ant:.3f}, {post:.3f}) after {m:.1f} min")
-    if "a" in rows and "b" in rows:
-        ta, tb = minutes_to(rows["a"]), minutes_to(rows["b"])
-        if ta and tb:
-            print(f"minutes to {TARGET}: (b) x{ta / tb:.1f} sooner than (a)")
+    for key in ("b", "d"):
+        if "a" in rows and key in rows:
+            ta, tk = minutes_to(rows["a"]), minutes_to(rows[key])
+            if ta and tk:
+                print(f"minutes to {TARGET}: ({key}) x{ta / tk:.1f} sooner than (a)")
     if "b" in rows:
         run, cfg = info["run"], info["cfg"]
         seconds = rows["b"][-1][0] * 60
