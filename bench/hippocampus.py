@@ -12,7 +12,7 @@ took to a mean Dice of 0.85 and their ratio, (b)'s throughput against this machi
 CPU class (the figures hold for that class only).
 
     .venv/bin/python bench/hippocampus.py [--marks 5 10 20 40 80] [--folds 5] [--members folds|all] [--only a b c]
-    .venv/bin/python bench/hippocampus.py --only a d --budgets 1 2 3 5 --tutorial-minutes 10 --marks 1 2 3 5 10
+    .venv/bin/python bench/hippocampus.py --only a d --budgets 1 2 3 5 --tutorial-minutes 8 --marks 1 2 3 5 8
 """
 
 import argparse
