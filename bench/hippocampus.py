@@ -202,7 +202,7 @@ def main() -> None:
 
     split = setup(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
                                     f"paths.run_dir={OUT / 'split'}"])).splits
-    rows = {}
+    rows, budgets = {}, {}
     c_label = (f"{args.folds}-fold ensemble" if args.members == "folds"
                else f"{args.folds} x data.fold=all ensemble")
     if "b" in args.only:
@@ -217,12 +217,12 @@ def main() -> None:
         rows["c"] = [ensemble(args, max(args.marks))]
     if "d" in args.only:
         print(f"(d) experiment={args.budget_experiment}, one run fitted to each budget: {args.budgets} min")
-        rows["d"] = [kept(args.budget_experiment, args.data, [b], OUT / f"budget_{b:g}")[0][-1]
-                     for b in sorted(args.budgets)]
+        budgets = {b: kept(args.budget_experiment, args.data, [b], OUT / f"budget_{b:g}")[0][-1]
+                   for b in sorted(args.budgets)}  # budget -> its run's final score
+        rows["d"] = list(budgets.values())
 
     labels = {"a": "(a) MONAI tutorial recipe", "b": f"(b) experiment={args.experiment}",
               "c": f"(c) {c_label} + TTA", "d": f"(d) {args.budget_experiment}, fitted"}
-    budgets = dict(zip(sorted(args.budgets), rows.get("d", [])))  # (d): budget -> its run's final score
     print(f"\nheld-out test split: {len(split['test'])} cases; mean Dice after N minutes of training; "
           f"{hardware.cpu_class()}")
     print(f"{'recipe':38s}" + "".join(f"{f'{m:g} min':>9s}" for m in args.marks)

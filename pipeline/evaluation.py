@@ -3,9 +3,9 @@
     python -m pipeline.evaluate pred=<folder> truth=<folder or dataset.json>   # predictions already made
     python -m pipeline.evaluate ckpt=<best.pt> split=test   # predict a split of the checkpoint's data first
 
-Writes per_case.csv, summary.json, overlay PNGs, report.html and (optionally) postprocessing.json into `output`,
-prints a table, and logs everything to MLflow: into the run that trained the checkpoint when it is known, else into a
-new evaluation run. Metrics and the handling of empty structures: pipeline/metrics.py.
+Writes per_case.csv, summary.json, overlay PNGs, report.html and (optionally) postprocessing.json and comparison.json
+into `output`, prints a table, and logs everything to MLflow: into the run that trained the checkpoint when it is
+known, else into a new evaluation run. Metrics and the handling of empty structures: pipeline/metrics.py.
 """
 
 import csv
@@ -34,6 +34,7 @@ from pipeline.tracking import tracking_errors
 
 log = logging.getLogger(__name__)
 
+PER_CASE = "per_case.csv"  # the per-case table this writes and compare= reads back
 PRINTED = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "precision", "recall", "diff_ml")
 
 
@@ -220,7 +221,7 @@ COMPARED = {"dice": "Dice", "nsd": "NSD", "hd95_mm": "HD95 mm"}  # compare=: the
 
 def scored(path: Path) -> tuple[Path, list[dict]]:
     """The rows (case, class and the COMPARED metrics) of an earlier evaluation: its folder or its per_case.csv."""
-    path = path / "per_case.csv" if path.is_dir() else path
+    path = path / PER_CASE if path.is_dir() else path
     if not path.is_file():
         raise InputError(f"{path}: not found; compare= takes an evaluation's folder or its per_case.csv")
     with open(path, newline="") as f:
@@ -279,7 +280,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output)
     bundle, source = None, {}
     against = scored(Path(cfg.compare)) if cfg.get("compare") else None
-    if against and against[0].resolve() == (out_dir / "per_case.csv").resolve():
+    if against and against[0].resolve() == (out_dir / PER_CASE).resolve():
         raise InputError(f"{against[0]}: this evaluation would overwrite it (output={out_dir}); compare= takes an "
                          "earlier evaluation's folder, not this one's")
     # one, or an ensemble (a list, a folder, the k folds)
@@ -320,7 +321,7 @@ def evaluate(cfg: DictConfig) -> dict:
     summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm,
                                               "source": source}
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [write_csv(rows, out_dir / "per_case.csv")]
+    files = [write_csv(rows, out_dir / PER_CASE)]
     with atomic(out_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     files.append(out_dir / "summary.json")
