@@ -317,7 +317,8 @@ def evaluate(cfg: DictConfig) -> dict:
             post.append(postprocessing_dice(pred, truth, class_names))
     comparison = compared(rows, *against, class_names) if against else None
     if comparison:
-        source["compared with"] = f"{comparison['against']}: mean Dice {difference_text(comparison['dice']['mean'])}"
+        source["compared with"] = f"{comparison['against']}: " + "; ".join(
+            f"mean {label} {difference_text(comparison[m]['mean'])}" for m, label in COMPARED.items())
     summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm,
                                               "source": source}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -206,6 +206,7 @@ def test_compare_scores_the_paired_difference_against_an_earlier_evaluation(fold
     assert hd95["difference"] == pytest.approx(-np.mean(list(case_mean("hd95_mm").values())))
     assert hd95["higher"] == 0 and hd95["difference"] < 0
     assert summary["source"]["compared with"].startswith(f"{written['against']}: mean Dice +{mean['difference']:.4f}")
+    assert f"; mean HD95 mm {hd95['difference']:+.4f} (95% paired" in summary["source"]["compared with"]
     assert "<th>compared with</th>" in (tmp_path / "out" / "report.html").read_text()
 
     itself = evaluate(compose_config("evaluate", [f"pred={perfect}", f"compare={tmp_path / 'out'}",
