@@ -9,6 +9,7 @@ Rows per model, each a fresh copy of the same initial weights on the same batch 
   fp32 channels_last   channels_last_3d weights (oneDNN's channels-last kernels)
   fp32 compile (+cl)   torch.compile of the network; its compile seconds and the steps they take to pay back
   bf16 (+cl)           bf16 autocast; where the CPU only emulates bf16 one step is timed (20x fp32 or more)
+  bf16 compile + cl    where bf16 is native: compiled, its payback counted against bf16 channels_last
   auto                 what `trainer.amp=auto` with the default `trainer.channels_last` runs here, and its ratio to the
                        fastest row
 The fp32 rows are measured in interleaved rounds and each keeps its best round: a shared VM's speed drifts by 20% or
@@ -64,8 +65,10 @@ class Rows:
         self.initial = instantiate(cfg.model).to(device)
         self.seconds, self.extra = {}, {}
 
-    def measure(self, label, dtype=None, cl=False, compiled=False, threads=None, give_up_after=None) -> None:
-        """Seconds per step of one row, kept if faster than an earlier round of it."""
+    def measure(self, label, dtype=None, cl=False, compiled=False, threads=None, give_up_after=None,
+                eager="fp32") -> None:
+        """Seconds per step of one row, kept if faster than an earlier round of it; a compiled row's payback is
+        counted against the `eager` row."""
         model = copy.deepcopy(self.initial)
         if cl:
             hardware.channels_last(model)
@@ -78,7 +81,7 @@ class Rows:
         self.extra[label] = ""
         if compiled:  # the compile is paid once: the warm-up steps' excess over two ordinary steps
             compile_s = time.perf_counter() - start - seconds * (timed + 2)
-            saved = self.seconds["fp32"] - seconds
+            saved = self.seconds[eager] - seconds
             pays = f"pays back after {compile_s / saved:.0f} steps" if saved > 0 else "never pays back"
             self.extra[label] = f"  compile {compile_s:.0f} s, {pays}"
         if timed < self.steps:
@@ -127,6 +130,9 @@ def main() -> None:
             if rows.seconds[tag] < 5 * rows.seconds["fp32"]:  # with an emulated dtype: minutes more to learn nothing
                 rows.measure(f"{tag} channels_last", dtype, cl=True)
                 rows.show(f"{tag} channels_last")
+                if not args.no_compile:  # where the precision is native, compiling may pay more than in fp32
+                    rows.measure(f"{tag} compile + cl", dtype, cl=True, compiled=True, eager=f"{tag} channels_last")
+                    rows.show(f"{tag} compile + cl")
         label = f"{auto.name} channels_last" if defaults.trainer.channels_last else auto.name
         label = label if label in rows.seconds else auto.name
         # The fastest precision and memory format; compiling is a separate choice (its minute of compile is paid per
