@@ -47,11 +47,13 @@ class Checkpoints(Callback):
     def on_epoch_end(self, job: Job, state: TrainState, metrics: dict) -> None:
         common = {"run_id": job.tracker.run_id, "precision": job.precision.record()}
         if state.improved and distributed.is_main():
-            checkpoint.save(job.run_dir.best, job.model, job.config, epoch=state.epoch, metrics=state.best, **common)
+            checkpoint.save(job.run_dir.best, job.kept, job.config, epoch=state.epoch, metrics=state.best, **common)
         saved = state.state_dict()  # under DDP a collective (every rank's RNG streams): every rank calls it
         if distributed.is_main():
             scheduler = job.scheduler.state_dict() if job.scheduler else None
-            checkpoint.save(job.run_dir.last, job.model, job.config, optimizer=job.optimizer.state_dict(),
+            if job.ema is not None:  # state_dict is the average (what inference takes); training goes on from these
+                saved |= {"raw_state_dict": job.model.state_dict(), "ema_updates": int(job.ema.n_averaged)}
+            checkpoint.save(job.run_dir.last, job.kept, job.config, optimizer=job.optimizer.state_dict(),
                             scheduler=scheduler, schedule=job.schedule_config, **common, **saved)
             self.warn_if_short(job, job.run_dir.last.stat().st_size)
 
@@ -73,7 +75,7 @@ class Overlays(Callback):
         if self.spacing is None:  # the grid the network sees: data.spacing, else the first case's own
             self.spacing = (job.config["data"]["spacing"]
                             or ras_spacing(nib.load(job.val_loader.dataset.data[0]["image"]).affine))
-        pred = predict(job.model, batch["image"][:1], job.inferer, job.device, job.precision.dtype)
+        pred = predict(job.kept, batch["image"][:1], job.inferer, job.device, job.precision.dtype)
         path = job.run_dir.overlays / f"epoch{state.epoch:04d}.png"
         plots.overlay(batch["image"][0, 0].numpy(), batch["label"][0, 0].numpy().astype(int),
                       pred.argmax(1)[0].cpu().numpy(), self.spacing, job.class_names, path, title=path.stem)

@@ -15,6 +15,7 @@ import torch
 from monai.losses import DeepSupervisionLoss
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint, distributed
@@ -87,6 +88,12 @@ class Job:
     # (whose config is the resolved one, the length frozen at max_epochs) can still refit its schedule to a budget
     schedule_config: dict | None = None
     interrupts: object = None  # interrupts.Interrupts: a SIGINT/SIGTERM stops training at the next step boundary
+    ema: AveragedModel | None = None  # trainer.ema: the moving average of the weights, updated after every step
+
+    @property
+    def kept(self) -> torch.nn.Module:
+        """The weights validation scores and checkpoints keep: the moving average with trainer.ema, else the model."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 @dataclass
@@ -170,11 +177,18 @@ def prepare(trainer: DictConfig, job: Job, resume: dict | None) -> tuple[torch.n
     job.model.to(job.device)
     if trainer.get("channels_last"):  # before any state is loaded: load_state_dict keeps the parameters' format
         channels_last(job.model)
+    if trainer.get("ema") is not None:
+        # torch's AveragedModel: a copy whose first update copies the weights, then lerps toward them by 1 - decay;
+        # buffers too (BatchNorm statistics), so the average validates as it is
+        job.ema = AveragedModel(job.model, multi_avg_fn=get_ema_multi_avg_fn(trainer.ema), use_buffers=True)
     scaler = torch.amp.GradScaler(job.device.type, enabled=job.precision.dtype == torch.float16)  # bf16: no scaling
     state = TrainState(end=trainer.max_epochs, scheduled=trainer.max_epochs, scaler=scaler,
                        augment=job.train_loader.dataset.transform)
     if resume is not None:  # weights, optimizer moments, LR, every RNG stream: as last.pt left them
-        job.model.load_state_dict(resume["state_dict"])
+        job.model.load_state_dict(resume.get("raw_state_dict", resume["state_dict"]))
+        if job.ema is not None and "raw_state_dict" in resume:  # with trainer.ema, state_dict is the average
+            job.ema.module.load_state_dict(resume["state_dict"])
+            job.ema.n_averaged.fill_(resume["ema_updates"])
         job.optimizer.load_state_dict(resume["optimizer"])
         if job.scheduler is not None:
             job.scheduler.load_state_dict(resume["scheduler"])
@@ -216,6 +230,8 @@ def train_epoch(net, job: Job, loss_fn, trainer: DictConfig, state: TrainState) 
                 state.scaler.step(job.optimizer)
                 state.scaler.update()
                 job.optimizer.zero_grad(set_to_none=True)
+                if job.ema is not None:
+                    job.ema.update_parameters(job.model)
             losses.append(loss.item())
             state.steps += 1
             if requested := stopping(job):  # a SIGINT/SIGTERM arrived: this epoch stays unfinished
@@ -302,7 +318,10 @@ def fit(trainer: DictConfig, job: Job, callbacks: Sequence = (), resume: dict | 
             bar.total = state.end
             if validating(trainer, state):
                 scores = SegmentationScores(job.class_names)
-                metrics |= validate(job.model, job.val_loader, job.inferer, scores, job.device, job.precision.dtype)
+                metrics |= validate(job.kept, job.val_loader, job.inferer, scores, job.device, job.precision.dtype)
+                if job.ema is not None:  # the last step's weights too, as raw_val_*: what the average adds
+                    raw = validate(job.model, job.val_loader, job.inferer, scores, job.device, job.precision.dtype)
+                    metrics |= {f"raw_{k}": v for k, v in raw.items()}
                 per_class = ", ".join(f"{n} {metrics[f'val_dice_{n}']:.3f}" for n in job.class_names[1:])
                 log.info(f"epoch {state.epoch:3d}  loss {metrics['train_loss']:.4f}  "
                          f"val dice {metrics['val_dice_mean']:.3f} ({per_class})  iou {metrics['val_iou_mean']:.3f}")

@@ -37,10 +37,11 @@ def test_two_runs_with_one_seed_are_identical(tiny_phantom, tmp_path, mlflow_sto
     assert tags["torch"] == torch.__version__
 
 
-def test_resume_after_sigkill_matches_an_unbroken_run(tiny_phantom, tmp_path, mlflow_store, caplog):
-    unbroken = train(tiny_config(tiny_phantom, tmp_path / "unbroken", overrides=DETERMINISTIC))
+@pytest.mark.parametrize("extra", [[], ["trainer.ema=0.5"]], ids=["weights", "ema"])
+def test_resume_after_sigkill_matches_an_unbroken_run(extra, tiny_phantom, tmp_path, mlflow_store, caplog):
+    unbroken = train(tiny_config(tiny_phantom, tmp_path / "unbroken", overrides=DETERMINISTIC + extra))
 
-    proc, last = training_process(tiny_phantom, tmp_path / "killed", *DETERMINISTIC, epoch=2)
+    proc, last = training_process(tiny_phantom, tmp_path / "killed", *DETERMINISTIC, *extra, epoch=2)
     proc.send_signal(signal.SIGKILL)  # mid-epoch 3: no chance to clean up
     proc.wait()
     killed_at = checkpoint.load(last)["epoch"]
@@ -54,9 +55,13 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tiny_phantom, tmp_path, ml
     assert f" min, resumed after epoch {killed_at}); checkpoints in" in caplog.messages[-1]
     run_id = resumed["run_id"]
     assert mlflow.MlflowClient(mlflow_store).get_run(run_id).info.status == "FINISHED"
-    for key in ("train_loss", "val_dice_mean", "lr"):
+    for key in ("train_loss", "val_dice_mean", "lr") + (("raw_val_dice_mean",) if extra else ()):
         assert (history(mlflow_store, run_id, key)[-1]
                 == pytest.approx(history(mlflow_store, unbroken["run_id"], key)[-1], abs=1e-6)), key
+    whole = checkpoint.load(tmp_path / "unbroken" / "checkpoints" / "last.pt")
+    for weights in ("state_dict", "raw_state_dict") if extra else ("state_dict",):  # with ema: the average, the model
+        for name, tensor in whole[weights].items():
+            torch.testing.assert_close(resumed[weights][name], tensor, atol=1e-6, rtol=0, msg=f"{weights} {name}")
     steps = [m.step for m in mlflow.MlflowClient(mlflow_store).get_metric_history(run_id, "train_loss")]
     assert sorted(set(steps)) == [1, 2, 3, 4]  # one MLflow run, the epoch counter carried on
 

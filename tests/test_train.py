@@ -12,8 +12,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint, engine, hardware
+from pipeline.data.transforms import loaders
 from pipeline.errors import RunStopped
-from pipeline.training import train
+from pipeline.metrics import SegmentationScores
+from pipeline.training import setup, train
 from tests.conftest import compose_config, tiny_config
 
 RUN_NAMES = {
@@ -65,6 +67,23 @@ def test_one_epoch_trains_checkpoints_and_tracks(model, loss, tiny_phantom, tmp_
 def test_tracking_none_still_trains(tiny_phantom, tmp_path):
     result = train(tiny_config(tiny_phantom, tmp_path, overrides=["tracking=none", "trainer.amp=false"]))
     assert result["run_id"] is None and (tmp_path / "checkpoints" / "best.pt").exists()
+
+
+def test_ema_checkpoints_the_moving_average_it_validated_and_scores_the_raw_weights_beside_it(tiny_phantom, tmp_path,
+                                                                                            mlflow_store):
+    result = train(tiny_config(tiny_phantom, tmp_path, overrides=["trainer.ema=0.5", "trainer.amp=false",
+                                                                  "trainer.deterministic=true", "trainer.max_epochs=3",
+                                                                  "trainer.val_every=1"]))
+    last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert last["ema_updates"] == result["steps"]  # one update after every optimizer step
+    assert any(not torch.equal(last["state_dict"][k], w) for k, w in last["raw_state_dict"].items())
+    job = setup(OmegaConf.create(last["config"]))
+    hardware.channels_last(job.model)  # as trained: the same kernels, the same voxels
+    _, val = loaders(OmegaConf.create(last["config"]), job.splits["train"], job.splits["val"])
+    for weights, logged in (("state_dict", "val_dice_mean"), ("raw_state_dict", "raw_val_dice_mean")):
+        job.model.load_state_dict(last[weights])
+        scores = engine.validate(job.model, val, job.inferer, SegmentationScores(job.class_names), job.device, None)
+        assert scores["val_dice_mean"] == pytest.approx(result["history"][-1][logged], abs=1e-6), weights
 
 
 def test_cosine_schedule_lowers_the_learning_rate(tiny_phantom, tmp_path, mlflow_store):
