@@ -185,8 +185,10 @@ def prepare(trainer: DictConfig, job: Job, resume: dict | None) -> tuple[torch.n
     state = TrainState(end=trainer.max_epochs, scheduled=trainer.max_epochs, scaler=scaler,
                        augment=job.train_loader.dataset.transform)
     if resume is not None:  # weights, optimizer moments, LR, every RNG stream: as last.pt left them
-        job.model.load_state_dict(resume.get("raw_state_dict", resume["state_dict"]))
-        if job.ema is not None and "raw_state_dict" in resume:  # with trainer.ema, state_dict is the average
+        if job.ema is None:
+            job.model.load_state_dict(resume["state_dict"])
+        else:  # the config is last.pt's own, so it holds the average (state_dict) and the weights training goes on from
+            job.model.load_state_dict(resume["raw_state_dict"])
             job.ema.module.load_state_dict(resume["state_dict"])
             job.ema.n_averaged.fill_(resume["ema_updates"])
         job.optimizer.load_state_dict(resume["optimizer"])
