@@ -3,7 +3,7 @@
 budget) and (c) its ensemble with mirror TTA, whose minutes count every member's: k folds (`--members folds`, as
 `make cv` trains them) or k final models on every non-test case with different seeds (`--members all`). (d), asked for
 with `--only ... d --budgets ...`: what a user given N minutes gets, one run per budget with its schedule fitted to
-it (`trainer.max_minutes=N`, `--budget-experiment`, by default the short-budget recipe `hippocampus_fast`).
+it (`trainer.max_minutes=N`, `--budget-experiment`, by default the few-minute recipe `hippocampus_sprint`).
 
 Every recipe trains on the default split's training cases (the folds: on the non-test cases) and is scored on the
 same 31 held-out test cases with sliding-window inference; scoring time is not training time. (a) and (b) are scored
@@ -13,6 +13,7 @@ CPU class (the figures hold for that class only).
 
     .venv/bin/python bench/hippocampus.py [--marks 5 10 20 40 80] [--folds 5] [--members folds|all] [--only a b c]
     .venv/bin/python bench/hippocampus.py --only a d --budgets 1 2 3 5 --tutorial-minutes 8 --marks 1 2 3 5 8
+    .venv/bin/python bench/hippocampus.py --only d --budgets 1.5 --set data.batch_size=4   # a lever, measured
 """
 
 import argparse
@@ -96,10 +97,10 @@ def tutorial(train_cases, test_cases, marks: list[float]) -> list[tuple]:
     return points
 
 
-def kept(experiment: str, data: str, marks: list[float], run_dir) -> tuple[list[tuple], dict]:
+def kept(experiment: str, data: str, marks: list[float], run_dir, overrides=()) -> tuple[list[tuple], dict]:
     """(b) the kept recipe, trained by the project's engine with its schedule fitted to the largest mark and scored on
     the test split as it passes each mark and at its end. (d) is one such run per budget, with one mark."""
-    cfg = compose("train", [f"experiment={experiment}", f"data.root={data}", "tracking=none",
+    cfg = compose("train", [f"experiment={experiment}", f"data.root={data}", "tracking=none", *overrides,
                             f"trainer.max_minutes={max(marks)}", f"trainer.val_minutes=[{','.join(map(str, marks))}]",
                             "trainer.val_every=1000000", f"paths.run_dir={run_dir}"])
     run = setup(cfg)
@@ -124,7 +125,7 @@ def ensemble(args, minutes: float) -> tuple:
     for k in range(args.folds):
         member = [f"data.fold={k}"] if folds else ["data.fold=all", f"seed={k}"]
         result = train(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
-                                         *member, f"trainer.max_minutes={minutes / args.folds}",
+                                         *args.set, *member, f"trainer.max_minutes={minutes / args.folds}",
                                          f"paths.run_dir={folder / str(k)}"]))
         trained += result["train_minutes"]
         run = RunDir(folder / str(k))
@@ -193,12 +194,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=["a", "b", "c", "d"], default=["a", "b", "c"])
     parser.add_argument("--budgets", type=float, nargs="+", default=[1, 2, 3, 5],
                         help="(d): minutes of training, one run fitted to each")
-    parser.add_argument("--budget-experiment", default="hippocampus_fast", help="(d)'s recipe")
+    parser.add_argument("--budget-experiment", default="hippocampus_sprint", help="(d)'s recipe")
     parser.add_argument("--data", default=str(shared_data() / "msd_hippocampus"))
+    parser.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE",
+                        help="Hydra overrides for (b), (c) and (d), e.g. --set data.batch_size=4 optimizer.lr=0.004")
     args = parser.parse_args()
     marks = sorted(set(args.marks) | {float(m) for m in range(1, int(args.fine) + 1)})
     device = engine.pick_device()
-    print(f"{hardware.describe(device)}; {hardware.resolve('auto', device)}; marks {args.marks} min of training")
+    print(f"{hardware.describe(device)}; {hardware.resolve('auto', device)}; marks {args.marks} min of training"
+          + (f"; (b, c, d) with {' '.join(args.set)}" if args.set else ""))
 
     split = setup(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
                                     f"paths.run_dir={OUT / 'split'}"])).splits
@@ -207,7 +211,7 @@ def main() -> None:
                else f"{args.folds} x data.fold=all ensemble")
     if "b" in args.only:
         print(f"(b) experiment={args.experiment}")
-        rows["b"], info = kept(args.experiment, args.data, marks, OUT / "kept")
+        rows["b"], info = kept(args.experiment, args.data, marks, OUT / "kept", args.set)
     if "a" in args.only:
         print("(a) tutorial recipe")
         rows["a"] = tutorial(split["train"], split["test"],
@@ -217,7 +221,7 @@ def main() -> None:
         rows["c"] = [ensemble(args, max(args.marks))]
     if "d" in args.only:
         print(f"(d) experiment={args.budget_experiment}, one run fitted to each budget: {args.budgets} min")
-        budgets = {b: kept(args.budget_experiment, args.data, [b], OUT / f"budget_{b:g}")[0][-1]
+        budgets = {b: kept(args.budget_experiment, args.data, [b], OUT / f"budget_{b:g}", args.set)[0][-1]
                    for b in sorted(args.budgets)}  # budget -> its run's final score
         rows["d"] = list(budgets.values())
 
