@@ -75,7 +75,7 @@ class PredictOptions:
     sw_batch_size: int | None = None
     stitch_device: str | None = None
     tta: bool = False
-    tta_axes: tuple[int, ...] = (0, 1, 2)
+    tta_axes: tuple[int, ...] | None = None  # None: the axes every member's training mirrored (mirrored_axes)
     uncertainty: str | None = None
     postprocess: dict = field(default_factory=dict)  # keyword arguments of postprocess()
 
@@ -84,7 +84,22 @@ class PredictOptions:
         """The options a config gives (the others keep their defaults)."""
         given = {f.name: OmegaConf.to_object(cfg[f.name]) if OmegaConf.is_config(cfg[f.name]) else cfg[f.name]
                  for f in fields(cls) if f.name in cfg}
-        return cls(**given | ({"tta_axes": tuple(given["tta_axes"])} if "tta_axes" in given else {}))
+        return cls(**given | ({"tta_axes": tuple(given["tta_axes"])} if given.get("tta_axes") is not None else {}))
+
+
+def mirrored_axes(configs) -> tuple[int, ...]:
+    """The spatial axes that every one of these training configs mirrors (a RandFlipd with prob > 0): test-time
+    augmentation mirrors only these, as nnU-Net keeps its training's mirror axes for inference. A network never shown
+    a front-back mirror (the hippocampus sprint recipe: there it swaps anterior and posterior) predicts it wrongly."""
+    common = {0, 1, 2}
+    for config in configs:
+        axes = set()
+        for t in (config.get("transforms", {}).get("augment") or {}).values():
+            if t and str(t.get("_target_", "")).endswith("RandFlipd") and t.get("prob", 0.1) > 0:
+                given = t.get("spatial_axis")
+                axes |= {0, 1, 2} if given is None else set(given if isinstance(given, (list, tuple)) else [given])
+        common &= axes
+    return tuple(sorted(common))
 
 
 class Predictor:
@@ -141,7 +156,11 @@ class Predictor:
                 inferer = instantiate(OmegaConf.create(bundle["config"]).trainer.inferer, **window)
                 self.members.append((model, inferer))
         # nnU-Net-style mirroring: every subset of the chosen axes, the unflipped pass included
-        axes = list(o.tta_axes) if o.tta else []
+        axes = () if not o.tta else o.tta_axes if o.tta_axes is not None else mirrored_axes(
+            b["config"] for b in bundles.values())
+        if o.tta and not axes:
+            log.warning("tta=true: the checkpoints' training mirrored no axis, so nothing is mirrored (tta_axes= "
+                        "names axes)")
         self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
         self.uncertainty = o.uncertainty
         self.preprocess = Compose(preprocess(cfg))

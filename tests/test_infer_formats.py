@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline import project_root
-from pipeline.inference import infer, postprocess
+from pipeline import checkpoint, project_root
+from pipeline.inference import Predictor, infer, postprocess
 from pipeline.io import find_inputs
 from tests.conftest import shared_dataset
 
@@ -238,3 +238,17 @@ def test_a_dicom_series_gets_a_dicom_seg_that_matches_its_nifti_and_its_slices(t
     [(path, message)] = report["failed"].items()
     assert path == broken and "no FrameOfReferenceUID; a DICOM-SEG needs it" in message
     assert (tmp_path / "c" / "broken.nii.gz").is_file() and not (tmp_path / "c" / "broken.seg.dcm").exists()
+
+
+def test_tta_mirrors_only_the_axes_the_training_mirrored(threshold_ckpt, tmp_path):
+    """As nnU-Net: a model trained with left-right flips alone is mirrored left-right alone; tta_axes= overrides."""
+    def predictor(*bundles, **options):
+        return Predictor({f"{i}.pt": b for i, b in enumerate(bundles)}, backend="torch", **options)
+
+    every = checkpoint.load(threshold_ckpt())
+    assert predictor(every, tta=True).flips == [[], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]]
+    left_right = checkpoint.load(threshold_ckpt(["transforms.augment.flip_y=null", "transforms.augment.flip_z.prob=0"]))
+    assert predictor(left_right, tta=True).flips == [[], [0]]
+    assert predictor(every, left_right, tta=True).flips == [[], [0]]  # the mirrors every member learned
+    assert len(predictor(left_right, tta=True, tta_axes=(0, 1, 2)).flips) == 8
+    assert predictor(left_right).flips == [[]]  # no tta: one pass
