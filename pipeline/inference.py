@@ -95,6 +95,7 @@ def mirrored_axes(configs) -> tuple[int, ...]:
     for config in configs:
         axes = set()
         for t in (config.get("transforms", {}).get("augment") or {}).values():
+            # RandFlipd's own default probability is 0.1
             if t and str(t.get("_target_", "")).endswith("RandFlipd") and t.get("prob", 0.1) > 0:
                 given = t.get("spatial_axis")
                 axes |= {0, 1, 2} if given is None else set(given if isinstance(given, (list, tuple)) else [given])
@@ -156,11 +157,12 @@ class Predictor:
                 inferer = instantiate(OmegaConf.create(bundle["config"]).trainer.inferer, **window)
                 self.members.append((model, inferer))
         # nnU-Net-style mirroring: every subset of the chosen axes, the unflipped pass included
-        axes = () if not o.tta else o.tta_axes if o.tta_axes is not None else mirrored_axes(
-            b["config"] for b in bundles.values())
-        if o.tta and not axes:
-            log.warning("tta=true: the checkpoints' training mirrored no axis, so nothing is mirrored (tta_axes= "
-                        "names axes)")
+        axes = ()
+        if o.tta:
+            axes = o.tta_axes if o.tta_axes is not None else mirrored_axes(b["config"] for b in bundles.values())
+            if not axes:
+                log.warning("tta=true: the checkpoints' training mirrored no axis, so nothing is mirrored (tta_axes= "
+                            "names axes)")
         self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
         self.uncertainty = o.uncertainty
         self.preprocess = Compose(preprocess(cfg))
