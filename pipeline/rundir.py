@@ -7,6 +7,7 @@
     <run>/.hydra/, train.log              Hydra
 """
 
+import json
 from pathlib import Path
 
 
@@ -24,6 +25,12 @@ class RunDir:
     def last_good(self) -> Path | None:
         """The checkpoint a failed run can go on from: last.pt, else best.pt (written atomically: whole or absent)."""
         return next((p for p in (self.last, self.best) if p.is_file()), None)
+
+    def model(self) -> Path:
+        """The checkpoint that stands for this run: best.pt, or last.pt where the run validated on cases it also trained
+        on (`data.fold=all`, nnU-Net's final model), since there best.pt was picked on cases the network had learned."""
+        splits = json.loads(self.splits.read_text()) if self.splits.is_file() else {}
+        return self.last if set(splits.get("val", [])) & set(splits.get("train", [])) else self.best
 
     @classmethod
     def of(cls, ckpt: str | Path) -> "RunDir":

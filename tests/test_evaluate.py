@@ -19,6 +19,7 @@ from PIL import Image
 from pipeline import checkpoint, project_root
 from pipeline.errors import InputError
 from pipeline.evaluation import evaluate
+from pipeline.inference import checkpoints
 from pipeline.metrics import case_scores, paired_difference, summarize
 from pipeline.plots import OVERLAY_SIZE
 from pipeline.training import train
@@ -340,6 +341,21 @@ def test_split_cv_scores_each_fold_on_its_own_validation_cases_with_its_final_mo
     with pytest.raises(InputError, match=rf"{two_folds / '0' / 'splits.json'}: validates case {validated[0][0]}"):
         evaluate(compose_config("evaluate", [f"ckpt=[{last[0]},{last[0]}]", "split=cv", f"output={tmp_path / 'x'}",
                                              "tracking=none"], tmp_path))
+
+
+def test_a_folder_of_runs_gives_each_fold_s_best_pt_and_each_final_model_s_last_pt(tmp_path):
+    """A multirun of data.fold=all models (several seeds) ensembles their last.pt: each best.pt was picked on cases the
+    run trained on. A fold's best.pt was picked on cases it held out, so a folder of folds keeps its best.pt."""
+    def run(name, train, val):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        for ckpt in ("best.pt", "last.pt"):
+            (tmp_path / name / "checkpoints" / ckpt).touch()
+        (tmp_path / name / "splits.json").write_text(json.dumps({"train": train, "val": val, "test": ["t"]}))
+        return tmp_path / name / "checkpoints"
+
+    fold, final = run("0", ["a", "b"], ["c"]), run("1", ["a", "b", "c"], ["c"])
+    assert checkpoints(tmp_path) == [fold / "best.pt", final / "last.pt"]
+    assert checkpoints(tmp_path, final=True) == [fold / "last.pt", final / "last.pt"]  # split=cv
 
 
 def test_a_checkpoint_without_a_dataset_in_its_config_is_one_line_for_split(tmp_path):
