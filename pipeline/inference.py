@@ -42,9 +42,9 @@ FORMATS = ("nifti", "input", "dicom-seg")
 
 def checkpoints(ckpt, cache: Path | None = None, final: bool = False) -> list[Path]:
     """One checkpoint, a list of them, or a folder of *.pt (an ensemble, e.g. the k folds; from a folder of runs each
-    run's model, RunDir.model: best.pt, last.pt for a `data.fold=all` run; last.pt for every run if `final`). Any of them may be a registered model version,
-    `models:/<name>/<version>` (or `/latest`, `@<alias>`), fetched from the MLflow registry at MLFLOW_TRACKING_URI
-    (default: the project's sqlite store) into `cache` (default outputs/registry)."""
+    run's RunDir.model(), best.pt or a `data.fold=all` run's last.pt, or every run's last.pt if `final`). Any of them
+    may be a registered model version, `models:/<name>/<version>` (or `/latest`, `@<alias>`), fetched from the MLflow
+    registry at MLFLOW_TRACKING_URI (default: the project's sqlite store) into `cache` (default outputs/registry)."""
     paths = []
     for p in ckpt if isinstance(ckpt, (list, tuple, ListConfig)) else [ckpt]:
         if str(p).startswith("models:/"):
@@ -55,7 +55,8 @@ def checkpoints(ckpt, cache: Path | None = None, final: bool = False) -> list[Pa
             paths.append(Path(p))
     if len(paths) == 1 and paths[0].is_dir():
         # a folder of checkpoints, or of runs (a multirun's: the k folds, or data.fold=all models with several seeds)
-        paths = sorted(paths[0].glob("*.pt")) or [run.last if final else run.model() for run in RunDir.runs_in(paths[0])]
+        runs = RunDir.runs_in(paths[0])
+        paths = sorted(paths[0].glob("*.pt")) or [run.last if final else run.model() for run in runs]
         if not paths:
             raise InputError(f"{ckpt}: folder holds no .pt checkpoints, nor runs with checkpoints/best.pt")
     return paths
