@@ -103,7 +103,7 @@ def recorded_split(member: Path, *names: str) -> list[list[str]]:
     if not splits_file.is_file():
         raise InputError(f"{splits_file}: not found; "
                          "split= needs the splits.json that training writes beside checkpoints/")
-    recorded = json.loads(splits_file.read_text())
+    recorded = RunDir.of(member).recorded_splits()
     if missing := next((name for name in names if not recorded.get(name)), None):
         raise InputError(f"{splits_file}: split {missing!r} is missing or empty (have: {', '.join(recorded)})")
     return [recorded[name] for name in names]

@@ -10,6 +10,8 @@
 import json
 from pathlib import Path
 
+from pipeline.errors import InputError
+
 
 class RunDir:
     def __init__(self, root: str | Path):
@@ -29,8 +31,17 @@ class RunDir:
     def model(self) -> Path:
         """The checkpoint that stands for this run: best.pt, or last.pt where the run validated on cases it also trained
         on (`data.fold=all`, nnU-Net's final model), since there best.pt was picked on cases the network had learned."""
-        splits = json.loads(self.splits.read_text()) if self.splits.is_file() else {}
+        splits = self.recorded_splits()
         return self.last if set(splits.get("val", [])) & set(splits.get("train", [])) else self.best
+
+    def recorded_splits(self) -> dict[str, list[str]]:
+        """The case ids of each split as training recorded them in splits.json ({} where the run has none)."""
+        if not self.splits.is_file():
+            return {}
+        try:
+            return json.loads(self.splits.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{self.splits}: not a splits.json ({type(err).__name__}: {err})") from None
 
     @classmethod
     def of(cls, ckpt: str | Path) -> "RunDir":

@@ -356,6 +356,9 @@ def test_a_folder_of_runs_gives_each_fold_s_best_pt_and_each_final_model_s_last_
     fold, final = run("0", ["a", "b"], ["c"]), run("1", ["a", "b", "c"], ["c"])
     assert checkpoints(tmp_path) == [fold / "best.pt", final / "last.pt"]
     assert checkpoints(tmp_path, final=True) == [fold / "last.pt", final / "last.pt"]  # split=cv
+    (tmp_path / "1" / "splits.json").write_text('{"train": ["a", ')  # cut short
+    with pytest.raises(InputError, match=rf"{tmp_path / '1' / 'splits.json'}: not a splits.json \(JSONDecodeError"):
+        checkpoints(tmp_path)
 
 
 def test_a_checkpoint_without_a_dataset_in_its_config_is_one_line_for_split(tmp_path):
