@@ -42,7 +42,7 @@ FORMATS = ("nifti", "input", "dicom-seg")
 
 def checkpoints(ckpt, cache: Path | None = None, final: bool = False) -> list[Path]:
     """One checkpoint, a list of them, or a folder of *.pt (an ensemble, e.g. the k folds; from a folder of runs each
-    run's RunDir.model(), best.pt or a `data.fold=all` run's last.pt, or every run's last.pt if `final`). Any of them
+    run's RunDir.model(final): best.pt, a `data.fold=all` run's last.pt, every run's last.pt if `final`). Any of them
     may be a registered model version, `models:/<name>/<version>` (or `/latest`, `@<alias>`), fetched from the MLflow
     registry at MLFLOW_TRACKING_URI (default: the project's sqlite store) into `cache` (default outputs/registry)."""
     paths = []
@@ -55,8 +55,7 @@ def checkpoints(ckpt, cache: Path | None = None, final: bool = False) -> list[Pa
             paths.append(Path(p))
     if len(paths) == 1 and paths[0].is_dir():
         # a folder of checkpoints, or of runs (a multirun's: the k folds, or data.fold=all models with several seeds)
-        runs = RunDir.runs_in(paths[0])
-        paths = sorted(paths[0].glob("*.pt")) or [run.last if final else run.model() for run in runs]
+        paths = sorted(paths[0].glob("*.pt")) or [run.model(final) for run in RunDir.runs_in(paths[0])]
         if not paths:
             raise InputError(f"{ckpt}: folder holds no .pt checkpoints, nor runs with checkpoints/best.pt")
     return paths

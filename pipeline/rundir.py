@@ -28,9 +28,12 @@ class RunDir:
         """The checkpoint a failed run can go on from: last.pt, else best.pt (written atomically: whole or absent)."""
         return next((p for p in (self.last, self.best) if p.is_file()), None)
 
-    def model(self) -> Path:
+    def model(self, final: bool = False) -> Path:
         """The checkpoint that stands for this run: best.pt, or last.pt where the run validated on cases it also trained
-        on (`data.fold=all`, nnU-Net's final model), since there best.pt was picked on cases the network had learned."""
+        on (`data.fold=all`, nnU-Net's final model), since there best.pt was picked on cases the network had learned.
+        `final`: last.pt always (split=cv scores each fold's final model on the cases its best.pt was picked on)."""
+        if final:
+            return self.last
         splits = self.recorded_splits()
         return self.last if set(splits.get("val", [])) & set(splits.get("train", [])) else self.best
 
