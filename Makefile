@@ -35,11 +35,13 @@ train: $(STAMP)
 # held-out test split, which no fold trained on: `make cv experiment=hippocampus`.
 # A stopped cv goes on with the same command plus `CV_DIR=<its folder> resume=auto`: each fold continues its own
 # last.pt (a finished fold returns at once, a missing one starts), then both evaluations run.
+# The evaluations take the tracking overrides (`tracking=none`, `tracking.experiment=...`); the rest are training keys.
 CV_DIR := outputs/cv/$(shell date +%Y-%m-%d_%H-%M-%S)
+CV_TRACKING := $(filter 'tracking=% 'tracking.%,$(OVERRIDES))
 cv: $(STAMP)
 	$(BIN)/python -m pipeline.train --multirun 'data.fold=range(0,5)' hydra.sweep.dir=$(CV_DIR) $(OVERRIDES)
-	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=cv output=$(CV_DIR)/cv
-	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=test tta=true output=$(CV_DIR)/ensemble_test
+	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=cv output=$(CV_DIR)/cv $(CV_TRACKING)
+	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=test tta=true output=$(CV_DIR)/ensemble_test $(CV_TRACKING)
 
 sweep: $(STAMP)
 	$(BIN)/python -m pipeline.train --multirun $(OVERRIDES)
