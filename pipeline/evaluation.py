@@ -99,11 +99,12 @@ def match(pred: Path, truth: Path, images: Path | None) -> tuple[list[Case], lis
 def recorded_split(member: Path, *names: str) -> list[list[str]]:
     """The case ids of each split in `names` as the member's run recorded them (splits.json beside checkpoints/, read
     once): the record decides, and it survives a changed seed."""
-    splits_file = RunDir.of(member).splits
+    run = RunDir.of(member)
+    splits_file = run.splits
     if not splits_file.is_file():
         raise InputError(f"{splits_file}: not found; "
                          "split= needs the splits.json that training writes beside checkpoints/")
-    recorded = RunDir.of(member).recorded_splits()
+    recorded = run.recorded_splits()
     if missing := next((name for name in names if not recorded.get(name)), None):
         raise InputError(f"{splits_file}: split {missing!r} is missing or empty (have: {', '.join(recorded)})")
     return [recorded[name] for name in names]
