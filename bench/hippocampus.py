@@ -1,15 +1,16 @@
 """Hippocampus: held-out test Dice against minutes of CPU training, in one process on one machine, for
 (a) a plainly written MONAI tutorial recipe, (b) the kept recipe (`experiment=hippocampus`, its schedule fitted to the
 budget) and (c) its ensemble with mirror TTA, whose minutes count every member's: k folds (`--members folds`, as
-`make cv` trains them) or k final models on every non-test case with different seeds (`--members all`). (d), asked for
+`make cv` trains them) or k final models on every non-test case with different seeds (`--members all`, whose first j
+members are scored together wherever j / k of the minutes is a mark: the curve of "train one more"). (d), asked for
 with `--only ... d --budgets ...`: what a user given N minutes gets, one run per budget with its schedule fitted to
 it (`trainer.max_minutes=N`, `--budget-experiment`, by default the few-minute recipe `hippocampus_sprint`).
 
 Every recipe trains on the default split's training cases (the folds: on the non-test cases) and is scored on the
 same 31 held-out test cases with sliding-window inference; scoring time is not training time. (a) and (b) are scored
-once their training time passes each mark, (c) once, at the largest mark. Prints the curve table, the minutes each
-took to a mean Dice of 0.85 and their ratio, (b)'s throughput against this machine's matrix-multiply rate, and the
-CPU class (the figures hold for that class only).
+once their training time passes each mark, (c) at the largest mark (and, with `--members all`, at its members' marks).
+Prints the curve table, the minutes each took to a mean Dice of 0.85 and their ratio, (b)'s throughput against this
+machine's matrix-multiply rate, and the CPU class (the figures hold for that class only).
 
     .venv/bin/python bench/hippocampus.py [--marks 5 10 20 40 80] [--folds 5] [--members folds|all] [--only a b c]
     .venv/bin/python bench/hippocampus.py --only a d --budgets 1 2 3 5 --tutorial-minutes 8 --marks 1 2 3 5 8
@@ -116,11 +117,20 @@ def kept(experiment: str, data: str, marks: list[float], run_dir, overrides=()) 
     return recorder.points, {"run": run, "cfg": cfg, "steps": len(result["step_losses"]), "batch": batch}
 
 
-def ensemble(args, minutes: float) -> tuple:
-    """(c) k members of the kept recipe, minutes / k of training each, scored together with mirror TTA by
-    pipeline.evaluate: the k folds (each fold's best.pt, as `make cv` ensembles them) or, with `--members all`, k
-    `data.fold=all` models with seeds 0..k-1 (their last.pt: their best.pt was picked on cases they trained on)."""
-    folder, trained, members = OUT / args.members, 0.0, []
+def score(members: list[str], name: str) -> tuple:
+    """Test (mean, anterior, posterior) Dice of the checkpoints as one ensemble with mirror TTA (pipeline.evaluate)."""
+    scored = OUT / name
+    summary = evaluate(compose("evaluate", [f"ckpt=[{','.join(members)}]", "split=test", "tta=true",
+                                            "tracking=none", f"output={scored}", f"paths.run_dir={scored}"]))
+    return summary["mean"]["dice"], *(summary["classes"][c]["dice"]["mean"] for c in CLASSES[1:])
+
+
+def ensemble(args, minutes: float, marks: list[float]) -> dict:
+    """(c) k members of the kept recipe, minutes / k of training each, scored together with mirror TTA: the k folds
+    (each fold's best.pt, as `make cv` ensembles them) or, with `--members all`, k `data.fold=all` models with seeds
+    0..k-1 (their last.pt: their best.pt was picked on cases they trained on), the first j of them also scored where
+    j / k of the minutes is a mark. Returns {mark: (training minutes, mean, anterior, posterior)}."""
+    folder, trained, members, points = OUT / args.members, 0.0, [], {}
     folds = args.members == "folds"
     for k in range(args.folds):
         member = [f"data.fold={k}"] if folds else ["data.fold=all", f"seed={k}"]
@@ -130,11 +140,10 @@ def ensemble(args, minutes: float) -> tuple:
         trained += result["train_minutes"]
         run = RunDir(folder / str(k))
         members.append(str(run.best if folds else run.last))
-    scored = OUT / f"{args.members}_test"
-    summary = evaluate(compose("evaluate", [f"ckpt=[{','.join(members)}]", "split=test", "tta=true",
-                                            "tracking=none", f"output={scored}", f"paths.run_dir={scored}"]))
-    dice = {name: summary["classes"][name]["dice"]["mean"] for name in CLASSES[1:]}
-    return trained, summary["mean"]["dice"], dice["Anterior"], dice["Posterior"]
+        mark = minutes * (k + 1) / args.folds
+        if k + 1 == args.folds or (not folds and mark in marks):  # k folds are one model only together
+            points[mark] = (trained, *score(members, f"{args.members}_test_{k + 1}"))
+    return points
 
 
 def step_flops(model, loss_fn, batch: int, patch: list[int], dtype) -> int:
@@ -170,13 +179,11 @@ def at(points, mark: float, last: bool) -> str:
     return f"{hit[1]:.3f}" if hit else "-"
 
 
-def cell(key: str, points, mark: float, largest: float, budgets: dict) -> str:
-    """One table cell: (a), (b) scored as they passed the mark; (c) only at the largest mark; (d) the run whose budget
-    the mark is."""
-    if key == "c":
-        return at(points, mark, True) if mark == largest else "-"
-    if key == "d":
-        return f"{budgets[mark][1]:.3f}" if mark in budgets else "-"
+def cell(key: str, points, mark: float, largest: float, by_mark: dict) -> str:
+    """One table cell: (a), (b) scored as they passed the mark; (c), (d) the score they took for that mark: (c)'s
+    ensemble of the members trained by it, (d) the run whose budget the mark is."""
+    if key in by_mark:
+        return f"{by_mark[key][mark][1]:.3f}" if mark in by_mark[key] else "-"
     return at(points, mark, mark == largest)
 
 
@@ -206,7 +213,7 @@ def main() -> None:
 
     split = setup(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
                                     f"paths.run_dir={OUT / 'split'}"])).splits
-    rows, budgets = {}, {}
+    rows, by_mark = {}, {}  # (c), (d): {mark: the score taken for it}
     c_label = (f"{args.folds}-fold ensemble" if args.members == "folds"
                else f"{args.folds} x data.fold=all ensemble")
     if "b" in args.only:
@@ -218,12 +225,13 @@ def main() -> None:
         rows["a"] = tutorial(split["train"], split["test"], sorted({m for m in marks if m < minutes} | {minutes}))
     if "c" in args.only:
         print(f"(c) {c_label}, {max(args.marks) / args.folds:g} min each, mirror TTA")
-        rows["c"] = [ensemble(args, max(args.marks))]
+        by_mark["c"] = ensemble(args, max(args.marks), args.marks)
+        rows["c"] = list(by_mark["c"].values())
     if "d" in args.only:
         print(f"(d) experiment={args.budget_experiment}, one run fitted to each budget: {args.budgets} min")
-        budgets = {b: kept(args.budget_experiment, args.data, [b], OUT / f"budget_{b:g}", args.set)[0][-1]
-                   for b in sorted(args.budgets)}  # budget -> its run's final score
-        rows["d"] = list(budgets.values())
+        by_mark["d"] = {b: kept(args.budget_experiment, args.data, [b], OUT / f"budget_{b:g}", args.set)[0][-1]
+                        for b in sorted(args.budgets)}  # budget -> its run's final score
+        rows["d"] = list(by_mark["d"].values())
 
     labels = {"a": "(a) MONAI tutorial recipe", "b": f"(b) experiment={args.experiment}",
               "c": f"(c) {c_label} + TTA", "d": f"(d) {args.budget_experiment}, fitted"}
@@ -236,7 +244,7 @@ def main() -> None:
             points = rows[key]
             reach = minutes_to(points) if key != "c" else None
             m, dice, ant, post = points[-1]
-            cells = "".join(f"{cell(key, points, mark, max(args.marks), budgets):>9s}" for mark in args.marks)
+            cells = "".join(f"{cell(key, points, mark, max(args.marks), by_mark):>9s}" for mark in args.marks)
             print(f"{labels[key]:38s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}"
                   f"  {dice:.3f} ({ant:.3f}, {post:.3f}) after {m:.1f} min")
     for key in ("b", "d"):
