@@ -18,6 +18,7 @@ machine's matrix-multiply rate, and the CPU class (the figures hold for that cla
 """
 
 import argparse
+import math
 import time
 
 import torch
@@ -140,9 +141,10 @@ def ensemble(args, minutes: float, marks: list[float]) -> dict:
         trained += result["train_minutes"]
         run = RunDir(folder / str(k))
         members.append(str(run.best if folds else run.last))
-        mark = minutes * (k + 1) / args.folds
-        if k + 1 == args.folds or (not folds and mark in marks):  # k folds are one model only together
-            points[mark] = (trained, *score(members, f"{args.members}_test_{k + 1}"))
+        # the mark these members' minutes make, if any, as given (minutes * j / k need not equal it to the last bit)
+        mark = next((m for m in marks if math.isclose(m, minutes * (k + 1) / args.folds)), None)
+        if k + 1 == args.folds or (not folds and mark):  # k folds are one model only together
+            points[mark or minutes] = (trained, *score(members, f"{args.members}_test_{k + 1}"))
     return points
 
 
