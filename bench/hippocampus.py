@@ -126,6 +126,12 @@ def score(members: list[str], name: str) -> tuple:
     return summary["mean"]["dice"], *(summary["classes"][c]["dice"]["mean"] for c in CLASSES[1:])
 
 
+def member_mark(minutes: float, j: int, k: int, marks: list[float]) -> float | None:
+    """The mark that j of k members of minutes / k each make, as given (minutes * j / k need not equal it to the last
+    bit), or None where they make none."""
+    return next((m for m in marks if math.isclose(m, minutes * j / k)), None)
+
+
 def ensemble(args, minutes: float, marks: list[float]) -> dict:
     """(c) k members of the kept recipe, minutes / k of training each, scored together with mirror TTA: the k folds
     (each fold's best.pt, as `make cv` ensembles them) or, with `--members all`, k `data.fold=all` models with seeds
@@ -141,8 +147,7 @@ def ensemble(args, minutes: float, marks: list[float]) -> dict:
         trained += result["train_minutes"]
         run = RunDir(folder / str(k))
         members.append(str(run.best if folds else run.last))
-        # the mark these members' minutes make, if any, as given (minutes * j / k need not equal it to the last bit)
-        mark = next((m for m in marks if math.isclose(m, minutes * (k + 1) / args.folds)), None)
+        mark = member_mark(minutes, k + 1, args.folds, marks)
         if k + 1 == args.folds or (not folds and mark):  # k folds are one model only together
             points[mark or minutes] = (trained, *score(members, f"{args.members}_test_{k + 1}"))
     return points
