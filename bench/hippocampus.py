@@ -233,12 +233,11 @@ def main() -> None:
     if "c" in args.only:
         print(f"(c) {c_label}, {max(args.marks) / args.folds:g} min each, mirror TTA")
         by_mark["c"] = ensemble(args, max(args.marks), args.marks)
-        rows["c"] = list(by_mark["c"].values())
     if "d" in args.only:
         print(f"(d) experiment={args.budget_experiment}, one run fitted to each budget: {args.budgets} min")
         by_mark["d"] = {b: kept(args.budget_experiment, args.data, [b], OUT / f"budget_{b:g}", args.set)[0][-1]
                         for b in sorted(args.budgets)}  # budget -> its run's final score
-        rows["d"] = list(by_mark["d"].values())
+    rows |= {key: list(scores.values()) for key, scores in by_mark.items()}  # (c), (d) in the order they were taken
 
     labels = {"a": "(a) MONAI tutorial recipe", "b": f"(b) experiment={args.experiment}",
               "c": f"(c) {c_label} + TTA", "d": f"(d) {args.budget_experiment}, fitted"}
