@@ -59,7 +59,7 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
 # Network topology for DynUNet (nnU-Net's get_pool_and_conv_props rule). Base width 16 by default, not nnU-Net's 32:
 # on a 2-core AVX2 CPU in fp32 a 32-wide network trains 3.8x slower a step, which costs more Dice in a time budget;
 # where bf16 is fast (AMX) an epoch costs 2.6x and 32 wins (`plan.base_filters=32`, experiment=hippocampus_wide;
-# figures in the README).
+# figures in docs/hippocampus.md).
 TOPOLOGY = ("kernel_size", "strides", "upsample_kernel_size", "filters")
 BASE_FILTERS, MAX_FILTERS, MIN_FEATURE_MAP = 16, 320, 4
 
