@@ -20,6 +20,7 @@ machine's matrix-multiply rate, and the CPU class (the figures hold for that cla
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
 from monai.data import DataLoader, Dataset
@@ -50,7 +51,6 @@ from pipeline.training import save_splits, setup, train
 
 TARGET = 0.85
 CLASSES = ["background", "Anterior", "Posterior"]
-OUT = project_root() / "outputs" / "bench" / "hippocampus"
 
 
 class Recorder(NullTracker):
@@ -118,9 +118,9 @@ def kept(experiment: str, data: str, marks: list[float], run_dir, overrides=()) 
     return recorder.points, {"run": run, "cfg": cfg, "steps": len(result["step_losses"]), "batch": batch}
 
 
-def score(members: list[str], name: str) -> tuple:
-    """Test (mean, anterior, posterior) Dice of the checkpoints as one ensemble with mirror TTA (pipeline.evaluate)."""
-    scored = OUT / name
+def score(members: list[str], scored: Path) -> tuple:
+    """Test (mean, anterior, posterior) Dice of the checkpoints as one ensemble with mirror TTA (pipeline.evaluate),
+    its report written to `scored`."""
     summary = evaluate(compose("evaluate", [f"ckpt=[{','.join(members)}]", "split=test", "tta=true",
                                             "tracking=none", f"output={scored}", f"paths.run_dir={scored}"]))
     return summary["mean"]["dice"], *(summary["classes"][c]["dice"]["mean"] for c in CLASSES[1:])
@@ -137,7 +137,7 @@ def ensemble(args, minutes: float, marks: list[float]) -> dict:
     (each fold's best.pt, as `make cv` ensembles them) or, with `--members all`, k `data.fold=all` models with seeds
     0..k-1 (their last.pt: their best.pt was picked on cases they trained on), the first j of them also scored where
     j / k of the minutes is a mark. Returns {mark: (training minutes, mean, anterior, posterior)}."""
-    folder, trained, members, points = OUT / args.members, 0.0, [], {}
+    folder, trained, members, points = args.out / args.members, 0.0, [], {}
     folds = args.members == "folds"
     for k in range(args.folds):
         member = [f"data.fold={k}"] if folds else ["data.fold=all", f"seed={k}"]
@@ -149,7 +149,7 @@ def ensemble(args, minutes: float, marks: list[float]) -> dict:
         members.append(str(run.best if folds else run.last))
         mark = member_mark(minutes, k + 1, args.folds, marks)
         if k + 1 == args.folds or (not folds and mark):  # k folds are one model only together
-            points[mark or minutes] = (trained, *score(members, f"{args.members}_test_{k + 1}"))
+            points[mark or minutes] = (trained, *score(members, args.out / f"{args.members}_test_{k + 1}"))
     return points
 
 
@@ -212,6 +212,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(shared_data() / "msd_hippocampus"))
     parser.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE",
                         help="Hydra overrides for (b), (c) and (d), e.g. --set data.batch_size=4 optimizer.lr=0.004")
+    parser.add_argument("--out", type=Path, default=project_root() / "outputs" / "bench" / "hippocampus",
+                        help="where the runs, their checkpoints and the scores go")
     args = parser.parse_args()
     marks = sorted(set(args.marks) | {float(m) for m in range(1, int(args.fine) + 1)})
     device = engine.pick_device()
@@ -219,13 +221,13 @@ def main() -> None:
           + (f"; (b, c, d) with {' '.join(args.set)}" if args.set else ""))
 
     split = setup(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
-                                    f"paths.run_dir={OUT / 'split'}"])).splits
+                                    f"paths.run_dir={args.out / 'split'}"])).splits
     rows, by_mark = {}, {}  # (c), (d): {mark: the score taken for it}
     c_label = (f"{args.folds}-fold ensemble" if args.members == "folds"
                else f"{args.folds} x data.fold=all ensemble")
     if "b" in args.only:
         print(f"(b) experiment={args.experiment}")
-        rows["b"], info = kept(args.experiment, args.data, marks, OUT / "kept", args.set)
+        rows["b"], info = kept(args.experiment, args.data, marks, args.out / "kept", args.set)
     if "a" in args.only:
         print("(a) tutorial recipe")
         minutes = args.tutorial_minutes or max(marks)  # (a) is scored at its end too, whatever the marks
@@ -235,7 +237,7 @@ def main() -> None:
         by_mark["c"] = ensemble(args, max(args.marks), args.marks)
     if "d" in args.only:
         print(f"(d) experiment={args.budget_experiment}, one run fitted to each budget: {args.budgets} min")
-        by_mark["d"] = {b: kept(args.budget_experiment, args.data, [b], OUT / f"budget_{b:g}", args.set)[0][-1]
+        by_mark["d"] = {b: kept(args.budget_experiment, args.data, [b], args.out / f"budget_{b:g}", args.set)[0][-1]
                         for b in sorted(args.budgets)}  # budget -> its run's final score
     rows |= {key: list(scores.values()) for key, scores in by_mark.items()}  # (c), (d) in the order they were taken
 
