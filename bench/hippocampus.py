@@ -51,6 +51,7 @@ from pipeline.training import save_splits, setup, train
 
 TARGET = 0.85
 CLASSES = ["background", "Anterior", "Posterior"]
+LABEL, CELL = 38, 9  # the table's columns: recipe, then one cell per mark
 
 
 class Recorder(NullTracker):
@@ -245,15 +246,15 @@ def main() -> None:
               "c": f"(c) {c_label} + TTA", "d": f"(d) {args.budget_experiment}, fitted"}
     print(f"\nheld-out test split: {len(split['test'])} cases; mean Dice after N minutes of training; "
           f"{hardware.cpu_class()}")
-    print(f"{'recipe':38s}" + "".join(f"{f'{m:g} min':>9s}" for m in args.marks)
+    print(f"{'recipe':{LABEL}s}" + "".join(f"{f'{m:g} min':>{CELL}s}" for m in args.marks)
           + f"{f'to {TARGET}':>11s}  final (anterior, posterior)")
     for key in ("a", "b", "c", "d"):
         if key in rows:
             points = rows[key]
             reach = minutes_to(points) if key != "c" else None
             m, dice, ant, post = points[-1]
-            cells = "".join(f"{cell(key, points, mark, max(args.marks), by_mark):>9s}" for mark in args.marks)
-            print(f"{labels[key]:38s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}"
+            cells = "".join(f"{cell(key, points, mark, max(args.marks), by_mark):>{CELL}s}" for mark in args.marks)
+            print(f"{labels[key]:{LABEL}s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}"
                   f"  {dice:.3f} ({ant:.3f}, {post:.3f}) after {m:.1f} min")
     for key in ("b", "d"):
         if "a" in rows and key in rows:

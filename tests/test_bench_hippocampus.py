@@ -45,7 +45,8 @@ def test_the_benchmark_trains_scores_and_tabulates_every_recipe(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {line[:3]: line for line in run.stdout.splitlines() if re.match(r"\([abcd]\) .* after", line)}
     assert sorted(rows) == ["(a)", "(b)", "(c)", "(d)"], run.stdout
-    cells = {key: [line[38 + 9 * i:47 + 9 * i].strip() for i in range(2)] for key, line in rows.items()}  # 0.05, 0.1
+    at = [bench.LABEL + bench.CELL * i for i in range(2)]  # where the cells of 0.05 and 0.1 start
+    cells = {key: [line[i:i + bench.CELL].strip() for i in at] for key, line in rows.items()}
     assert "held-out test split: 2 cases" in run.stdout
     assert f": {torch.backends.cpu.get_cpu_capability()} (" in run.stdout  # the CPU class beside the figures
     # (c): the first member alone makes the 0.05 mark, both together 0.1; (d): its one budget, 0.05
