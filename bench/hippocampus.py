@@ -100,12 +100,19 @@ def tutorial(train_cases, test_cases, marks: list[float]) -> list[tuple]:
     return points
 
 
+def train_config(experiment: str, data: str, run_dir, overrides=()):
+    """The training config every recipe of the benchmark but the tutorial starts from: the recipe on the data, no
+    tracking, the overrides (later ones win), its own run folder."""
+    return compose("train", [f"experiment={experiment}", f"data.root={data}", "tracking=none", *overrides,
+                             f"paths.run_dir={run_dir}"])
+
+
 def kept(experiment: str, data: str, marks: list[float], run_dir, overrides=()) -> tuple[list[tuple], dict]:
     """(b) the kept recipe, trained by the project's engine with its schedule fitted to the largest mark and scored on
     the test split as it passes each mark and at its end. (d) is one such run per budget, with one mark."""
-    cfg = compose("train", [f"experiment={experiment}", f"data.root={data}", "tracking=none", *overrides,
-                            f"trainer.max_minutes={max(marks)}", f"trainer.val_minutes=[{','.join(map(str, marks))}]",
-                            "trainer.val_every=1000000", f"paths.run_dir={run_dir}"])
+    cfg = train_config(experiment, data, run_dir, [*overrides, f"trainer.max_minutes={max(marks)}",
+                                                   f"trainer.val_minutes=[{','.join(map(str, marks))}]",
+                                                   "trainer.val_every=1000000"])
     run = setup(cfg)
     # so that `pipeline.evaluate ckpt=<kept>/checkpoints/last.pt split=test` works
     save_splits(run.splits, cfg.paths.run_dir)
@@ -142,9 +149,8 @@ def ensemble(args, minutes: float, marks: list[float]) -> dict:
     folds = args.members == "folds"
     for k in range(args.folds):
         member = [f"data.fold={k}"] if folds else ["data.fold=all", f"seed={k}"]
-        result = train(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
-                                         *args.set, *member, f"trainer.max_minutes={minutes / args.folds}",
-                                         f"paths.run_dir={folder / str(k)}"]))
+        result = train(train_config(args.experiment, args.data, folder / str(k),
+                                    [*args.set, *member, f"trainer.max_minutes={minutes / args.folds}"]))
         trained += result["train_minutes"]
         run = RunDir(folder / str(k))
         members.append(str(run.best if folds else run.last))
@@ -221,8 +227,7 @@ def main() -> None:
     print(f"{hardware.describe(device)}; {hardware.resolve('auto', device)}; marks {args.marks} min of training"
           + (f"; (b, c, d) with {' '.join(args.set)}" if args.set else ""))
 
-    split = setup(compose("train", [f"experiment={args.experiment}", f"data.root={args.data}", "tracking=none",
-                                    f"paths.run_dir={args.out / 'split'}"])).splits
+    split = setup(train_config(args.experiment, args.data, args.out / "split")).splits
     rows, by_mark = {}, {}  # (c), (d): {mark: the score taken for it}
     c_label = (f"{args.folds}-fold ensemble" if args.members == "folds"
                else f"{args.folds} x data.fold=all ensemble")
