@@ -100,13 +100,23 @@ def read_sitk(volume: Volume) -> sitk.Image:
     return sitk.ReadImage(str(volume.path))
 
 
+def spatial(array: np.ndarray) -> np.ndarray:
+    """The array without trailing singleton axes past the third: files distributed as (x, y, z, 1), often with a
+    zero fourth zoom (IBSR18, some FSL and SPM outputs), are one 3D volume. MONAI's NibabelReader reads them as one
+    channel already; this is the same view for code that reads voxels with nibabel."""
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
+
+
 def read_array(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(array (x, y, z[, channel]), RAS affine) of a NIfTI, NRRD or MHA file, as stored (no resampling)."""
+    """(array (x, y, z[, channel]), RAS affine) of a NIfTI, NRRD or MHA file, as stored (no resampling; a trailing
+    singleton axis dropped, see spatial)."""
     path = Path(path)
     try:
         if path.name.endswith(NIFTI):
             image = nib.load(path)
-            return np.asanyarray(image.dataobj), image.affine
+            return spatial(np.asanyarray(image.dataobj)), image.affine
         image = sitk.ReadImage(str(path))
         array = sitk.GetArrayFromImage(image)  # (z, y, x[, c])
         return array.transpose(2, 1, 0, *range(3, array.ndim)), sitk_affine(image)

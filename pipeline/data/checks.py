@@ -1,7 +1,8 @@
 """Dataset check (`python -m pipeline.check data.root=...`; training runs it first): every fault of a dataset at once.
 
 In the spirit of nnU-Net's verify_dataset_integrity: unreadable files (corrupt gzip, truncated, not an image),
-image/label shape or affine mismatch, NaN/Inf voxels, wrong dimensionality, label values that are not integers or not
+image/label shape or affine mismatch, NaN/Inf voxels, wrong dimensionality (a trailing singleton axis, as in
+(x, y, z, 1) files, is not a fault), label values that are not integers or not
 declared classes, duplicate or escaping paths, too few cases for the split. Empty labels are allowed and counted.
 """
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.sources import data_facts, dataset_problems, split
 from pipeline.errors import InputError
-from pipeline.io import label_fault
+from pipeline.io import label_fault, spatial
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def read(path: str) -> tuple[nib.Nifti1Image | None, np.ndarray | None, str | No
     """(image, voxels, None) or (None, None, the reason it cannot be read)."""
     try:
         image = nib.load(path)
-        return image, np.asarray(image.dataobj), None
+        return image, spatial(np.asarray(image.dataobj)), None
     except (gzip.BadGzipFile, zlib.error, OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as err:
         text = str(err).lower()
         if isinstance(err, (gzip.BadGzipFile, zlib.error)) or "gzip" in text or "crc" in text:
