@@ -32,7 +32,8 @@ train: $(STAMP)
 
 # k-fold cross-validation (data.fold=0..4, one run each, in one Hydra multirun), scored as nnU-Net scores it (each
 # fold's final model on its own validation cases, pooled), then the folds' ensemble with mirror TTA scored on the
-# held-out test split, which no fold trained on: `make cv experiment=hippocampus`.
+# held-out test split, which no fold trained on: `make cv experiment=hippocampus` (a dataset with no test split, as
+# experiment=auto plans below 30 cases, skips the second).
 # A stopped cv goes on with the same command plus `CV_DIR=<its folder> resume=auto`: each fold continues its own
 # last.pt (a finished fold returns at once, a missing one starts), then both evaluations run.
 # The evaluations take the tracking overrides (`tracking=none`, `tracking.experiment=...`); the rest are training keys.
@@ -41,7 +42,9 @@ CV_TRACKING := $(filter 'tracking=% 'tracking.%,$(OVERRIDES))
 cv: $(STAMP)
 	$(BIN)/python -m pipeline.train --multirun 'data.fold=range(0,5)' hydra.sweep.dir=$(CV_DIR) $(OVERRIDES)
 	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=cv output=$(CV_DIR)/cv $(CV_TRACKING)
-	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=test tta=true output=$(CV_DIR)/ensemble_test $(CV_TRACKING)
+	if $(BIN)/python -c 'import json, pathlib, sys; sys.exit(not json.loads(next(pathlib.Path("$(CV_DIR)").glob("*/splits.json")).read_text())["test"])'; \
+	then $(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=test tta=true output=$(CV_DIR)/ensemble_test $(CV_TRACKING); \
+	else echo "no test split (a small dataset keeps none back): the cross-validation above is the estimate"; fi
 
 sweep: $(STAMP)
 	$(BIN)/python -m pipeline.train --multirun $(OVERRIDES)

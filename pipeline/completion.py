@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.data.fingerprint import fingerprint
-from pipeline.data.sources import Dataset, data_facts, ensure_demo_data, read_dataset, split
+from pipeline.data.sources import Dataset, data_facts, ensure_demo_data, read_dataset, split, test_fraction
 from pipeline.errors import InputError
 from pipeline.losses import inverse_frequency_weights
 from pipeline.planning import planned_data, planned_topology
@@ -45,6 +45,7 @@ def complete(cfg: DictConfig) -> Completed:
         raise InputError(f"{cfg.data.root}: activation=sigmoid (loss=bce, bce_tv) needs binary labels; "
                          f"this dataset has {cfg.data.num_classes} classes (use a softmax loss such as loss=dicece)")
     s = cfg.data.split
+    fill(cfg, {"data.split.test": test_fraction(s.test, len(dataset.cases))})  # `auto`: by the dataset's size
     splits = split(dataset.cases, s.val, s.test, s.seed, s.folds, cfg.data.fold)
     fill(cfg, planned_data(cfg, dataset.modalities, splits["train"]))
     fill(cfg, planned_topology(cfg, splits["train"]))  # after the data plan: it depends on the patch and spacing

@@ -125,7 +125,8 @@ def predicted_groups(members: list[Path], split_name: str) -> list[tuple[list[Pa
     groups, validated_by, first_test = [], {}, None
     for member in members:
         splits_file = RunDir.of(member).splits
-        test, ids = recorded_split(member, "test", "val")
+        [ids] = recorded_split(member, "val")
+        test = RunDir.of(member).recorded_splits().get("test", [])  # none where a small dataset kept none back
         first_test = first_test or test
         if test != first_test:
             raise InputError(f"{splits_file}: its test split differs from {RunDir.of(members[0]).splits}'s; "
@@ -269,7 +270,8 @@ def difference_text(d: dict) -> str:
 def table(summary: dict) -> str:
     """Per-class means of the main metrics, one line per class."""
     lines = [f"{'class':14s}" + "".join(f"{m:>10s}" for m in PRINTED)]
-    rows = [*summary["classes"].items(), ("mean", {m: {"mean": v} for m, v in summary["mean"].items()})]
+    rows = [*summary["classes"].items(), ("mean", {m: {"mean": v} for m, v in summary["mean"].items()}),
+            *((f"region {name}", metrics) for name, metrics in summary.get("regions", {}).items())]
     for name, metrics in rows:
         cells = ("" if metrics[m]["mean"] is None else f"{metrics[m]['mean']:.4f}" for m in PRINTED)
         lines.append(f"{name:14s}" + "".join(f"{c:>10s}" for c in cells))
@@ -309,11 +311,17 @@ def evaluate(cfg: DictConfig) -> dict:
         raise InputError(f"cases={unknown}: not among the evaluated cases")
     source |= {"cases": len(cases), "classes": class_names[1:], "nsd_tolerance_mm": cfg.nsd_tolerance_mm}
 
-    rows, post = [], []  # one case in memory at a time
+    rows, post, region_rows = [], [], []  # one case in memory at a time
+    regions = {str(name): list(labels) for name, labels in (cfg.get("regions") or {}).items()}
     for case in tqdm(cases, desc="evaluate", unit="case"):
         pred, truth, affine = load_pair(case, len(class_names))
-        scores = case_scores(pred, truth, nib.affines.voxel_sizes(affine), class_names, cfg.nsd_tolerance_mm)
+        spacing = nib.affines.voxel_sizes(affine)
+        scores = case_scores(pred, truth, spacing, class_names, cfg.nsd_tolerance_mm)
         rows += [{"case": case.id} | r for r in scores]
+        for name, labels in regions.items():  # a region (a set of labels, e.g. BRATS's whole tumour) as one structure
+            binary = [np.isin(a, labels).astype(np.uint8) for a in (pred, truth)]
+            region_rows += [{"case": case.id} | r for r in case_scores(*binary, spacing, ["background", name],
+                                                                        cfg.nsd_tolerance_mm)]
         if cfg.check_postprocessing:
             post.append(postprocessing_dice(pred, truth, class_names))
     comparison = compared(rows, *against, class_names) if against else None
@@ -322,8 +330,10 @@ def evaluate(cfg: DictConfig) -> dict:
             f"mean {label} {difference_text(comparison[m]['mean'])}" for m, label in COMPARED.items())
     summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm,
                                               "source": source}
+    if regions:
+        summary |= {"regions": summarize(region_rows, ["background", *regions])["classes"], "region_labels": regions}
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [write_csv(rows, out_dir / PER_CASE)]
+    files = [write_csv(rows + region_rows, out_dir / PER_CASE)]
     with atomic(out_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     files.append(out_dir / "summary.json")
@@ -380,6 +390,8 @@ def log_to_tracking(cfg: DictConfig, summary: dict, files: list[Path], out_dir: 
     metrics = {f"{prefix}{m}_{c}": s[m]["mean"] for c, s in summary["classes"].items() for m in METRICS
                if s[m]["mean"] is not None}
     metrics |= {f"{prefix}{m}_mean": v for m, v in summary["mean"].items() if v is not None}
+    metrics |= {f"{prefix}{m}_region_{r.replace(' ', '_')}": s[m]["mean"] for r, s in summary.get("regions", {}).items()
+                for m in METRICS if s[m]["mean"] is not None}
     run_id = bundle.get("run_id") if bundle is not None else None
     if bundle is not None:  # a new run, if needed, goes beside the training runs of the same dataset
         cfg = OmegaConf.merge(cfg, {"data": {"name": bundle["config"]["data"]["name"]}})  # a copy: cfg stays as given

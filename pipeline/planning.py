@@ -11,13 +11,18 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import hardware
 from pipeline.config import option
 from pipeline.data.fingerprint import fingerprint
+from pipeline.engine import pick_device
 
 log = logging.getLogger(__name__)
 
-PLANNED = ("data.spacing", "data.patch_size", "data.batch_size", "transforms.normalize")
-
+PLANNED = ("data.spacing", "data.patch_size", "data.batch_size", "transforms.crop", "transforms.normalize",
+           "transforms.augment.affine.rotate_range")
+ROTATION = 0.26  # radians (15 degrees) of random rotation about each axis the plan rotates about
+# nnU-Net's rule: crop to the nonzero box, and z-score over it, where that box holds under 3/4 of the median case
+CROP_BELOW = 0.75
 
 def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2, divisor: int = 8) -> dict:
     """The plan for one dataset.
@@ -27,10 +32,16 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
     """
     spacings = np.array(fp["spacings"])
     target = np.median(spacings, axis=0)
-    if target.max() / target.min() > 3:  # strongly anisotropic: keep more through-plane resolution (nnU-Net)
+    anisotropic = target.max() / target.min() > 3
+    rotate = [ROTATION] * 3
+    if anisotropic:  # keep more through-plane resolution (nnU-Net), and rotate in-plane only (about the coarse axis)
         axis = int(target.argmax())
         target[axis] = np.percentile(spacings[:, axis], 10)
-    shapes = np.array(fp["shapes"]) * spacings / target  # case sizes after resampling
+        rotate = [ROTATION if a == axis else 0.0 for a in range(3)]
+    shapes = np.array(fp["shapes"])
+    nonzero = np.array(fp.get("nonzero_shapes", shapes))
+    crop = bool(np.median(nonzero.prod(axis=1) / shapes.prod(axis=1)) < CROP_BELOW)
+    shapes = (nonzero if crop else shapes) * spacings / target  # case sizes after cropping and resampling
     median_shape = np.median(shapes, axis=0)
 
     patch = np.ceil(median_shape / divisor).astype(int) * divisor  # cover the median case whole
@@ -45,23 +56,36 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
     if any(m.upper() == "CT" for m in modalities):
         i = fp["intensity"][0]  # clip to the foreground's 0.5-99.5 percentiles, then scale
         normalize = {"name": "ct", "a_min": i["p0.5"], "a_max": i["p99.5"]}
-    else:
-        normalize = {"name": "zscore"}
+    else:  # per case; over the cropped-to box's nonzero voxels where the crop matters (the empty border is no tissue)
+        normalize = {"name": "zscore_fg" if crop else "zscore"}
     same_grid = np.allclose(spacings, target, atol=1e-3)
     return {
         "spacing": None if same_grid else [round(float(s), 4) for s in target],  # no resampling when all match
         "patch_size": patch.tolist(),
         "batch_size": batch,
+        "crop": crop,
         "normalize": normalize,
+        "rotate_range": rotate,
+        "median_shape": [round(float(n)) for n in median_shape],
     }
 
 
 # Network topology for DynUNet (nnU-Net's get_pool_and_conv_props rule). Base width 16 by default, not nnU-Net's 32:
 # on a 2-core AVX2 CPU in fp32 a 32-wide network trains 3.8x slower a step, which costs more Dice in a time budget;
-# where bf16 is fast (AMX) an epoch costs 2.6x and 32 wins (`plan.base_filters=32`, experiment=hippocampus_wide;
-# figures in docs/hippocampus.md).
+# where bf16 is fast (AMX, AVX512-BF16) or on a GPU an epoch costs 2.6x and 32 wins; `plan.base_filters=auto` picks by
+# the precision this machine trains in (docs/hippocampus.md: the width lever).
 TOPOLOGY = ("kernel_size", "strides", "upsample_kernel_size", "filters")
-BASE_FILTERS, MAX_FILTERS, MIN_FEATURE_MAP = 16, 320, 4
+BASE_FILTERS, FAST_BASE_FILTERS, MAX_FILTERS, MIN_FEATURE_MAP = 16, 32, 320, 4
+
+
+def base_filters(setting, trainer: DictConfig) -> tuple[int, str]:
+    """(DynUNet's first-stage width, why) for `plan.base_filters`: a number as given, or `auto`: nnU-Net's 32 where
+    training runs in reduced precision on hardware built for it (a GPU, a CPU with native bf16), 16 in fp32."""
+    if setting != "auto":
+        return int(setting), "plan.base_filters"
+    precision = hardware.resolve(trainer.amp, pick_device(trainer.device))
+    fast = precision.dtype is not None
+    return (FAST_BASE_FILTERS if fast else BASE_FILTERS), f"trains in {precision.name}: {precision.reason}"
 
 
 def topology(patch: list[int], spacing: list[float], base_filters: int = BASE_FILTERS) -> dict:
@@ -93,8 +117,8 @@ def _is_auto(value) -> bool:
 
 
 def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]) -> dict:
-    """The planned value (dotted key -> value) of every data setting left `auto` (spacing, patch, batch,
-    normalization), from the fingerprint of the training cases; {} when none is auto."""
+    """The planned value (dotted key -> value) of every data setting left `auto` (spacing, patch, batch, crop,
+    normalization, rotation axes), from the fingerprint of the training cases; {} when none is auto."""
     auto = [key for key in PLANNED if _is_auto(OmegaConf.select(cfg, key))]
     if not auto:
         return {}
@@ -102,15 +126,21 @@ def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]
     fp = fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")
     p = plan(fp, modalities, settings.get("budget_voxels", 2**19), settings.get("min_batch", 2))
     values = {f"data.{key}": p[key] for key in ("spacing", "patch_size", "batch_size") if f"data.{key}" in auto}
+    if "transforms.augment.affine.rotate_range" in auto:
+        values["transforms.augment.affine.rotate_range"] = p["rotate_range"]
+    if "transforms.crop" in auto:
+        values["transforms.crop"] = option("transforms/crop", "nonzero") if p["crop"] else None
     if "transforms.normalize" in auto:
         norm = dict(p["normalize"])
         # the option as `transforms/normalize=<name>` selects it, with the planned values (e.g. CT's clip range)
         values["transforms.normalize"] = OmegaConf.merge(option("transforms/normalize", norm.pop("name")), norm)
     final = {key: values.get(key, OmegaConf.select(cfg, key)) for key in PLANNED}
+    cropped = f", cropped to the nonzero box {p['median_shape']}" if final["transforms.crop"] is not None else ""
     log.info(f"plan from {fp['num_cases']} training cases (median shape {[round(s) for s in fp['median_shape']]}, "
-             f"spacing {fp['median_spacing']}): spacing {final['data.spacing'] or 'native'}, "
+             f"spacing {fp['median_spacing']}{cropped}): spacing {final['data.spacing'] or 'native'}, "
              f"patch {list(final['data.patch_size'])}, batch {final['data.batch_size']}, "
-             f"normalize {final['transforms.normalize']._target_.rsplit('.', 1)[-1]}")
+             f"normalize {final['transforms.normalize']._target_.rsplit('.', 1)[-1]}"
+             f"{' over nonzero voxels' if final['transforms.normalize'].get('nonzero') else ''}")
     return values
 
 
@@ -121,7 +151,7 @@ def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
         return {}
     spacing = cfg.data.spacing or fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")["median_spacing"]
     dims = cfg.model.get("spatial_dims", 3)  # a 2D network plans over the first two axes
-    base = (cfg.get("plan") or {}).get("base_filters", BASE_FILTERS)
+    base, why = base_filters((cfg.get("plan") or {}).get("base_filters", BASE_FILTERS), cfg.trainer)
     net = topology(list(cfg.data.patch_size)[:dims], list(spacing)[:dims], base)
     values = {f"model.{key}": net[key] for key in TOPOLOGY if _is_auto(cfg.model.get(key))}
     if "deep_supr_num" in cfg.model:  # DynUNet: 1 <= extra heads < upsampling stages (none on a 2-stage net)
@@ -130,5 +160,31 @@ def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
                    "model.deep_supervision": cfg.model.deep_supervision and heads > 0}
     filters = values.get("model.filters", cfg.model.get("filters"))
     log.info(f"network: {len(net['strides'])} stages, strides {net['strides'][1:]}, kernels {net['kernel_size']}, "
-             f"filters {list(filters)}")
+             f"filters {list(filters)} (width {base}: {why})")
     return values
+
+
+def plans(cfg: DictConfig, splits: dict[str, list[dict]], precision: hardware.Precision) -> dict:
+    """What the run was planned to be (nnU-Net's plans.json): the training cases' fingerprint and every decision taken
+    from it and from this machine, as plain data; training saves it beside the checkpoints and logs it."""
+    fp = fingerprint(splits["train"], Path(cfg.paths.outputs) / "fingerprints")
+    c = OmegaConf.to_container(cfg, resolve=True)
+    flips = [a["spatial_axis"] for k, a in c["transforms"]["augment"].items() if k.startswith("flip") and a]
+    return {
+        "dataset": {"root": c["data"]["root"], "name": c["data"]["name"], "classes": c["data"]["class_names"],
+                    "channels": c["data"]["in_channels"],
+                    "cases": {k: len(v) for k, v in splits.items()}, "test_fraction": c["data"]["split"]["test"],
+                    "fold": c["data"]["fold"]},
+        "fingerprint": {k: fp[k] for k in ("num_cases", "median_shape", "median_spacing", "intensity",
+                                           "class_frequency")}
+        | {"median_nonzero_shape": np.median(fp["nonzero_shapes"], axis=0).tolist()},
+        "preprocessing": {"crop": (c["transforms"].get("crop") or {}).get("_target_"),
+                          "spacing": c["data"]["spacing"], "normalize": c["transforms"]["normalize"]},
+        "patch_size": c["data"]["patch_size"], "batch_size": c["data"]["batch_size"],
+        "network": {k: v for k, v in c["model"].items() if k not in ("in_channels", "out_channels")},
+        "augmentation": {"mirror_axes": sorted(flips), "transforms": [k for k, a in c["transforms"]["augment"].items()
+                                                                       if a]},
+        "loss": c["loss"]["_target_"], "optimizer": c["optimizer"], "scheduler": c["scheduler"],
+        "budget": {"max_minutes": c["trainer"]["max_minutes"], "max_epochs": c["trainer"]["max_epochs"]},
+        "hardware": {"precision": precision.name, "reason": precision.reason, "cpu": hardware.cpu_class()},
+    }

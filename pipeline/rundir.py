@@ -2,6 +2,7 @@
 
     <run>/checkpoints/best.pt, last.pt    engine.fit
     <run>/splits.json                     train (the case ids of each split; evaluate split= reads it)
+    <run>/plans.json                      train (the fingerprint and every planned setting, as nnU-Net's plans.json)
     <run>/curves.png, overlays/           train, engine.fit
     <run>/metrics.jsonl                   tracking (every logged metric)
     <run>/.hydra/, train.log              Hydra
@@ -19,6 +20,7 @@ class RunDir:
         self.checkpoints = self.root / "checkpoints"
         self.best, self.last = self.checkpoints / "best.pt", self.checkpoints / "last.pt"
         self.splits, self.curves = self.root / "splits.json", self.root / "curves.png"
+        self.plans = self.root / "plans.json"
         self.overlays = self.root / "overlays"
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ from pipeline.files import StorageError, atomic
 from pipeline.interrupts import Interrupts, submitit_job
 from pipeline.models.adapters import ValidNetwork
 from pipeline.models.weights import initialise
+from pipeline.planning import plans
 from pipeline.rundir import RunDir
 from pipeline.sweep import sweep_tags
 from pipeline.tracking import NullTracker, git_dirty
@@ -44,6 +45,21 @@ def save_splits(splits: dict[str, list[dict]], run_dir: str | Path) -> Path:
     with atomic(path) as tmp:
         tmp.write_text(json.dumps({k: [case_id(c) for c in v] for k, v in splits.items()}, indent=1))
     return path
+
+
+def save_plans(cfg: DictConfig, job: engine.Job, run_dir: RunDir) -> Path:
+    """plans.json beside the checkpoints, and its gist in a few lines."""
+    p = plans(cfg, job.splits, job.precision)
+    with atomic(run_dir.plans) as tmp:
+        tmp.write_text(json.dumps(p, indent=1))
+    d, net = p["dataset"], p["network"]
+    log.info(f"plan: {d['cases']['train']} training cases of {d['name']} ({d['cases']['test']} held out for test), "
+             f"crop {'to nonzero' if p['preprocessing']['crop'] else 'none'}, "
+             f"spacing {p['preprocessing']['spacing'] or 'native'}, patch {p['patch_size']} x {p['batch_size']}, "
+             f"{type(job.model).__name__} {net.get('filters', '')}, mirrors {p['augmentation']['mirror_axes']}, "
+             f"{p['loss'].rsplit('.', 1)[-1]}, {p['budget']['max_minutes'] or 'no'} minutes in "
+             f"{p['hardware']['precision']}; {run_dir.plans}")
+    return run_dir.plans
 
 
 def setup(cfg: DictConfig) -> engine.Job:
@@ -178,6 +194,7 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     run_dir = job.run_dir = RunDir(cfg.paths.run_dir)
     if state is None and distributed.is_main():
         tracker.log_artifact(save_splits(splits, run_dir.root))
+        tracker.log_artifact(save_plans(cfg, job, run_dir))
     ranks = f", DDP over {distributed.world_size()} ranks" if distributed.active() else ""
     log.info(f"{name}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test cases "
              f"from {cfg.data.root} on {job.device}{ranks}")

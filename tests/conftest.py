@@ -89,7 +89,12 @@ def shared_dataset(name: str) -> Path:
 
 def hippocampus_subset(folder: Path, n: int) -> Path:
     """The first n real MSD hippocampus cases, linked into a dataset of their own (fast tests)."""
-    root = shared_dataset("msd_hippocampus")
+    return shared_subset("msd_hippocampus", folder, n)
+
+
+def shared_subset(name: str, folder: Path, n: int) -> Path:
+    """The first n cases of a shared MSD-layout dataset, linked (not copied) into a dataset of their own."""
+    root = shared_dataset(name)
     meta = json.loads((root / "dataset.json").read_text())
     cases = meta["training"][:n]
     for case in cases:

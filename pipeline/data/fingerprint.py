@@ -1,7 +1,9 @@
 """Dataset fingerprint: one pass over the training cases, cached by the file list with sizes and mtimes.
 
 Geometry is reported in RAS axis order (what the network sees after `Orientationd`), intensities from foreground
-voxels only (nnU-Net's choice: background statistics say nothing about the structures to segment).
+voxels only (nnU-Net's choice: background statistics say nothing about the structures to segment). Each case's
+nonzero bounding box is measured too: nnU-Net crops every case to it, and the plan does where it is much smaller than
+the volume (skull-stripped MRI).
 """
 
 import hashlib
@@ -16,8 +18,10 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import InputError
 from pipeline.files import atomic
+from pipeline.io import spatial
 
 SAMPLES_PER_CASE = 10_000
+VERSION = 2  # bumped when a fingerprint gains a field: older cached ones are measured again
 
 
 def cache_key(cases: list[dict]) -> str:
@@ -38,16 +42,20 @@ def measure_case(case: dict, rng: np.random.Generator) -> dict:
     shape, spacing = np.empty(3, int), np.empty(3)
     shape[axes], spacing[axes] = image.shape[:3], image.header.get_zooms()[:3]
     data = np.asarray(image.dataobj, dtype=np.float32).reshape(*image.shape[:3], -1)  # channels last
-    lab = np.asarray(label.dataobj).astype(np.int64)
+    lab = spatial(np.asarray(label.dataobj)).astype(np.int64)
     fg = data[lab > 0]
     if len(fg) > SAMPLES_PER_CASE:
         fg = fg[rng.choice(len(fg), SAMPLES_PER_CASE, replace=False)]
-    return {"shape": shape.tolist(), "spacing": spacing.tolist(), "counts": np.bincount(lab.ravel()).tolist(), "fg": fg}
+    nonzero = np.empty(3, int)  # the bounding box of voxels nonzero in any channel (nnU-Net's crop), RAS order
+    nonzero[axes] = [np.ptp(np.flatnonzero(data.any(axis=tuple(a for a in range(4) if a != i)))) + 1 if data.any()
+                     else n for i, n in enumerate(image.shape[:3])]
+    return {"shape": shape.tolist(), "spacing": spacing.tolist(), "nonzero_shape": nonzero.tolist(),
+            "counts": np.bincount(lab.ravel()).tolist(), "fg": fg}
 
 
 def fingerprint(cases: list[dict], cache_dir: str | Path) -> dict:
     """Shapes, spacings, foreground intensity statistics per channel and class voxel frequencies."""
-    path = Path(cache_dir) / f"{cache_key(cases)}.json"
+    path = Path(cache_dir) / f"{cache_key(cases)}-v{VERSION}.json"
     if path.exists():
         return json.loads(path.read_text())
     rng = np.random.default_rng(0)
@@ -60,6 +68,7 @@ def fingerprint(cases: list[dict], cache_dir: str | Path) -> dict:
         "num_cases": len(rows),
         "shapes": [r["shape"] for r in rows],
         "spacings": [r["spacing"] for r in rows],
+        "nonzero_shapes": [r["nonzero_shape"] for r in rows],
         "median_shape": np.median([r["shape"] for r in rows], axis=0).tolist(),
         "median_spacing": np.median([r["spacing"] for r in rows], axis=0).tolist(),
         "intensity": [  # per channel, foreground only

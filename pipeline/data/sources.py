@@ -16,6 +16,17 @@ from pipeline.io import as_nifti
 
 log = logging.getLogger(__name__)
 
+# `data.split.test: auto`: a dataset of fewer cases keeps none back for test; every case trains the final model and
+# cross-validation (make cv) is the estimate, as nnU-Net does (15% of 10 cases would be 2 to score and 2 fewer to train)
+TEST_FROM_CASES, TEST_FRACTION = 30, 0.15
+
+
+def test_fraction(test, num_cases: int) -> float:
+    """The fraction of the cases held out for test: data.split.test, or for `auto` by the dataset's size."""
+    if test == "auto":
+        return TEST_FRACTION if num_cases >= TEST_FROM_CASES else 0.0
+    return float(test)
+
 
 @dataclass
 class Dataset:
@@ -153,17 +164,31 @@ def nnunet_problems(root: str | Path, converted: str | Path) -> tuple[Dataset | 
     return Dataset(root, str(meta.get("name") or root.name), labels, channels, cases), problems
 
 
+def detect_layout(root: Path) -> str:
+    """`data.layout: auto`: nnunet for a dataset.json with channel_names (nnU-Net v2), msd for another dataset.json,
+    folders without one."""
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+    except FileNotFoundError:
+        return "folders"
+    except (OSError, ValueError):
+        return "msd"  # an unreadable dataset.json: msd_problems names the fault
+    return "nnunet" if isinstance(meta, dict) and "channel_names" in meta else "msd"
+
+
 def dataset_problems(data: DictConfig) -> tuple[Dataset | None, list[str]]:
-    """The dataset at data.root in its data.layout (msd | folders | nnunet), with every structural fault found."""
+    """The dataset at data.root in its data.layout (msd | folders | nnunet | auto), with every structural fault
+    found."""
     root = Path(data.root).expanduser()
-    if data.layout == "msd":
+    layout = detect_layout(root) if data.layout == "auto" and root.is_dir() else data.layout
+    if layout in ("msd", "auto"):  # auto on a missing folder: msd_problems says it is not there
         return msd_problems(root)
-    if data.layout == "folders":
+    if layout == "folders":
         names = None if OmegaConf.is_missing(data, "class_names") else data.get("class_names")
         return folders_problems(root, data.images, data.labels, names)
-    if data.layout == "nnunet":
+    if layout == "nnunet":
         return nnunet_problems(root, data.converted)
-    return None, [f"{root}: data.layout={data.layout}: must be msd, folders or nnunet"]
+    return None, [f"{root}: data.layout={data.layout}: must be msd, folders, nnunet or auto"]
 
 
 def read_dataset(data: DictConfig) -> Dataset:
@@ -189,7 +214,7 @@ def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5,
     with fold="all" (nnU-Net's final model): every non-test case trains, and the `val` fraction of them is watched.
     """
     order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
-    n_test = round(len(cases) * test)
+    n_test = round(len(cases) * test_fraction(test, len(cases)))
     held_out, rest = order[:n_test], order[n_test:]
     if fold is None or fold == "all":
         n_val = min(max(1, round(len(cases) * val)), len(rest) - 1)

@@ -19,24 +19,33 @@ from pipeline.files import StorageError, free_bytes, megabytes
 log = logging.getLogger(__name__)
 
 KEYS = ["image", "label"]
-PREPROCESSING = ("load", "orient", "resample", "normalize")
+PREPROCESSING = ("load", "orient", "crop", "resample", "normalize")
+
+
+def nonzero(x):
+    """The voxels transforms.crop=nonzero keeps the bounding box of: nonzero in any channel (z-scored data is negative
+    inside the body, so MONAI's default `x > 0` would cut into it)."""
+    return x != 0
 
 
 def preprocessing_config(cfg) -> dict:
     """The settings that decide preprocessing, as plain data (a config or a checkpoint's dict): what a disk cache is
-    keyed by and what ensemble members must share."""
-    stages = {k: cfg["transforms"][k] for k in PREPROCESSING} | {"spacing": cfg["data"]["spacing"]}
+    keyed by and what ensemble members must share. A stage absent from an older checkpoint is None (not run)."""
+    stages = {k: cfg["transforms"].get(k) for k in PREPROCESSING} | {"spacing": cfg["data"]["spacing"]}
     # resolved in place: a node's interpolations (${data.spacing}) refer to the whole config, which a copy lacks
     return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in stages.items()}
 
 
 def preprocessing_stages(cfg) -> list[str]:
-    """The stages that run (a config or a checkpoint's dict): resample only when the dataset asks for a spacing."""
-    return [s for s in PREPROCESSING if s != "resample" or cfg["data"]["spacing"] is not None]
+    """The stages that run (a config or a checkpoint's dict): crop only when set, resample only when the dataset asks
+    for a spacing."""
+    return [s for s in PREPROCESSING if (cfg["transforms"].get(s) is not None
+                                         and (s != "resample" or cfg["data"]["spacing"] is not None))]
 
 
 def preprocess(cfg: DictConfig) -> list:
-    """Load -> orient -> (resample) -> normalize: deterministic, shared by training, validation and inference."""
+    """Load -> orient -> (crop) -> (resample) -> normalize: deterministic, shared by training, validation and
+    inference."""
     return [instantiate(cfg.transforms[s]) for s in preprocessing_stages(cfg)]
 
 
@@ -74,6 +83,8 @@ def cache_mode(cfg: DictConfig, cases: list[dict]) -> str:
     budget = cfg.data.get("cache_ram_gb") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / 2**30
     budget /= distributed.local_world_size()
     if need <= budget * 2**30:
+        log.info(f"data.cache: {len(cases)} preprocessed cases in memory, at most {need / 2**30:.2f} GiB "
+                 f"(budget {budget:.1f} GiB, a quarter of RAM unless data.cache_ram_gb)")
         return "memory"
     log.info(f"data.cache: the cache needs about {need / 2**30:.2f} GiB, "
              f"over the {budget:.2f} GiB RAM budget; caching on disk")
