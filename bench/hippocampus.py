@@ -112,7 +112,8 @@ def kept(experiment: str, data: str, marks: list[float], run_dir, overrides=()) 
     the test split as it passes each mark and at its end. (d) is one such run per budget, with one mark."""
     cfg = train_config(experiment, data, run_dir, [*overrides, f"trainer.max_minutes={max(marks)}",
                                                    f"trainer.val_minutes=[{','.join(map(str, marks))}]",
-                                                   "trainer.val_every=1000000"])
+                                                   "trainer.val_every=1000000",
+                                                   "trainer.budget_counts=training"])  # the scoring is the bench's
     run = setup(cfg)
     # so that `pipeline.evaluate ckpt=<kept>/checkpoints/last.pt split=test` works
     save_splits(run.splits, cfg.paths.run_dir)

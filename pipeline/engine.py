@@ -108,8 +108,11 @@ class TrainState:
     best: dict = field(default_factory=lambda: {"val_dice_mean": -math.inf, "epoch": 0})
     stale: int = 0  # validations since the best one (early stopping)
     history: list[dict] = field(default_factory=list)
-    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # each whole epoch's training
     train_seconds: float = 0.0  # training only, validation excluded
+    run_seconds: float = 0.0  # the whole epochs so far: training, validation, checkpoints (what a budget counts)
+    val_seconds: list[float] = field(default_factory=list)  # each validation's
+    overhead_seconds: float = 0.0  # the rest of the epochs: checkpoints, logging
     step_losses: list[float] = field(default_factory=list)  # this process's, not saved
     scheduled: int = 0  # the run length the learning-rate scheduler was built for (end, after every epoch)
     steps: int = 0  # batches trained in this process, over its epochs (the step an interrupt or a NaN names)
@@ -121,12 +124,17 @@ class TrainState:
         """Plain data (weights_only=True loads it). Under DDP a collective: every rank's RNG streams are gathered."""
         return {"epoch": self.epoch, "metrics": self.best, "stale": self.stale, "history": self.history,
                 "train_minutes": self.train_seconds / 60, "epoch_seconds": self.epoch_seconds, "end_epoch": self.end,
+                "run_minutes": self.run_seconds / 60, "val_seconds": self.val_seconds,
+                "overhead_seconds": self.overhead_seconds,
                 "scaler": self.scaler.state_dict(), "rng": distributed.rng_states(checkpoint.rng_state(self.augment))}
 
     def load_state_dict(self, saved: dict) -> None:
         self.epoch, self.best, self.train_seconds = saved["epoch"], saved["metrics"], 60 * saved["train_minutes"]
         self.history, self.stale = saved.get("history", []), saved.get("stale", 0)
         self.epoch_seconds, self.end = saved.get("epoch_seconds", []), saved.get("end_epoch", self.end)
+        # a last.pt from before budgets counted validation: its training time stands for the run's
+        self.run_seconds = 60 * saved.get("run_minutes", saved["train_minutes"])
+        self.val_seconds, self.overhead_seconds = saved.get("val_seconds", []), saved.get("overhead_seconds", 0.0)
         self.scheduled = self.end
         self.scaler.load_state_dict(saved["scaler"])
         if (rng := distributed.own_rng(saved["rng"])) is not None:
@@ -148,15 +156,34 @@ def fitted_to_budget(trainer: DictConfig) -> bool:
     return trainer.get("max_minutes") is not None and trainer.get("fit_to_budget", True)
 
 
-def budgeted_epochs(trainer: DictConfig, epoch: int, train_seconds: float, epoch_seconds: list[float]) -> int | None:
-    """The epoch the run should end at so that it ends at trainer.max_minutes of training on this machine (None
-    without a budget): the remaining minutes divided by the mean epoch time so far (the first epoch, which pays
-    one-off costs such as compilation, left out once others are measured), capped by trainer.max_epochs."""
+def validations(first: int, end: int, every: int) -> int:
+    """How many of the epochs first..end validate: every `every`-th, and the last."""
+    return end // every - (first - 1) // every + (end % every != 0)
+
+
+def budgeted_epochs(trainer: DictConfig, epoch: int, spent: float, epoch_seconds: list[float],
+                    val_seconds: Sequence[float] = (), overhead: float = 0.0) -> int | None:
+    """The last epoch that, with its final validation and checkpoint, ends within trainer.max_minutes on this
+    machine (None without a budget), capped by trainer.max_epochs; `epoch` itself when none more fits.
+
+    spent: the run's seconds so far, this epoch's training included; epoch_seconds: each epoch's training (the first,
+    which pays one-off costs such as compilation, left out once others are measured); val_seconds: each validation's
+    (every trainer.val_every epochs and after the last; none measured yet counts as free); overhead: the seconds of
+    checkpoints and logging so far, spread over the epochs."""
     if not fitted_to_budget(trainer) or not epoch_seconds:
         return None
     measured = epoch_seconds[1:] or epoch_seconds
-    remaining = round((60 * trainer.max_minutes - train_seconds) * len(measured) / sum(measured))
-    return max(epoch, min(trainer.max_epochs, epoch + remaining))
+    per_epoch = sum(measured) / len(measured) + overhead / len(epoch_seconds)
+    val = sum(val_seconds) / len(val_seconds) if val_seconds else 0.0
+    every, left = trainer.get("val_every") or 1, 60 * trainer.max_minutes - spent
+
+    def cost(end: int) -> float:  # the rest of this epoch and the ones up to `end`, with their validations
+        return (end - epoch) * per_epoch + val * validations(epoch, end, every)
+
+    end = epoch
+    while end < trainer.max_epochs and cost(end + 1) <= left:
+        end += 1
+    return end
 
 
 def reschedule(schedule, optimizer, epochs: int, done: int):
@@ -259,15 +286,23 @@ def stopping(job: Job) -> int | None:
 
 
 def keep_to_budget(trainer: DictConfig, state: TrainState) -> dict:
-    """With trainer.max_minutes: the run's end re-estimated from the epoch times so far ({"planned_epochs": end}),
-    or, with fit_to_budget=false, a stop once the minutes are spent."""
-    if (fitted := budgeted_epochs(trainer, state.epoch, state.train_seconds, state.epoch_seconds)) is not None:
-        if len(state.epoch_seconds) == 2 and distributed.is_main():  # the first estimate without one-off costs
+    """With trainer.max_minutes: the run's end re-estimated from the epoch and validation times so far
+    ({"planned_epochs": end}), or, with fit_to_budget=false, a stop once the minutes are spent."""
+    if trainer.get("budget_counts", "run") == "run":  # the whole epochs before, and this one's training
+        spent, val, overhead = state.run_seconds + state.epoch_seconds[-1], state.val_seconds, state.overhead_seconds
+    else:  # "training": validations that measure the run (a benchmark's) do not shorten it
+        spent, val, overhead = state.train_seconds, [], 0.0
+    fitted = budgeted_epochs(trainer, state.epoch, spent, state.epoch_seconds, val, overhead)
+    if fitted is not None:
+        # the first estimate without one-off costs, and the first with a validation's time
+        if distributed.is_main() and (len(state.epoch_seconds) == 2 or (len(state.val_seconds) == 1 and
+                                                                         state.history[-1].get("val_dice_mean"))):
+            val = f", validation {state.val_seconds[0]:.0f} s" if val else ""
             log.info(f"trainer.max_minutes={trainer.max_minutes}: {fitted} epochs fit "
-                     f"({state.epoch_seconds[-1]:.1f} s each); the learning-rate schedule ends there")
+                     f"({state.epoch_seconds[-1]:.1f} s each{val}); the learning-rate schedule ends there")
         state.end = fitted
         return {"planned_epochs": fitted}
-    if trainer.get("max_minutes") is not None and state.train_seconds >= 60 * trainer.max_minutes:
+    if trainer.get("max_minutes") is not None and spent >= 60 * trainer.max_minutes:
         state.stop = (f"stopping after epoch {state.epoch}: "
                       f"trainer.max_minutes={trainer.max_minutes} of training reached")
     return {}
@@ -319,6 +354,7 @@ def fit(trainer: DictConfig, job: Job, callbacks: Sequence = (), resume: dict | 
             metrics |= keep_to_budget(trainer, state)
             bar.total = state.end
             if validating(trainer, state):
+                validation = time.perf_counter()
                 scores = SegmentationScores(job.class_names)
                 metrics |= validate(job.kept, job.val_loader, job.inferer, scores, job.device, job.precision.dtype)
                 if job.ema is not None:  # the last step's weights too, as raw_val_*: what the average adds
@@ -328,14 +364,23 @@ def fit(trainer: DictConfig, job: Job, callbacks: Sequence = (), resume: dict | 
                 log.info(f"epoch {state.epoch:3d}  loss {metrics['train_loss']:.4f}  "
                          f"val dice {metrics['val_dice_mean']:.3f} ({per_class})  iou {metrics['val_iou_mean']:.3f}")
                 state.record(metrics, min_delta)
+                state.val_seconds.append(distributed.maximum(time.perf_counter() - validation))
             step_scheduler(job, state, metrics)
             metrics["epoch_time"] = time.perf_counter() - start
             job.tracker.log_metrics(metrics, step=state.epoch)
             state.history.append({"epoch": state.epoch} | metrics)
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", best_dice=f"{state.best['val_dice_mean']:.3f}")
             distributed.debug("epoch", epoch=state.epoch, log=metrics)
+            # the epoch's time so far, in the state before last.pt saves it; then the callbacks' own (the saving)
+            callbacks_start = time.perf_counter()
+            took = distributed.maximum(callbacks_start - start)
+            state.overhead_seconds += took - state.epoch_seconds[-1] - (state.val_seconds[-1] if "val_dice_mean"
+                                                                        in metrics else 0.0)
+            state.run_seconds += took
             for callback in callbacks:
                 callback.on_epoch_end(job, state, metrics)
+            saving = distributed.maximum(time.perf_counter() - callbacks_start)
+            state.overhead_seconds, state.run_seconds = state.overhead_seconds + saving, state.run_seconds + saving
             bar.update()
             if state.stop:
                 log.info(state.stop)

@@ -101,6 +101,11 @@ def test_budget_estimate_leaves_out_the_first_epoch_and_caps_at_max_epochs():
     assert engine.budgeted_epochs(trainer, 3, 62.0, [30.0, 16.0, 16.0]) == 3  # over budget: this epoch is the last
     assert engine.budgeted_epochs(OmegaConf.merge(trainer, {"max_minutes": None}), 2, 15.0, [10.0, 5.0]) is None
     assert engine.budgeted_epochs(OmegaConf.merge(trainer, {"fit_to_budget": False}), 2, 15.0, [10.0, 5.0]) is None
+    # validations of 10 s every 2 epochs and 1 s of checkpoints an epoch, 40 s left after epoch 2's training: epoch
+    # 2's validation (10 s), epoch 3 with its own as the last (6 + 10), epoch 4 as the last (6 + 6 + 10) is 32 s; a
+    # fifth would be 48
+    every2 = OmegaConf.merge(trainer, {"val_every": 2})
+    assert engine.budgeted_epochs(every2, 2, 20.0, [10.0, 5.0], val_seconds=[10.0], overhead=2.0) == 4
 
 
 @pytest.mark.parametrize("name", ["cosine", "onecycle", "poly", "warmup_cosine"])
@@ -134,19 +139,25 @@ def test_a_rebuilt_schedule_continues_as_if_built_for_that_length(name, tmp_path
     assert rebuilt == pytest.approx(fresh, rel=1e-9)
 
 
-def test_a_time_budget_ends_the_schedule_at_the_budget(tiny_phantom, tmp_path, monkeypatch):
-    clock = iter(range(0, 10_000, 5))  # every clock reading 5 s later: each epoch "takes" 5 s (start, end)
-    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
-    overrides = ["tracking=none", "scheduler=cosine", "trainer.max_epochs=1000", "trainer.max_minutes=0.5",
-                 "trainer.val_every=100",
-                 "trainer.val_minutes=[0.2]"]  # validate once 12 s of training have passed, and after the last epoch
+def test_a_time_budget_ends_the_run_with_its_validations_at_the_budget(tiny_phantom, tmp_path, monkeypatch):
+    """Each training step "takes" 1 s (6 steps an epoch) and each validation 9 s on a fake clock: a 60 s budget with a
+    validation every 2 epochs ends after epoch 5 (5 x 6 + 3 x 9 = 57 s; a sixth epoch would end at 63 s)."""
+    clock = [0.0]
+    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    step, validate = engine.batch_loss, engine.validate
+    monkeypatch.setattr(engine, "batch_loss", lambda *a: clock.__setitem__(0, clock[0] + 1) or step(*a))
+    monkeypatch.setattr(engine, "validate", lambda *a: clock.__setitem__(0, clock[0] + 9) or validate(*a))
+    overrides = ["tracking=none", "scheduler=cosine", "trainer.max_epochs=1000", "trainer.max_minutes=1",
+                 "trainer.val_every=2"]
     result = train(tiny_config(tiny_phantom, tmp_path, overrides=overrides))
-    assert result["epochs"] == 6  # 30 s of 5 s epochs, though max_epochs allowed 1000
+    assert result["epochs"] == 5  # though max_epochs allowed 1000
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    assert last["scheduler"]["T_max"] == 6 and last["end_epoch"] == 6
+    assert last["run_minutes"] * 60 == 57 and last["val_seconds"] == [9.0] * 3 and last["overhead_seconds"] == 0
+    assert last["scheduler"]["T_max"] == 5 and last["end_epoch"] == 5
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6)  # annealed to eta_min at the budget
-    assert [h["planned_epochs"] for h in result["history"]] == [6] * 6
-    assert [h["epoch"] for h in result["history"] if "val_dice_mean" in h] == [3, 6]
+    # before any validation was timed 10 epochs seemed to fit; from epoch 3 on, with its 9 s, 5
+    assert [h["planned_epochs"] for h in result["history"]] == [10, 10, 5, 5, 5]
+    assert [h["epoch"] for h in result["history"] if "val_dice_mean" in h] == [2, 4, 5]
 
 
 def test_a_resumed_budgeted_run_refits_its_schedule_as_an_unbroken_run_does(tiny_phantom, tmp_path, monkeypatch):
