@@ -33,6 +33,7 @@ import torch
 
 from pipeline import hardware, project_root
 from pipeline.config import compose, shared_data
+from pipeline.data.convert import brats_as_msd
 from pipeline.rundir import RunDir
 
 OUT = project_root() / "outputs" / "bench" / "brats"
@@ -50,22 +51,7 @@ PROJECT = {
 
 def prepare(data: Path) -> tuple[Path, Path]:
     """The BRATS subset as an MSD dataset (two channels stacked as 4D NIfTI) and a model trained on it once."""
-    root, trained = OUT / "dataset", RunDir(OUT / "model")
-    if not (root / "dataset.json").exists():
-        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-        (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-        training = []
-        for case in sorted(p for p in data.iterdir() if p.is_dir()):
-            flair, t1c = (nib.load(case / f"{m}_subtrMeanDivStd.nii.gz") for m in ("Flair", "T1c"))
-            stacked = np.stack([flair.get_fdata(dtype=np.float32), t1c.get_fdata(dtype=np.float32)], axis=-1)
-            nib.save(nib.Nifti1Image(stacked, flair.affine), root / "imagesTr" / f"{case.name}.nii.gz")
-            label = nib.load(case / "OTMultiClass.nii.gz")
-            nib.save(nib.Nifti1Image(np.asarray(label.dataobj).astype(np.uint8), label.affine),
-                     root / "labelsTr" / f"{case.name}.nii.gz")
-            training.append({"image": f"./imagesTr/{case.name}.nii.gz", "label": f"./labelsTr/{case.name}.nii.gz"})
-        labels = {"0": "background", "1": "necrosis", "2": "edema", "3": "non-enhancing", "4": "enhancing"}
-        (root / "dataset.json").write_text(json.dumps({"name": "BratsSubset", "modality": {"0": "FLAIR", "1": "T1c"},
-                                                       "labels": labels, "training": training}))
+    root, trained = brats_as_msd(data, OUT / "dataset"), RunDir(OUT / "model")
     if not trained.best.exists():
         from pipeline.training import train
 

@@ -156,6 +156,26 @@ def test_folder_run_writes_csv_summary_overlays_and_postprocessing_advice(folder
     assert (np.abs(image - tab_blue).sum(-1) < 10).any() and (np.abs(image - tab_orange).sum(-1) < 10).any()  # legend
 
 
+def test_regions_score_a_set_of_labels_as_one_structure(tiny_phantom, tmp_path):
+    """BRATS scores whole tumour, core and enhancing tumour, each a set of labels; here organ + lesion as one."""
+    ids = predictions_from_truth(tiny_phantom, tmp_path / "pred")
+    summary = evaluate(compose_config("evaluate", [
+        f"pred={tmp_path / 'pred'}", f"truth={tiny_phantom / 'dataset.json'}", f"output={tmp_path / 'out'}",
+        "overlays=0", "check_postprocessing=false", "regions={whole:[1,2],lesion_alone:[2]}", "data.name=regions"],
+        tmp_path))
+    with open(tmp_path / "out" / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    whole = {r["case"]: float(r["dice"]) for r in rows if r["class"] == "whole"}
+    alone = {r["case"]: float(r["dice"]) for r in rows if r["class"] == "lesion_alone"}
+    # case 2 labelled its lesion as organ: the lesion is missed, the whole structure is exact; case 1's blob is extra
+    assert whole[ids[0]] == whole[ids[2]] == 1.0 and whole[ids[1]] < 1.0
+    assert alone == {ids[0]: 1.0, ids[1]: 1.0, ids[2]: 0.0}
+    assert summary["regions"]["whole"]["dice"]["mean"] == pytest.approx(np.mean(list(whole.values())))
+    assert summary["region_labels"] == {"whole": [1, 2], "lesion_alone": [2]}
+    assert summary["mean"]["dice"] == pytest.approx(np.mean([summary["classes"][c]["dice"]["mean"]
+                                                             for c in ("organ", "lesion")]))  # classes alone
+
+
 def test_folder_run_is_one_new_mlflow_run(folder_run, mlflow_store):
     mlflow.set_tracking_uri(mlflow_store)
     runs = mlflow.search_runs(experiment_names=["evaluate-test"], output_format="list")
