@@ -1,0 +1,188 @@
+"""experiment=auto on the real tasks of ../shared/data, one command each, no per-task tuning: the recipe's k-fold
+cross-validation, scored as `make cv` scores it (each fold's final model on its own validation cases) by
+pipeline.evaluate per class (Dice, HD95, NSD), with the minutes and the machine, into docs/results/auto.md and .json.
+
+    .venv/bin/python bench/auto.py ibsr                     # the IBSR18 brains: 5 folds of 30 minutes
+    .venv/bin/python bench/auto.py ibsr --folds 0           # one of them
+    .venv/bin/python bench/auto.py brats --minutes 10       # BRATS subset: 4 folds (leave one out), tumour regions
+    .venv/bin/python bench/auto.py hippocampus --folds 0
+
+A fold whose run folder holds a finished last.pt is not trained again, and a stopped one goes on from it, so that
+`--folds 0` one day and `--folds 1 2 3 4` another make one cross-validation; the table scores every fold present.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import monai
+import torch
+
+from pipeline import checkpoint, hardware, project_root
+from pipeline.config import compose, shared_data
+from pipeline.data.convert import BRATS_REGIONS, brats_as_msd
+from pipeline.evaluation import evaluate
+from pipeline.rundir import RunDir
+from pipeline.training import train
+
+RESULTS = project_root() / "docs" / "results"
+
+
+@dataclass
+class Task:
+    data: str  # the folder in ../shared/data
+    folds: int = 5
+    convert: object = None  # source folder, target folder -> an MSD dataset
+    regions: dict = field(default_factory=dict)  # scored besides the classes
+    overrides: list = field(default_factory=list)  # what the data forces (never a tuned setting)
+
+
+TASKS = {
+    "ibsr": Task("ibsr18_brain_tissue"),
+    "hippocampus": Task("msd_hippocampus"),
+    # four cases: leave-one-out; labels 1-4 scored as the challenge's regions as well
+    "brats": Task("brats2015_subset", folds=4, convert=brats_as_msd, regions=BRATS_REGIONS,
+                  overrides=["data.split.folds=4"]),
+}
+
+
+def finished(run: RunDir) -> dict | None:
+    """A fold's last.pt when its run ended (its last epoch is the one its schedule ended at), else None."""
+    if not run.last.is_file():
+        return None
+    last = checkpoint.load(run.last)
+    return last if last["epoch"] >= last.get("end_epoch", last["epoch"]) else None
+
+
+def train_fold(task: Task, root: Path, k: int, minutes: float, out: Path, extra: list[str]) -> None:
+    """Fold k of the recipe in out/<k>, unless it finished there before (a stopped one goes on from its last.pt)."""
+    run = RunDir(out / str(k))
+    if finished(run):
+        return
+    start = time.perf_counter()
+    train(compose("train", ["experiment=auto", f"data.root={root}", f"data.fold={k}", "tracking=none",
+                            f"trainer.max_minutes={minutes}", "resume=auto", *task.overrides, *extra,
+                            f"paths.run_dir={run.root}"]))
+    print(f"fold {k}: {(time.perf_counter() - start) / 60:.1f} min with data loading")
+
+
+def record(last: dict, fold: int) -> dict:
+    """What a finished fold's last.pt says of its run."""
+    return {"fold": fold, "epochs": last["epoch"], "run_minutes": last.get("run_minutes", last["train_minutes"]),
+            "precision": last["precision"]["amp"], "budget_minutes": last["config"]["trainer"]["max_minutes"]}
+
+
+def machine() -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {"cpu": hardware.cpu_class(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "monai": monai.__version__,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+
+
+def row(name: str, task: Task, folds: list[dict], summary: dict) -> dict:
+    classes = summary["classes"]
+    return {
+        "task": name, "data": task.data, "folds": [f["fold"] for f in folds], "of_folds": task.folds,
+        "cases_scored": summary["cases"], "budget_minutes": folds[0]["budget_minutes"],
+        "run_minutes": [round(f["run_minutes"], 2) for f in folds], "epochs": [f["epochs"] for f in folds],
+        "precision": folds[0]["precision"],
+        "dice": {c: round(m["dice"]["mean"], 4) for c, m in classes.items()},
+        "hd95_mm": {c: round(m["hd95_mm"]["mean"], 2) for c, m in classes.items()},
+        "nsd": {c: round(m["nsd"]["mean"], 4) for c, m in classes.items()},
+        "mean": {m: round(summary["mean"][m], 4) for m in ("dice", "hd95_mm", "nsd")},
+        "regions": {r: {m: round(s[m]["mean"], 4) for m in ("dice", "hd95_mm", "nsd")}
+                    for r, s in summary.get("regions", {}).items()},
+        "machine": machine(),
+    }
+
+
+def markdown(rows: dict) -> str:
+    """The results page: one section per task, classes and regions as rows."""
+    lines = ["# experiment=auto on real tasks", "",
+             "Written by `bench/auto.py` (do not edit by hand): the recipe's cross-validation, each fold's final model "
+             "scored on its own validation cases by `pipeline.evaluate`; the minutes are each fold's run (training, "
+             "validation and checkpoints), data loading excluded.", ""]
+    for r in rows.values():
+        m = r["machine"]
+        lines += [f"## {r['task']} ({r['data']})", "",
+                  f"Folds {', '.join(map(str, r['folds']))} of {r['of_folds']}, {r['cases_scored']} cases scored; "
+                  f"budget {r['budget_minutes']} min a fold, ran {', '.join(map(str, r['run_minutes']))} min, "
+                  f"{', '.join(map(str, r['epochs']))} epochs, {r['precision']}. Machine: {m['cpu']}; "
+                  f"GPU {m['gpu'] or 'none'}; torch {m['torch']}, MONAI {m['monai']}; {m['date']}.", "",
+                  "| structure | Dice | HD95 mm | NSD (1 mm) |", "| --- | --- | --- | --- |"]
+        lines += [f"| {c} | {r['dice'][c]:.4f} | {r['hd95_mm'][c]:.2f} | {r['nsd'][c]:.4f} |" for c in r["dice"]]
+        lines.append(f"| **mean** | **{r['mean']['dice']:.4f}** | {r['mean']['hd95_mm']:.2f} | "
+                     f"{r['mean']['nsd']:.4f} |")
+        lines += [f"| region {g} | {s['dice']:.4f} | {s['hd95_mm']:.2f} | {s['nsd']:.4f} |"
+                  for g, s in r["regions"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+README = project_root() / "README.md"
+MARKS = ("<!-- bench/auto.py writes this table -->", "<!-- end of bench/auto.py's table -->")
+
+
+def readme_table(rows: dict) -> str:
+    """The README's summary: a line per task (its page in docs/results has every metric)."""
+    lines = ["| task | cross-validation | minutes a fold | CPU class (precision) | mean Dice | Dice per class |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows.values():
+        cpu = r["machine"]["cpu"].split(": ", 1)[-1]  # the instruction sets, not the model name
+        per_class = ", ".join(f"{c} {d:.3f}" for c, d in r["dice"].items())
+        per_class += "".join(f"; {g} {v['dice']:.3f}" for g, v in r["regions"].items())
+        lines.append(f"| {r['task']} | folds {','.join(map(str, r['folds']))} of {r['of_folds']}, "
+                     f"{r['cases_scored']} cases | {r['budget_minutes']:g} | {cpu} ({r['precision']}) | "
+                     f"{r['mean']['dice']:.3f} | {per_class} |")
+    return "\n".join(lines)
+
+
+def write_readme(rows: dict, path: Path = README) -> None:
+    """Replace the table between the README's two marks."""
+    text = path.read_text()
+    start, end = text.index(MARKS[0]) + len(MARKS[0]), text.index(MARKS[1])
+    path.write_text(f"{text[:start]}\n{readme_table(rows)}\n{text[end:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("--folds", type=int, nargs="+", help="which folds to train (default: every one)")
+    parser.add_argument("--minutes", type=float, default=30, help="each fold's budget (trainer.max_minutes)")
+    parser.add_argument("--data", type=Path, help="the task's data (default: its folder in ../shared/data)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE", help="training overrides (levers)")
+    parser.add_argument("--out", type=Path, default=project_root() / "outputs" / "bench" / "auto")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where auto.json and auto.md go")
+    parser.add_argument("--readme", type=Path, help="whose table between the marks it rewrites (default: the "
+                                                     "project's README, with the default --results only)")
+    args = parser.parse_args()
+    task = TASKS[args.task]
+    out = args.out / args.task
+    root = args.data or shared_data() / task.data
+    if task.convert is not None:
+        root = task.convert(root, out / "dataset")
+    print(f"CPU: {hardware.cpu_class()}")
+    for k in args.folds if args.folds is not None else range(task.folds):
+        train_fold(task, root, k, args.minutes, out / "folds", args.set)
+    folds = [record(last, int(run.root.name)) for run in RunDir.runs_in(out / "folds") if (last := finished(run))]
+    regions = "{" + ",".join(f"{r}:[{','.join(map(str, v))}]" for r, v in task.regions.items()) + "}"
+    summary = evaluate(compose("evaluate", [f"ckpt={out / 'folds'}", "split=cv", "tracking=none",
+                                            f"output={out / 'cv'}", f"paths.run_dir={out / 'cv'}",
+                                            f"regions={regions}"]))
+    path = args.results / "auto.json"
+    rows = json.loads(path.read_text()) if path.is_file() else {}
+    rows[args.task] = row(args.task, task, folds, summary)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    (args.results / "auto.md").write_text(markdown(rows))
+    if readme := args.readme or (README if args.results == RESULTS else None):
+        write_readme(rows, readme)
+    print(markdown({args.task: rows[args.task]}))
+
+
+if __name__ == "__main__":
+    main()
