@@ -169,7 +169,8 @@ def main() -> None:
     for k in args.folds if args.folds is not None else range(task.folds):
         train_fold(task, root, k, args.minutes, out / "folds", args.set)
     folds = [record(last, int(run.root.name)) for run in RunDir.runs_in(out / "folds") if (last := finished(run))]
-    regions = "{" + ",".join(f"{r}:[{','.join(map(str, v))}]" for r, v in task.regions.items()) + "}"
+    regions = "{" + ",".join(f"{r}:[{','.join(map(str, v))}]" for r, v in task.regions.items()) + "}" \
+        if task.regions else "null"
     summary = evaluate(compose("evaluate", [f"ckpt={out / 'folds'}", "split=cv", "tracking=none",
                                             f"output={out / 'cv'}", f"paths.run_dir={out / 'cv'}",
                                             f"regions={regions}"]))

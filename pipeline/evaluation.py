@@ -289,6 +289,10 @@ def evaluate(cfg: DictConfig) -> dict:
     # one, or an ensemble (a list, a folder, the k folds)
     # split=cv scores each fold's final model (last.pt): its best.pt was picked on the very cases cv scores
     members = checkpoints(cfg.ckpt, final=cfg.split == "cv") if cfg.ckpt is not None else []
+    if members and cfg.get("if_empty") == "skip" and RunDir.of(members[0]).recorded_splits().get(cfg.split) == []:
+        log.info(f"{RunDir.of(members[0]).splits}: the {cfg.split} split holds no cases (a small dataset keeps no test "
+                 "split; its cross-validation is the estimate): nothing to score")
+        return {}
     if members:
         cases, bundle = split_cases(members, cfg.split, out_dir, cfg)
         class_names = list(bundle["config"]["data"]["class_names"])

@@ -6,14 +6,18 @@ planner, hence this module.
 """
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import hardware
 from pipeline.config import option
 from pipeline.data.fingerprint import fingerprint
+from pipeline.data.transforms import augmentation
 from pipeline.engine import pick_device
 
 log = logging.getLogger(__name__)
@@ -70,22 +74,45 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
     }
 
 
-# Network topology for DynUNet (nnU-Net's get_pool_and_conv_props rule). Base width 16 by default, not nnU-Net's 32:
-# on a 2-core AVX2 CPU in fp32 a 32-wide network trains 3.8x slower a step, which costs more Dice in a time budget;
-# where bf16 is fast (AMX, AVX512-BF16) or on a GPU an epoch costs 2.6x and 32 wins; `plan.base_filters=auto` picks by
-# the precision this machine trains in (docs/hippocampus.md: the width lever).
+# Network topology for DynUNet (nnU-Net's get_pool_and_conv_props rule). Width: nnU-Net's 32 pays where the budget
+# trains it long enough, else 16 trains more steps in the same minutes: 16 by default; `plan.base_filters=auto` times
+# one 32-wide step on this machine and keeps 32 where the budget affords MIN_STEPS of them (docs/auto.md: the width
+# lever).
 TOPOLOGY = ("kernel_size", "strides", "upsample_kernel_size", "filters")
 BASE_FILTERS, FAST_BASE_FILTERS, MAX_FILTERS, MIN_FEATURE_MAP = 16, 32, 320, 4
+MIN_STEPS = 1200
 
 
-def base_filters(setting, trainer: DictConfig) -> tuple[int, str]:
-    """(DynUNet's first-stage width, why) for `plan.base_filters`: a number as given, or `auto`: nnU-Net's 32 where
-    training runs in reduced precision on hardware built for it (a GPU, a CPU with native bf16), 16 in fp32."""
-    if setting != "auto":
-        return int(setting), "plan.base_filters"
-    precision = hardware.resolve(trainer.amp, pick_device(trainer.device))
-    fast = precision.dtype is not None
-    return (FAST_BASE_FILTERS if fast else BASE_FILTERS), f"trains in {precision.name}: {precision.reason}"
+def step_seconds(model: torch.nn.Module, shape: tuple, precision: hardware.Precision, device: torch.device) -> float:
+    """One training step's seconds (forward and backward in the training precision, channels-last weights as
+    training has them), the faster of two after a warm-up."""
+    model = hardware.channels_last(model.to(device)).train()
+    x, times = torch.randn(shape, device=device), []
+    for _ in range(3):
+        start = time.perf_counter()
+        with hardware.autocast(device, precision.dtype):
+            out = model(x)
+        out.float().sum().backward()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def auto_width(cfg: DictConfig, network: dict, patch: list[int]) -> tuple[int, str]:
+    """(base width, why) for `plan.base_filters=auto`: 32 where trainer.max_minutes trains MIN_STEPS steps of the
+    32-wide `network` (model config values) on this machine, else 16; without a time budget, 32 where training runs
+    in reduced precision on hardware built for it (a GPU, a CPU with native bf16)."""
+    device = pick_device(cfg.trainer.device)
+    precision = hardware.resolve(cfg.trainer.amp, device)
+    if (minutes := cfg.trainer.get("max_minutes")) is None:
+        fast = precision.dtype is not None
+        return (FAST_BASE_FILTERS if fast else BASE_FILTERS), f"trains in {precision.name}, no time budget"
+    model = instantiate(OmegaConf.to_container(cfg.model, resolve=True) | network)
+    batch = cfg.data.batch_size * cfg.transforms.patch.get("num_samples", 1)
+    seconds = step_seconds(model, (batch, cfg.data.in_channels, *patch), precision, device)
+    steps = 60 * minutes / seconds
+    return ((FAST_BASE_FILTERS if steps >= MIN_STEPS else BASE_FILTERS),
+            f"{minutes} min hold {steps:.0f} steps of {seconds:.2f} s at 32 wide in {precision.name}; "
+            f"32 from {MIN_STEPS}")
 
 
 def topology(patch: list[int], spacing: list[float], base_filters: int = BASE_FILTERS) -> dict:
@@ -151,25 +178,32 @@ def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
         return {}
     spacing = cfg.data.spacing or fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")["median_spacing"]
     dims = cfg.model.get("spatial_dims", 3)  # a 2D network plans over the first two axes
-    base, why = base_filters((cfg.get("plan") or {}).get("base_filters", BASE_FILTERS), cfg.trainer)
-    net = topology(list(cfg.data.patch_size)[:dims], list(spacing)[:dims], base)
-    values = {f"model.{key}": net[key] for key in TOPOLOGY if _is_auto(cfg.model.get(key))}
-    if "deep_supr_num" in cfg.model:  # DynUNet: 1 <= extra heads < upsampling stages (none on a 2-stage net)
-        heads = min(cfg.model.deep_supr_num, len(values.get("model.strides", cfg.model.strides)) - 2)
-        values |= {"model.deep_supr_num": max(heads, 1),
-                   "model.deep_supervision": cfg.model.deep_supervision and heads > 0}
-    filters = values.get("model.filters", cfg.model.get("filters"))
+    patch, spacing = list(cfg.data.patch_size)[:dims], list(spacing)[:dims]
+
+    def planned(base: int) -> dict:
+        values = {key: value for key, value in topology(patch, spacing, base).items() if _is_auto(cfg.model.get(key))}
+        if "deep_supr_num" in cfg.model:  # DynUNet: 1 <= extra heads < upsampling stages (none on a 2-stage net)
+            heads = min(cfg.model.deep_supr_num, len(values.get("strides", cfg.model.strides)) - 2)
+            values |= {"deep_supr_num": max(heads, 1), "deep_supervision": cfg.model.deep_supervision and heads > 0}
+        return values
+
+    setting = (cfg.get("plan") or {}).get("base_filters", BASE_FILTERS)
+    if setting == "auto":
+        base, why = auto_width(cfg, planned(FAST_BASE_FILTERS), patch)
+    else:
+        base, why = int(setting), "plan.base_filters"
+    values, net = planned(base), topology(patch, spacing, base)
     log.info(f"network: {len(net['strides'])} stages, strides {net['strides'][1:]}, kernels {net['kernel_size']}, "
-             f"filters {list(filters)} (width {base}: {why})")
-    return values
+             f"filters {list(values.get('filters', cfg.model.get('filters')))} (width {base}: {why})")
+    return {f"model.{key}": value for key, value in values.items()}
 
 
 def plans(cfg: DictConfig, splits: dict[str, list[dict]], precision: hardware.Precision) -> dict:
     """What the run was planned to be (nnU-Net's plans.json): the training cases' fingerprint and every decision taken
     from it and from this machine, as plain data; training saves it beside the checkpoints and logs it."""
     fp = fingerprint(splits["train"], Path(cfg.paths.outputs) / "fingerprints")
-    c = OmegaConf.to_container(cfg, resolve=True)
-    flips = [a["spatial_axis"] for k, a in c["transforms"]["augment"].items() if k.startswith("flip") and a]
+    c, augment = OmegaConf.to_container(cfg, resolve=True), augmentation(cfg, quiet=True)
+    flips = [a.spatial_axis for k, a in augment.items() if k.startswith("flip")]
     return {
         "dataset": {"root": c["data"]["root"], "name": c["data"]["name"], "classes": c["data"]["class_names"],
                     "channels": c["data"]["in_channels"],
@@ -182,8 +216,7 @@ def plans(cfg: DictConfig, splits: dict[str, list[dict]], precision: hardware.Pr
                           "spacing": c["data"]["spacing"], "normalize": c["transforms"]["normalize"]},
         "patch_size": c["data"]["patch_size"], "batch_size": c["data"]["batch_size"],
         "network": {k: v for k, v in c["model"].items() if k not in ("in_channels", "out_channels")},
-        "augmentation": {"mirror_axes": sorted(flips), "transforms": [k for k, a in c["transforms"]["augment"].items()
-                                                                       if a]},
+        "augmentation": {"mirror_axes": sorted(flips), "transforms": list(augment)},
         "loss": c["loss"]["_target_"], "optimizer": c["optimizer"], "scheduler": c["scheduler"],
         "budget": {"max_minutes": c["trainer"]["max_minutes"], "max_epochs": c["trainer"]["max_epochs"]},
         "hardware": {"precision": precision.name, "reason": precision.reason, "cpu": hardware.cpu_class()},

@@ -6,15 +6,15 @@ import json
 import mlflow
 import nibabel as nib
 import numpy as np
+import torch
 from monai.transforms import Compose
 from omegaconf import OmegaConf
 
-from pipeline import hardware
+from pipeline import hardware, planning
 from pipeline.completion import complete
 from pipeline.data.checks import check, check_case
 from pipeline.data.sources import detect_layout
 from pipeline.data.transforms import preprocess
-from pipeline.engine import pick_device
 from pipeline.inference import infer
 from pipeline.io import ras_spacing, read_array
 from pipeline.rundir import RunDir
@@ -61,8 +61,10 @@ def test_the_layout_is_detected_from_the_dataset_json(tmp_path):
     assert detect_layout(tmp_path) == "nnunet"
 
 
-def test_the_auto_plan_for_the_ibsr18_brains(tmp_path):
+def test_the_auto_plan_for_the_ibsr18_brains(tmp_path, monkeypatch):
     root = shared_dataset("ibsr18_brain_tissue")
+    timed = []  # a 32-wide step "takes" 3 s here: 30 minutes hold 600 steps, under planning.MIN_STEPS
+    monkeypatch.setattr(planning, "step_seconds", lambda model, shape, *_: timed.append(shape) or 3.0)
     cfg = compose_config("train", ["experiment=auto", f"data.root={root}"], tmp_path)
     splits = complete(cfg).splits
     # 10 cases: none held back for test, every case trains the final model (cross-validation is the estimate)
@@ -74,9 +76,21 @@ def test_the_auto_plan_for_the_ibsr18_brains(tmp_path):
     assert list(cfg.data.patch_size) == [72, 56, 64] and cfg.data.batch_size == 2  # 258 k voxels of the 262 k budget
     assert cfg.model.strides == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 2]]  # 1.5 mm is within 2x of 0.94
     assert cfg.model.kernel_size == [[3, 3, 3]] * 5
-    fast = hardware.resolve("auto", pick_device()).dtype is not None
-    assert list(cfg.model.filters) == ([32, 64, 128, 256, 320] if fast else [16, 32, 64, 128, 256])
+    assert timed == [(2, 1, 72, 56, 64)]  # one step of the planned batch and patch was timed
+    assert list(cfg.model.filters) == [16, 32, 64, 128, 256]
     assert list(cfg.transforms.augment.affine.rotate_range) == [0.26] * 3  # near-isotropic: about every axis
+    # a machine that runs the step in 1 s trains 1800 steps in the 30 minutes: nnU-Net's width
+    monkeypatch.setattr(planning, "step_seconds", lambda *_: 1.0)
+    faster = compose_config("train", ["experiment=auto", f"data.root={root}"], tmp_path)
+    complete(faster)
+    assert list(faster.model.filters) == [32, 64, 128, 256, 320]
+
+
+def test_one_training_step_is_timed_in_the_training_precision():
+    model = torch.nn.Conv3d(1, 2, 3, padding=1)
+    seconds = planning.step_seconds(model, (2, 1, 16, 16, 16), hardware.resolve(False, torch.device("cpu")),
+                                    torch.device("cpu"))
+    assert 0 < seconds < 5 and model.weight.grad is not None  # forward and backward ran
 
 
 def test_hippocampus_final_is_the_auto_recipe_with_its_measured_overrides(tmp_path):
@@ -110,6 +124,7 @@ def test_a_short_auto_training_on_two_ibsr_brains_learns_and_records_its_plan(tm
     assert plans["preprocessing"]["crop"] == "monai.transforms.CropForegroundd"
     assert plans["patch_size"] == list(cfg.data.patch_size) and plans["network"]["filters"][0] == 8
     assert plans["augmentation"]["mirror_axes"] == [0, 1, 2]
+    assert "rotate90" not in plans["augmentation"]["transforms"]  # what runs: the 72x56x64 patch is not square
     logged = [a.path for a in mlflow.MlflowClient(mlflow_store).list_artifacts(result["run_id"])]
     assert "plans.json" in logged
 

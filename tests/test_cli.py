@@ -32,7 +32,7 @@ def test_make_cv_gives_its_evaluations_the_tracking_overrides_and_nothing_else()
     assert train.endswith("hydra.sweep.dir=outputs/cv/x 'experiment=hippocampus_final' 'tracking=none' "
                           "'data.batch_size=2'"), train
     assert cv.endswith("-m pipeline.evaluate ckpt=outputs/cv/x split=cv output=outputs/cv/x/cv 'tracking=none'"), cv
-    assert test.endswith("output=outputs/cv/x/ensemble_test 'tracking=none'"), test
+    assert test.endswith("if_empty=skip output=outputs/cv/x/ensemble_test 'tracking=none'"), test
 
 
 def test_multirun_gives_each_job_its_own_folder_and_mlflow_run(tiny_phantom, tmp_path, mlflow_store):

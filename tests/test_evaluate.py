@@ -176,6 +176,19 @@ def test_regions_score_a_set_of_labels_as_one_structure(tiny_phantom, tmp_path):
                                                              for c in ("organ", "lesion")]))  # classes alone
 
 
+def test_an_empty_test_split_is_skipped_when_asked_and_an_error_otherwise(threshold_ckpt, tmp_path):
+    """make cv on a dataset without a test split (experiment=auto below 30 cases) asks if_empty=skip."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(threshold_ckpt(), run / "checkpoints" / "last.pt")
+    (run / "splits.json").write_text(json.dumps({"train": ["case_0"], "val": ["case_1"], "test": []}))
+    ask = [f"ckpt={run / 'checkpoints' / 'last.pt'}", "split=test", "tracking=none", f"output={tmp_path / 'out'}"]
+    assert evaluate(compose_config("evaluate", [*ask, "if_empty=skip"], tmp_path)) == {}
+    assert not (tmp_path / "out").exists()  # nothing scored, nothing written
+    with pytest.raises(InputError, match="split 'test' is missing or empty"):
+        evaluate(compose_config("evaluate", ask, tmp_path))
+
+
 def test_folder_run_is_one_new_mlflow_run(folder_run, mlflow_store):
     mlflow.set_tracking_uri(mlflow_store)
     runs = mlflow.search_runs(experiment_names=["evaluate-test"], output_format="list")

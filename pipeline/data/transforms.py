@@ -49,21 +49,26 @@ def preprocess(cfg: DictConfig) -> list:
     return [instantiate(cfg.transforms[s]) for s in preprocessing_stages(cfg)]
 
 
+def augmentation(cfg: DictConfig, quiet: bool = False) -> dict:
+    """The augment transforms that run (name -> config): those set, less RandRotate90d where the patch is not square
+    on its axes (rotated patches would change shape and could not be batched; planned patches are rarely square)."""
+    augment = {name: a for name, a in cfg.transforms.augment.items() if a is not None}
+    rot = augment.get("rotate90")
+    if rot is not None and len({cfg.data.patch_size[a] for a in rot.spatial_axes}) > 1:
+        if not quiet:
+            log.info(f"transforms.augment.rotate90 skipped: patch {list(cfg.data.patch_size)} "
+                     f"is not square on axes {list(rot.spatial_axes)}")
+        del augment["rotate90"]
+    return augment
+
+
 def train_transforms(cfg: DictConfig) -> Compose:
     """Preprocess, then pad to the patch size, sample patches by label class and augment image and label together.
 
     Metadata tracking stops after preprocessing: the random transforms run on plain tensors, which is faster.
-    RandRotate90d is skipped where the patch is not square on its axes.
     """
     t = cfg.transforms
-    augment = dict(t.augment)
-    rot = augment.get("rotate90")
-    if rot is not None and len({cfg.data.patch_size[a] for a in rot.spatial_axes}) > 1:
-        # Rotated patches would change shape and could not be batched (planned patches are rarely square).
-        log.info(f"transforms.augment.rotate90 skipped: patch {list(cfg.data.patch_size)} "
-                 f"is not square on axes {list(rot.spatial_axes)}")
-        augment["rotate90"] = None
-    augment = [instantiate(a) for a in augment.values() if a is not None]
+    augment = [instantiate(a) for a in augmentation(cfg).values()]
     return Compose([*preprocess(cfg), EnsureTyped(keys=KEYS, track_meta=False), instantiate(t.pad),
                     instantiate(t.patch), *augment])
 
