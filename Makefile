@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 
 # make lists command-line variables last-first; reverse them so Hydra sees the user's order. Make's own variables
 # (the Python that creates .venv, the folder `make cv` writes) are not Hydra keys and stay here.
-MAKE_VARS := PYTHON CV_DIR
+MAKE_VARS := PYTHON CV_DIR FOLDS
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 OVERRIDES := $(foreach o,$(call reverse,$(filter-out $(MAKE_VARS:%=%=%),$(MAKEOVERRIDES))),'$(o)')
 
@@ -33,14 +33,15 @@ train: $(STAMP)
 # k-fold cross-validation (data.fold=0..4, one run each, in one Hydra multirun), scored as nnU-Net scores it (each
 # fold's final model on its own validation cases, pooled), then the folds' ensemble with mirror TTA scored on the
 # held-out test split, which no fold trained on: `make cv experiment=hippocampus` (a dataset with no test split, as
-# experiment=auto plans below 30 cases, skips the second).
+# experiment=auto plans below 30 cases, skips the second). FOLDS=4: four folds (leave one out on four cases).
 # A stopped cv goes on with the same command plus `CV_DIR=<its folder> resume=auto`: each fold continues its own
 # last.pt (a finished fold returns at once, a missing one starts), then both evaluations run.
 # The evaluations take the tracking overrides (`tracking=none`, `tracking.experiment=...`); the rest are training keys.
 CV_DIR := outputs/cv/$(shell date +%Y-%m-%d_%H-%M-%S)
+FOLDS := 5
 CV_TRACKING := $(filter 'tracking=% 'tracking.%,$(OVERRIDES))
 cv: $(STAMP)
-	$(BIN)/python -m pipeline.train --multirun 'data.fold=range(0,5)' hydra.sweep.dir=$(CV_DIR) $(OVERRIDES)
+	$(BIN)/python -m pipeline.train --multirun 'data.fold=range(0,$(FOLDS))' data.split.folds=$(FOLDS) hydra.sweep.dir=$(CV_DIR) $(OVERRIDES)
 	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=cv output=$(CV_DIR)/cv $(CV_TRACKING)
 	$(BIN)/python -m pipeline.evaluate ckpt=$(CV_DIR) split=test tta=true if_empty=skip output=$(CV_DIR)/ensemble_test $(CV_TRACKING)
 

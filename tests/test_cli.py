@@ -35,6 +35,12 @@ def test_make_cv_gives_its_evaluations_the_tracking_overrides_and_nothing_else()
     assert test.endswith("if_empty=skip output=outputs/cv/x/ensemble_test 'tracking=none'"), test
 
 
+def test_make_cv_folds_sets_the_number_of_folds_and_is_no_hydra_key():
+    train = make_dry_run("cv", "experiment=auto", "FOLDS=4", "CV_DIR=outputs/cv/x")[-3]
+    assert "--multirun 'data.fold=range(0,4)' data.split.folds=4 hydra.sweep.dir=outputs/cv/x" in train, train
+    assert train.endswith("'experiment=auto'") and "FOLDS=" not in train, train
+
+
 def test_multirun_gives_each_job_its_own_folder_and_mlflow_run(tiny_phantom, tmp_path, mlflow_store):
     experiment = f"multirun-{tmp_path.name}"
     args = [
