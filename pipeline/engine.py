@@ -297,9 +297,9 @@ def keep_to_budget(trainer: DictConfig, state: TrainState) -> dict:
         # the first estimate without one-off costs, and the first with a validation's time
         if distributed.is_main() and (len(state.epoch_seconds) == 2 or (len(state.val_seconds) == 1 and
                                                                          state.history[-1].get("val_dice_mean"))):
-            val = f", validation {state.val_seconds[0]:.0f} s" if val else ""
+            timed = f", validation {state.val_seconds[0]:.0f} s" if val else ""
             log.info(f"trainer.max_minutes={trainer.max_minutes}: {fitted} epochs fit "
-                     f"({state.epoch_seconds[-1]:.1f} s each{val}); the learning-rate schedule ends there")
+                     f"({state.epoch_seconds[-1]:.1f} s each{timed}); the learning-rate schedule ends there")
         state.end = fitted
         return {"planned_epochs": fitted}
     if trainer.get("max_minutes") is not None and spent >= 60 * trainer.max_minutes:

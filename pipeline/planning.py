@@ -28,6 +28,7 @@ ROTATION = 0.26  # radians (15 degrees) of random rotation about each axis the p
 # nnU-Net's rule: crop to the nonzero box, and z-score over it, where that box holds under 3/4 of the median case
 CROP_BELOW = 0.75
 
+
 def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2, divisor: int = 8) -> dict:
     """The plan for one dataset.
 
