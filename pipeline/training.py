@@ -194,7 +194,8 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     run_dir = job.run_dir = RunDir(cfg.paths.run_dir)
     if state is None and distributed.is_main():
         tracker.log_artifact(save_splits(splits, run_dir.root))
-        tracker.log_artifact(save_plans(cfg, job, run_dir))
+        if cfg.get("plan"):  # a planned run (plan=auto, experiment=auto): what the plan decided
+            tracker.log_artifact(save_plans(cfg, job, run_dir))
     ranks = f", DDP over {distributed.world_size()} ranks" if distributed.active() else ""
     log.info(f"{name}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test cases "
              f"from {cfg.data.root} on {job.device}{ranks}")
