@@ -29,6 +29,19 @@ ROTATION = 0.26  # radians (15 degrees) of random rotation about each axis the p
 CROP_BELOW = 0.75
 
 
+# Air in Hounsfield units is -1000: an undeclared image whose median case goes this low is a CT
+HOUNSFIELD_AIR = -500
+
+
+def is_ct(modalities: list[str], fp: dict) -> bool:
+    """CT where the dataset says so (MSD's modality, nnU-Net's channel_names), or, where it names no modality (folder
+    pairs), where the first channel's values reach down to air in Hounsfield units."""
+    if any(m.upper() == "CT" for m in modalities):
+        return True
+    undeclared = all(m.lower() in ("image", "") for m in modalities)
+    return undeclared and fp.get("minimum", [0.0])[0] <= HOUNSFIELD_AIR
+
+
 def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2, divisor: int = 8) -> dict:
     """The plan for one dataset.
 
@@ -58,7 +71,7 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
     # nnU-Net's cap: one step sees at most 5 percent of the dataset's voxels
     batch = int(min(batch, max(min_batch, 0.05 * shapes.prod(axis=1).sum() // patch.prod())))
 
-    if any(m.upper() == "CT" for m in modalities):
+    if is_ct(modalities, fp):
         i = fp["intensity"][0]  # clip to the foreground's 0.5-99.5 percentiles, then scale
         normalize = {"name": "ct", "a_min": i["p0.5"], "a_max": i["p99.5"]}
     else:  # per case; over the cropped-to box's nonzero voxels where the crop matters (the empty border is no tissue)

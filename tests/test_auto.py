@@ -2,6 +2,7 @@
 brains and the hippocampus crops, and a short training that learns and records its plan."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import nibabel as nib
@@ -138,3 +139,24 @@ def test_a_short_auto_training_on_two_ibsr_brains_learns_and_records_its_plan(tm
     outside[tuple(slice(lo, hi + 1) for lo, hi in zip(brain.min(0), brain.max(0)))] = False
     assert outside.sum() > 0.5 * labels.size and not labels[outside].any()  # the cropped-off border: background
     assert set(np.unique(labels)) <= {0, 1, 2, 3} and (labels == 3).sum() > 10_000  # white matter found
+
+
+def ct_folder_pairs(folder: Path) -> Path:
+    """TotalSegmentator's two NIfTI CTs (Hounsfield units) as folder pairs, no dataset.json: nothing declares CT."""
+    source = shared_dataset("totalseg_ct_examples")
+    for name, label in (("example_ct", "example_seg_fast_force_split"), ("example_ct_sm", "example_seg")):
+        for sub, target in (("images", name), ("labels", label)):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            (folder / sub / f"{name}.nii.gz").symlink_to(source / f"{target}.nii.gz")
+    return folder
+
+
+def test_the_auto_plan_recognises_ct_in_folder_pairs_by_its_hounsfield_units(tmp_path):
+    root = ct_folder_pairs(tmp_path / "ct")
+    cfg = compose_config("train", ["experiment=auto", f"data.root={root}", "plan.base_filters=16"], tmp_path)
+    complete(cfg)
+    assert cfg.data.num_classes == 118 and cfg.data.class_names[117] == "class117"  # the largest label value, 117
+    norm = cfg.transforms.normalize  # nnU-Net's CT normalization: the foreground's 0.5-99.5 percentiles
+    assert norm._target_ == "monai.transforms.ScaleIntensityRanged" and -1000 < norm.a_min < 0 < norm.a_max < 3000
+    assert cfg.transforms.crop is None  # air is -1000, not 0: the whole field of view is nonzero
+    assert cfg.data.spacing is None  # both CTs are on a 3 mm grid

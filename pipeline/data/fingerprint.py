@@ -21,7 +21,7 @@ from pipeline.files import atomic
 from pipeline.io import spatial
 
 SAMPLES_PER_CASE = 10_000
-VERSION = 2  # bumped when a fingerprint gains a field: older cached ones are measured again
+VERSION = 3  # bumped when a fingerprint gains a field: older cached ones are measured again
 
 
 def cache_key(cases: list[dict]) -> str:
@@ -50,7 +50,7 @@ def measure_case(case: dict, rng: np.random.Generator) -> dict:
     nonzero[axes] = [np.ptp(np.flatnonzero(data.any(axis=tuple(a for a in range(4) if a != i)))) + 1 if data.any()
                      else n for i, n in enumerate(image.shape[:3])]
     return {"shape": shape.tolist(), "spacing": spacing.tolist(), "nonzero_shape": nonzero.tolist(),
-            "counts": np.bincount(lab.ravel()).tolist(), "fg": fg}
+            "minimum": data.min(axis=(0, 1, 2)).tolist(), "counts": np.bincount(lab.ravel()).tolist(), "fg": fg}
 
 
 def fingerprint(cases: list[dict], cache_dir: str | Path) -> dict:
@@ -69,6 +69,7 @@ def fingerprint(cases: list[dict], cache_dir: str | Path) -> dict:
         "shapes": [r["shape"] for r in rows],
         "spacings": [r["spacing"] for r in rows],
         "nonzero_shapes": [r["nonzero_shape"] for r in rows],
+        "minimum": np.median([r["minimum"] for r in rows], axis=0).tolist(),  # per channel, the median case's
         "median_shape": np.median([r["shape"] for r in rows], axis=0).tolist(),
         "median_spacing": np.median([r["spacing"] for r in rows], axis=0).tolist(),
         "intensity": [  # per channel, foreground only

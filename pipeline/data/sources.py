@@ -5,9 +5,11 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
@@ -94,8 +96,11 @@ def read_msd(root: str | Path) -> Dataset:
 def folders_problems(root: str | Path, images: str, labels: str,
                      class_names: list[str] | None) -> tuple[Dataset | None, list[str]]:
     """Plain folder pairs: `<root>/<images>/x.nii.gz` with `<root>/<labels>/x.nii.gz` (same file names); every
-    structural fault found, as msd_problems."""
+    structural fault found, as msd_problems. class_names `auto`: background and class1..N, N the largest label
+    value of any label file."""
     root = Path(root)
+    if class_names == "auto":
+        class_names = label_names(root / labels)
     if not class_names:
         return None, [f"{root}: data.class_names must list the classes (background first) for a folders layout"]
     image_dir, label_dir = root / images, root / labels
@@ -112,6 +117,17 @@ def folders_problems(root: str | Path, images: str, labels: str,
     if not cases:
         problems.append(f"{image_dir}: holds no .nii or .nii.gz images")
     return Dataset(root, root.name, dict(enumerate(class_names)), ["image"], cases), problems
+
+
+def label_names(folder: Path) -> list[str] | None:
+    """background, class1..N for the label maps in `folder` (N: their largest value); None where none is readable."""
+    top = None
+    for path in sorted(folder.glob("*.nii*")) if folder.is_dir() else []:
+        try:
+            top = max(top or 0, int(np.asarray(nib.load(path).dataobj).max()))
+        except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError):
+            continue  # the dataset check names an unreadable file; here it adds no class
+    return None if top is None else ["background", *(f"class{i}" for i in range(1, max(top, 1) + 1))]
 
 
 def nnunet_problems(root: str | Path, converted: str | Path) -> tuple[Dataset | None, list[str]]:
