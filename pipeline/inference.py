@@ -26,7 +26,7 @@ from pipeline.data.transforms import preprocess, preprocessing_config
 from pipeline.errors import InputError, RunStopped
 from pipeline.files import StorageError, atomic
 from pipeline.interrupts import Interrupts
-from pipeline.io import Reference, Volume, find_inputs, label_dtype
+from pipeline.io import Reference, Volume, find_inputs, label_dtype, ras_spacing
 from pipeline.models.export import OnnxRuntimeModel, OpenVinoModel, build_model, export_model
 from pipeline.rundir import RunDir
 
@@ -176,6 +176,9 @@ class Predictor:
         `source`: the file errors name (default nifti_path)."""
         data = self.preprocess({"image": str(nifti_path)})
         image = data["image"][None]
+        # resampled only where the input's grid is not the target one already (MONAI leaves that one as it is)
+        grid = ras_spacing(np.asarray(data["image"].meta["original_affine"]))
+        resampled = self.resampled and not np.allclose(grid, data["image"].pixdim.numpy(), atol=1e-3)
         # The one input fault that shows only against the model; the model's own errors (out of memory) propagate.
         if (channels := image.shape[1]) != self.in_channels:
             raise InputError(f"{source or nifti_path}: {channels} image channel{'s' * (channels != 1)}; "
@@ -184,7 +187,7 @@ class Predictor:
         total, squares, n = None, None, 0
         # One pass and labels only: the argmax of the logits is the answer; a softmax would change nothing.
         logits_will_do = (len(self.members) * len(self.flips) == 1
-                          and not (probabilities or self.uncertainty or self.resampled))
+                          and not (probabilities or self.uncertainty or resampled))
         for model, inferer in self.members:
             for dims in self.flips:
                 flips = [d + 2 for d in dims]
@@ -209,7 +212,7 @@ class Predictor:
             extra = None
         else:
             raise InputError(f"uncertainty={self.uncertainty}: must be entropy, variance or null")
-        if not (probabilities or extra is not None or self.resampled):
+        if not (probabilities or extra is not None or resampled):
             # Orientation alone permutes voxels, so the argmax commutes with its inverse: invert one uint8
             # channel instead of K float ones (what keeps a 512x512x400 volume within a few GiB).
             labels = argmax_channels(mean)[None]

@@ -76,9 +76,10 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
         normalize = {"name": "ct", "a_min": i["p0.5"], "a_max": i["p99.5"]}
     else:  # per case; over the cropped-to box's nonzero voxels where the crop matters (the empty border is no tissue)
         normalize = {"name": "zscore_fg" if crop else "zscore"}
-    same_grid = np.allclose(spacings, target, atol=1e-3)
     return {
-        "spacing": None if same_grid else [round(float(s), 4) for s in target],  # no resampling when all match
+        # always a target grid, as nnU-Net's: an input on another grid is resampled to it at inference (a case already
+        # on it is left as it is: MONAI's Spacing returns its input where the grid does not change)
+        "spacing": [round(float(s), 4) for s in target],
         "patch_size": patch.tolist(),
         "batch_size": batch,
         "crop": crop,

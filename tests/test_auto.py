@@ -104,7 +104,7 @@ def test_hippocampus_final_is_the_auto_recipe_with_its_measured_overrides(tmp_pa
     splits = complete(final).splits
     # crops with tissue everywhere: no crop, whole-volume z-score, the median case whole in one patch
     assert final.transforms.crop is None and final.transforms.normalize.nonzero is False
-    assert list(final.data.patch_size) == [40, 56, 40] and final.data.spacing is None
+    assert list(final.data.patch_size) == [40, 56, 40] and list(final.data.spacing) == [1.0, 1.0, 1.0]
     assert len(splits["test"]) == 31 and len(splits["train"]) == 177  # 208 cases: 15% held back for test
     assert list(final.model.filters) == [32, 64, 128, 256]
 
@@ -159,4 +159,4 @@ def test_the_auto_plan_recognises_ct_in_folder_pairs_by_its_hounsfield_units(tmp
     norm = cfg.transforms.normalize  # nnU-Net's CT normalization: the foreground's 0.5-99.5 percentiles
     assert norm._target_ == "monai.transforms.ScaleIntensityRanged" and -1000 < norm.a_min < 0 < norm.a_max < 3000
     assert cfg.transforms.crop is None  # air is -1000, not 0: the whole field of view is nonzero
-    assert cfg.data.spacing is None  # both CTs are on a 3 mm grid
+    assert list(cfg.data.spacing) == [3.0, 3.0, 3.0]  # both CTs' grid: another (the DICOM's 0.98 mm) is resampled

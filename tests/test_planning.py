@@ -50,7 +50,7 @@ def test_plan_covers_the_median_case_within_the_budget():
     p = plan(fp, ["MRI"], budget_voxels=2**19)
     assert p["patch_size"] == [40, 56, 40]  # the median case rounded up to multiples of 8
     assert p["batch_size"] == 2**19 // (40 * 56 * 40)  # 5: the budget, under the 5% cap (200 * 63000 * .05 / 89600 = 7)
-    assert p["spacing"] is None and p["normalize"] == {"name": "zscore"}
+    assert p["spacing"] == [1.0, 1.0, 1.0] and p["normalize"] == {"name": "zscore"}  # inference resamples to it
 
 
 def test_plan_shrinks_the_relatively_largest_side_and_resamples_anisotropic_data():
@@ -98,7 +98,7 @@ def test_short_planned_training_on_real_hippocampus_improves_dice(tmp_path, mlfl
         "scheduler=none",  # a constant rate, as this was measured with: cosine over 6 epochs decays too early
     ])
     result = train(cfg)
-    assert list(cfg.data.patch_size) == [40, 56, 40] and cfg.data.spacing is None  # planned; batch size kept
+    assert list(cfg.data.patch_size) == [40, 56, 40] and list(cfg.data.spacing) == [1.0, 1.0, 1.0]  # planned
     assert cfg.transforms.normalize._target_ == "monai.transforms.NormalizeIntensityd"
     history = sorted(mlflow.MlflowClient(mlflow_store).get_metric_history(result["run_id"], "val_dice_mean"),
                      key=lambda m: m.step)
