@@ -52,13 +52,13 @@ def save_plans(cfg: DictConfig, job: engine.Job, run_dir: RunDir) -> Path:
     p = plans(cfg, job.splits, job.precision)
     with atomic(run_dir.plans) as tmp:
         tmp.write_text(json.dumps(p, indent=1))
-    d, net = p["dataset"], p["network"]
+    d, net, minutes = p["dataset"], p["network"], p["budget"]["max_minutes"]
+    budget = f"{minutes:g} min" if minutes else "no time budget"
     log.info(f"plan: {d['cases']['train']} training cases of {d['name']} ({d['cases']['test']} held out for test), "
              f"crop {'to nonzero' if p['preprocessing']['crop'] else 'none'}, "
              f"spacing {p['preprocessing']['spacing'] or 'native'}, patch {p['patch_size']} x {p['batch_size']}, "
              f"{type(job.model).__name__} {net.get('filters', '')}, mirrors {p['augmentation']['mirror_axes']}, "
-             f"{p['loss'].rsplit('.', 1)[-1]}, {p['budget']['max_minutes'] or 'no'} minutes in "
-             f"{p['hardware']['precision']}; {run_dir.plans}")
+             f"{p['loss'].rsplit('.', 1)[-1]}, {budget} in {p['hardware']['precision']}; {run_dir.plans}")
     return run_dir.plans
 
 
