@@ -197,8 +197,8 @@ def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
     dims = cfg.model.get("spatial_dims", 3)  # a 2D network plans over the first two axes
     patch, spacing = list(cfg.data.patch_size)[:dims], list(spacing)[:dims]
 
-    def planned(base: int) -> dict:
-        values = {key: value for key, value in topology(patch, spacing, base).items() if _is_auto(cfg.model.get(key))}
+    def planned(net: dict) -> dict:  # the model config's values for a topology: the auto keys, the heads that fit
+        values = {key: value for key, value in net.items() if _is_auto(cfg.model.get(key))}
         if "deep_supr_num" in cfg.model:  # DynUNet: 1 <= extra heads < upsampling stages (none on a 2-stage net)
             heads = min(cfg.model.deep_supr_num, len(values.get("strides", cfg.model.strides)) - 2)
             values |= {"deep_supr_num": max(heads, 1), "deep_supervision": cfg.model.deep_supervision and heads > 0}
@@ -206,10 +206,11 @@ def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
 
     setting = (cfg.get("plan") or {}).get("base_filters", BASE_FILTERS)
     if setting == "auto":
-        base, why = auto_width(cfg, planned(FAST_BASE_FILTERS), patch)
+        base, why = auto_width(cfg, planned(topology(patch, spacing, FAST_BASE_FILTERS)), patch)
     else:
         base, why = int(setting), "plan.base_filters"
-    values, net = planned(base), topology(patch, spacing, base)
+    net = topology(patch, spacing, base)
+    values = planned(net)
     log.info(f"network: {len(net['strides'])} stages, strides {net['strides'][1:]}, kernels {net['kernel_size']}, "
              f"filters {list(values.get('filters', cfg.model.get('filters')))} (width {base}: {why})")
     return {f"model.{key}": value for key, value in values.items()}

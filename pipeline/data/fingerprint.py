@@ -46,9 +46,10 @@ def measure_case(case: dict, rng: np.random.Generator) -> dict:
     fg = data[lab > 0]
     if len(fg) > SAMPLES_PER_CASE:
         fg = fg[rng.choice(len(fg), SAMPLES_PER_CASE, replace=False)]
-    nonzero = np.empty(3, int)  # the bounding box of voxels nonzero in any channel (nnU-Net's crop), RAS order
-    nonzero[axes] = [np.ptp(np.flatnonzero(data.any(axis=tuple(a for a in range(4) if a != i)))) + 1 if data.any()
-                     else n for i, n in enumerate(image.shape[:3])]
+    mask = data.any(axis=3)  # nonzero in any channel: the bounding box is nnU-Net's crop (RAS order below)
+    nonzero = np.empty(3, int)
+    nonzero[axes] = ([np.ptp(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != i)))) + 1
+                      for i in range(3)] if mask.any() else image.shape[:3])
     return {"shape": shape.tolist(), "spacing": spacing.tolist(), "nonzero_shape": nonzero.tolist(),
             "minimum": data.min(axis=(0, 1, 2)).tolist(), "counts": np.bincount(lab.ravel()).tolist(), "fg": fg}
 
