@@ -1,5 +1,7 @@
 """One error type for bad inputs, so entry points can print its one-line message and exit non-zero."""
 
+import logging
+import os
 import sys
 from functools import wraps
 
@@ -41,6 +43,19 @@ def out_of_memory(err: BaseException) -> bool:
             or "not enough memory" in str(err) or "out of memory" in str(err).lower())
 
 
+def log_traceback(err: BaseException) -> str | None:
+    """`err`'s traceback written to the run's log file only (Hydra's `<run>/<task>.log`), as lightning-hydra-template's
+    task wrapper keeps it: a crashed run is diagnosed from its folder, not re-run. Returns that file, None without
+    one."""
+    files = [h for h in logging.getLogger().handlers
+             if isinstance(h, logging.FileHandler) and h.baseFilename != os.devnull]  # (pytest's null log)
+    record = logging.LogRecord("pipeline", logging.ERROR, __file__, 0, f"{type(err).__name__}: {err}", None,
+                               (type(err), err, err.__traceback__))
+    for handler in files:
+        handler.handle(record)
+    return files[0].baseFilename if files else None
+
+
 def _multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -50,8 +65,8 @@ def _multirun() -> bool:
 
 def exit_on_input_error(fn):
     """Wrap a Hydra entry point: an InputError becomes `error: <message>` on stderr and exit status 1, no traceback;
-    out of memory one line with what to lower; any other error (a bug) its type and first line, exit 1. The config's
-    debug=true lets every traceback through."""
+    out of memory one line with what to lower; any other error (a bug) its type and first line, exit 1, its traceback
+    in the run's log file. The config's debug=true lets every traceback through."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -69,8 +84,10 @@ def exit_on_input_error(fn):
         except Exception as err:  # not an input fault: stop with its message, not per file or as a traceback
             if _multirun():
                 raise  # a sweep records the job as failed and goes on (Hydra's launcher, Optuna's trial states)
+            where = log_traceback(err)
             if out_of_memory(err):
                 sys.exit(f"error: out of memory ({first_line(err)}); {MEMORY_ADVICE}")
-            sys.exit(f"error: {type(err).__name__}: {first_line(err)} (debug=true shows the traceback)")
+            shown = f"traceback in {where}" if where else "debug=true shows the traceback"
+            sys.exit(f"error: {type(err).__name__}: {first_line(err)} ({shown})")
 
     return wrapper

@@ -227,3 +227,30 @@ def test_out_of_memory_and_bugs_stop_an_entry_point_in_one_line_and_debug_shows_
     assert str(stop.value) == "error: KeyError: 'spacing' (debug=true shows the traceback)"
     with pytest.raises(KeyError):  # debug=true: the exception itself, with its traceback
         entry(KeyError("spacing"))(OmegaConf.create({"debug": True}))
+
+
+def test_a_bug_keeps_its_traceback_in_the_run_log_and_the_console_says_where(tmp_path):
+    """Hydra's job logging writes <run>/<task>.log through a FileHandler: the bug's traceback goes there, the console
+    gets one line naming the file."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from pipeline.errors import exit_on_input_error
+
+    @exit_on_input_error
+    def main(cfg):
+        return {}["spacing"]
+
+    log = tmp_path / "train.log"
+    handler = logging.FileHandler(log)
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(OmegaConf.create({"debug": False}))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert str(stop.value) == f"error: KeyError: 'spacing' (traceback in {log})"
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and 'return {}["spacing"]' in text
