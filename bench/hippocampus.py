@@ -1,10 +1,10 @@
 """Hippocampus: held-out test Dice against minutes of CPU training, in one process on one machine, for
-(a) a plainly written MONAI tutorial recipe, (b) the kept recipe (`experiment=hippocampus`, its schedule fitted to the
-budget) and (c) its ensemble with mirror TTA, whose minutes count every member's: k folds (`--members folds`, as
+(a) a plainly written MONAI tutorial recipe, (b) the final-model recipe (`experiment=hippocampus`, its schedule fitted
+to the budget) and (c) its ensemble with mirror TTA, whose minutes count every member's: k folds (`--members folds`, as
 `make cv` trains them) or k final models on every non-test case with different seeds (`--members all`, whose first j
 members are scored together wherever j / k of the minutes is a mark: the curve of "train one more"). (d), asked for
 with `--only ... d --budgets ...`: what a user given N minutes gets, one run per budget with its schedule fitted to
-it (`trainer.max_minutes=N`, `--budget-experiment`, by default the few-minute recipe `hippocampus_sprint`).
+it (`trainer.max_minutes=N`, `--budget-experiment`, by default the few-minute recipe `hippocampus_quick`).
 
 Every recipe trains on the default split's training cases (the folds: on the non-test cases) and is scored on the
 same 31 held-out test cases with sliding-window inference; scoring time is not training time. (a) and (b) are scored
@@ -212,11 +212,11 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5, help="ensemble members of (c)")
     parser.add_argument("--members", choices=["folds", "all"], default="folds",
                         help="(c)'s members: the k folds, or k data.fold=all models with different seeds")
-    parser.add_argument("--experiment", default="hippocampus", help="the kept recipe")
+    parser.add_argument("--experiment", default="hippocampus", help="(b) and (c)'s recipe")
     parser.add_argument("--only", nargs="+", choices=["a", "b", "c", "d"], default=["a", "b", "c"])
     parser.add_argument("--budgets", type=float, nargs="+", default=[1, 2, 3, 5],
                         help="(d): minutes of training, one run fitted to each")
-    parser.add_argument("--budget-experiment", default="hippocampus_sprint", help="(d)'s recipe")
+    parser.add_argument("--budget-experiment", default="hippocampus_quick", help="(d)'s recipe")
     parser.add_argument("--data", default=str(shared_data() / "msd_hippocampus"))
     parser.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE",
                         help="Hydra overrides for (b), (c) and (d), e.g. --set data.batch_size=4 optimizer.lr=0.004")

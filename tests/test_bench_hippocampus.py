@@ -37,7 +37,7 @@ def test_the_benchmark_trains_scores_and_tabulates_every_recipe(tmp_path):
     """Every training path of the benchmark, end to end on 14 real cases in seconds of training: its bugs so far
     (a row missing, a crash at the table) showed only when it ran."""
     data, out = hippocampus_subset(tmp_path / "data", 14), tmp_path / "bench"
-    args = ["--data", str(data), "--out", str(out), "--experiment", "hippocampus_sprint", "--only", "a", "b", "c", "d",
+    args = ["--data", str(data), "--out", str(out), "--experiment", "hippocampus_quick", "--only", "a", "b", "c", "d",
             "--members", "all", "--folds", "2", "--tutorial-minutes", "0.05", "--marks", "0.05", "0.1", "--fine", "0",
             "--budgets", "0.05"]
     run = subprocess.run([sys.executable, str(project_root() / "bench" / "hippocampus.py"), *args],

@@ -27,9 +27,9 @@ def test_make_passes_every_override_to_hydra_unchanged_and_in_order():
 
 
 def test_make_cv_gives_its_evaluations_the_tracking_overrides_and_nothing_else():
-    train, cv, test = make_dry_run("cv", "experiment=hippocampus_final", "tracking=none", "data.batch_size=2",
+    train, cv, test = make_dry_run("cv", "experiment=hippocampus", "tracking=none", "data.batch_size=2",
                                    "CV_DIR=outputs/cv/x")[-3:]
-    assert train.endswith("hydra.sweep.dir=outputs/cv/x 'experiment=hippocampus_final' 'tracking=none' "
+    assert train.endswith("hydra.sweep.dir=outputs/cv/x 'experiment=hippocampus' 'tracking=none' "
                           "'data.batch_size=2'"), train
     assert cv.endswith("-m pipeline.evaluate ckpt=outputs/cv/x split=cv output=outputs/cv/x/cv 'tracking=none'"), cv
     assert test.endswith("if_empty=skip output=outputs/cv/x/ensemble_test 'tracking=none'"), test

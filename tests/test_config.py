@@ -137,17 +137,16 @@ def test_experiment_options_compose_and_build(experiment, tmp_path):
     assert net(torch.randn(1, cfg.data.in_channels, *patch)).shape == (1, cfg.data.num_classes, *patch)
 
 
-def test_the_wide_hippocampus_recipe_differs_from_the_main_one_only_in_width(tmp_path):
+def test_the_quick_hippocampus_recipe_is_the_final_one_with_its_few_minute_overrides(tmp_path):
     root = f"data.root={shared_dataset('msd_hippocampus')}"
-    main, wide = (compose_config("train", [f"experiment={e}", root], tmp_path) for e in ("hippocampus",
-                                                                                      "hippocampus_wide"))
-    for cfg in (main, wide):
-        complete(cfg)
-    assert list(main.model.filters) == [16, 32, 64, 128] and list(wide.model.filters) == [32, 64, 128, 256]
-    main, wide = (OmegaConf.to_container(c, resolve=True) for c in (main, wide))
-    for c in (main, wide):
-        del c["model"]["filters"], c["plan"]["base_filters"]
-    assert main == wide
+    quick = compose_config("train", ["experiment=hippocampus_quick", root], tmp_path)
+    final = compose_config("train", ["experiment=hippocampus", root, "model=unet3d", "data.fold=null",
+                                     "data.batch_size=2", "plan.base_filters=16", "optimizer.lr=0.004",
+                                     *(f"transforms.augment.{t}=null" for t in ("rotate90", "affine", "noise",
+                                                                                 "gamma")),
+                                     "trainer.max_minutes=2", "trainer.val_every=10"], tmp_path)
+    assert OmegaConf.to_container(quick) == OmegaConf.to_container(final)
+    assert quick.model._target_ == "monai.networks.nets.UNet" and quick.transforms.augment.flip_x is not None
 
 
 def test_infer_config_composes(tmp_path):

@@ -39,9 +39,18 @@ class Dataset:
     cases: list[dict]  # {"image": abs path, "label": abs path}
 
 
+def msd_tasks() -> set[str]:
+    """The Medical Segmentation Decathlon's tasks, as `make data task=...` names them."""
+    from monai.apps import DecathlonDataset  # here: monai.apps imports more than reading a dataset needs
+
+    return set(DecathlonDataset.resource)
+
+
 def dataset_json(root: Path, layout: str, kind: str) -> tuple[Path, dict | None, list[str]]:
     """(`<root>/dataset.json`, its content or None, the fault that stops reading it)."""
     spec = root / "dataset.json"
+    if not root.exists() and root.name in msd_tasks():
+        return spec, None, [f"{root}: not found; `make data task={root.name}` downloads it there"]
     if not spec.is_file():
         return spec, None, [f"{spec}: not found; data.root must be {layout} (dataset.json, imagesTr/, labelsTr/)"]
     try:
