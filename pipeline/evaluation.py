@@ -281,11 +281,7 @@ def table(summary: dict) -> str:
 def evaluate(cfg: DictConfig) -> dict:
     """Score, write files, log; returns the summary."""
     out_dir = Path(cfg.output)
-    bundle, source = None, {}
-    against = scored(Path(cfg.compare)) if cfg.get("compare") else None
-    if against and against[0].resolve() == (out_dir / PER_CASE).resolve():
-        raise InputError(f"{against[0]}: this evaluation would overwrite it (output={out_dir}); compare= takes an "
-                         "earlier evaluation's folder, not this one's")
+    against = earlier_evaluation(cfg, out_dir)
     # one, or an ensemble (a list, a folder, the k folds)
     # split=cv scores each fold's final model (last.pt): its best.pt was picked on the very cases cv scores
     members = checkpoints(cfg.ckpt, final=cfg.split == "cv") if cfg.ckpt is not None else []
@@ -293,6 +289,42 @@ def evaluate(cfg: DictConfig) -> dict:
         log.info(f"{RunDir.of(members[0]).splits}: the {cfg.split} split holds no cases (a small dataset keeps no test "
                  "split; its cross-validation is the estimate): nothing to score")
         return {}
+    cases, class_names, source, bundle = gather(cfg, members, out_dir)
+    regions = {str(name): list(labels) for name, labels in (cfg.get("regions") or {}).items()}
+    rows, region_rows, post = score(cases, class_names, regions, cfg)
+    comparison = compared(rows, *against, class_names) if against else None
+    if comparison:
+        source["compared with"] = f"{comparison['against']}: " + "; ".join(
+            f"mean {label} {difference_text(comparison[m]['mean'])}" for m, label in COMPARED.items())
+    summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm,
+                                              "source": source}
+    if regions:
+        summary |= {"regions": summarize(region_rows, ["background", *regions])["classes"], "region_labels": regions}
+    files = write_scores(out_dir, rows + region_rows, summary, comparison,
+                         postprocessing_advice(post, class_names) if cfg.check_postprocessing else None)
+    overlays = draw_overlays(cases, rows, class_names, cfg, out_dir)
+    files += [png for png, _ in overlays.values()]
+    curves = RunDir.of(members[0]).curves if len(members) == 1 else None
+    files.append(report.write(out_dir / "report.html", rows, summary, source, overlays,
+                              curves if curves and curves.is_file() else None))
+    log_summary(summary, comparison, len(cases), out_dir)
+    log_to_tracking(cfg, summary, files, out_dir, bundle)
+    return summary
+
+
+def earlier_evaluation(cfg: DictConfig, out_dir: Path) -> tuple | None:
+    """compare=: the earlier evaluation's per-case scores, which this one must not overwrite."""
+    against = scored(Path(cfg.compare)) if cfg.get("compare") else None
+    if against and against[0].resolve() == (out_dir / PER_CASE).resolve():
+        raise InputError(f"{against[0]}: this evaluation would overwrite it (output={out_dir}); compare= takes an "
+                         "earlier evaluation's folder, not this one's")
+    return against
+
+
+def gather(cfg: DictConfig, members: list[Path], out_dir: Path) -> tuple[list, list[str], dict, dict | None]:
+    """(cases, class names, where they came from, the checkpoint's bundle or None): a checkpoint's split predicted
+    first, or folders of label maps paired by case id."""
+    bundle, class_names = None, None
     if members:
         cases, bundle = split_cases(members, cfg.split, out_dir, cfg)
         class_names = list(bundle["config"]["data"]["class_names"])
@@ -314,48 +346,44 @@ def evaluate(cfg: DictConfig) -> dict:
     if unknown:
         raise InputError(f"cases={unknown}: not among the evaluated cases")
     source |= {"cases": len(cases), "classes": class_names[1:], "nsd_tolerance_mm": cfg.nsd_tolerance_mm}
+    return cases, class_names, source, bundle
 
-    rows, post, region_rows = [], [], []  # one case in memory at a time
-    regions = {str(name): list(labels) for name, labels in (cfg.get("regions") or {}).items()}
+
+def score(cases: list, class_names: list[str], regions: dict, cfg: DictConfig) -> tuple[list, list, list]:
+    """Per case: each class's scores, each region's (a set of labels, e.g. BRATS's whole tumour, as one structure),
+    and the post-processing options' Dice; one case in memory at a time."""
+    rows, region_rows, post = [], [], []
     for case in tqdm(cases, desc="evaluate", unit="case"):
         pred, truth, affine = load_pair(case, len(class_names))
         spacing = nib.affines.voxel_sizes(affine)
-        scores = case_scores(pred, truth, spacing, class_names, cfg.nsd_tolerance_mm)
-        rows += [{"case": case.id} | r for r in scores]
-        for name, labels in regions.items():  # a region (a set of labels, e.g. BRATS's whole tumour) as one structure
+        rows += [{"case": case.id} | r for r in case_scores(pred, truth, spacing, class_names, cfg.nsd_tolerance_mm)]
+        for name, labels in regions.items():
             binary = [np.isin(a, labels).astype(np.uint8) for a in (pred, truth)]
             region_rows += [{"case": case.id} | r for r in case_scores(*binary, spacing, ["background", name],
                                                                         cfg.nsd_tolerance_mm)]
         if cfg.check_postprocessing:
             post.append(postprocessing_dice(pred, truth, class_names))
-    comparison = compared(rows, *against, class_names) if against else None
-    if comparison:
-        source["compared with"] = f"{comparison['against']}: " + "; ".join(
-            f"mean {label} {difference_text(comparison[m]['mean'])}" for m, label in COMPARED.items())
-    summary = summarize(rows, class_names) | {"cases": len(cases), "tolerance_mm": cfg.nsd_tolerance_mm,
-                                              "source": source}
-    if regions:
-        summary |= {"regions": summarize(region_rows, ["background", *regions])["classes"], "region_labels": regions}
+    return rows, region_rows, post
+
+
+def write_scores(out_dir: Path, rows: list, summary: dict, comparison: dict | None, advice: dict | None) -> list[Path]:
+    """per_case.csv, summary.json, and comparison.json and postprocessing.json where asked for; atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [write_csv(rows + region_rows, out_dir / PER_CASE)]
-    with atomic(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
-    files.append(out_dir / "summary.json")
+    files = [write_csv(rows, out_dir / PER_CASE)]
+    for name, content in (("summary.json", summary), ("comparison.json", comparison),
+                          ("postprocessing.json", advice)):
+        if content is not None:
+            with atomic(out_dir / name) as tmp:
+                tmp.write_text(json.dumps(content, indent=1))
+            files.append(out_dir / name)
+    if advice is not None:
+        log.info(f"post-processing, mean Dice per class: {json.dumps(advice['mean_dice'])}")
+        log.info(f"recommended: {advice['infer_overrides'] or 'none (no option raised a class mean Dice)'}")
+    return files
 
-    if comparison:
-        with atomic(out_dir / "comparison.json") as tmp:
-            tmp.write_text(json.dumps(comparison, indent=1))
-        files.append(out_dir / "comparison.json")
 
-    if cfg.check_postprocessing:
-        checked = postprocessing_advice(post, class_names)
-        with atomic(out_dir / "postprocessing.json") as tmp:
-            tmp.write_text(json.dumps(checked, indent=1))
-        files.append(out_dir / "postprocessing.json")
-        log.info(f"post-processing, mean Dice per class: {json.dumps(checked['mean_dice'])}")
-        log.info(f"recommended: {checked['infer_overrides'] or 'none (no option raised a class mean Dice)'}")
-
-    # Overlays: the worst cases by mean Dice over classes, plus any asked for by id.
+def draw_overlays(cases: list, rows: list, class_names: list[str], cfg: DictConfig, out_dir: Path) -> dict:
+    """Overlay PNGs of the worst cases by mean Dice over classes, plus any asked for by id: {case: (png, Dice)}."""
     mean_dice = case_means(rows)
     chosen = sorted(mean_dice, key=mean_dice.get)[: cfg.overlays]
     chosen += [c for c in cfg.cases if c not in chosen]
@@ -371,11 +399,10 @@ def evaluate(cfg: DictConfig) -> dict:
         png = plots.overlay(image, in_ras(truth, affine), in_ras(pred, affine), ras_spacing(affine), class_names,
                             out_dir / "overlays" / f"{cid}.png", title=f"{cid}: mean Dice {mean_dice[cid]:.3f}")
         overlays[cid] = (png, mean_dice[cid])
-        files.append(png)
-    curves = RunDir.of(members[0]).curves if len(members) == 1 else None
-    files.append(report.write(out_dir / "report.html", rows, summary, source, overlays,
-                              curves if curves and curves.is_file() else None))
+    return overlays
 
+
+def log_summary(summary: dict, comparison: dict | None, cases: int, out_dir: Path) -> None:
     log.info(table(summary))
     if comparison:
         log.info(f"against {comparison['against']}, this evaluation minus that one:")
@@ -383,9 +410,7 @@ def evaluate(cfg: DictConfig) -> dict:
             log.info(f"  mean {label}: {difference_text(comparison[metric]['mean'])}")
             for name, d in comparison[metric]["classes"].items():
                 log.info(f"    {name}: {difference_text(d)}")
-    log.info(f"{len(cases)} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
-    log_to_tracking(cfg, summary, files, out_dir, bundle)
-    return summary
+    log.info(f"{cases} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
 
 
 def log_to_tracking(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle: dict | None) -> None:

@@ -103,72 +103,87 @@ def mirrored_axes(configs) -> tuple[int, ...]:
     return tuple(sorted(common))
 
 
+def shared_preprocessing(bundles: dict[Path, dict]) -> dict:
+    """The config of the first checkpoint, once every member is known to preprocess its input the same way."""
+    first_path, first = next(iter(bundles.items()))
+    for path, bundle in bundles.items():  # ensemble members must see the same input
+        if preprocessing_config(bundle["config"]) != preprocessing_config(first["config"]):
+            raise InputError(f"{path}: preprocessing differs from {first_path}'s; ensemble members must share it")
+    return first["config"]
+
+
 class Predictor:
     """Rebuilds models, preprocessing and inferers from checkpoints; turns one volume into probabilities on its grid."""
 
     def __init__(self, bundles: dict[Path, dict], options: PredictOptions | None = None, **changes):
         """`changes`: PredictOptions fields that differ from `options` (default PredictOptions())."""
         o = self.options = replace(options or PredictOptions(), **changes)
-        device, amp, backend, compile = o.device, o.amp, o.backend, o.compile
-        first_path, first = next(iter(bundles.items()))
-        for path, bundle in bundles.items():  # ensemble members must see the same input
-            if preprocessing_config(bundle["config"]) != preprocessing_config(first["config"]):
-                raise InputError(f"{path}: preprocessing differs from {first_path}'s; ensemble members must share it")
-        cfg = OmegaConf.create(first["config"])
+        cfg = OmegaConf.create(shared_preprocessing(bundles))
         self.num_classes, self.in_channels = cfg.data.num_classes, cfg.data.in_channels
         self.class_names = list(cfg.data.class_names)[: self.num_classes]  # DICOM-SEG segment labels
-        self.device = engine.pick_device(device)
+        self.device = engine.pick_device(o.device)
         # amp=auto keeps fp32 on the CPU: bf16, where the CPU has it, is 2x faster but moves about 0.3% of the
         # boundary voxels (bench/infer.py: label-map Dice 0.997 against fp32), below the >= 0.999 a clinic may expect.
-        self.precision = hardware.resolve(amp, self.device, inference=True)
-        window = {k: v for k, v in {"overlap": o.overlap, "sw_batch_size": o.sw_batch_size,
-                                    "device": o.stitch_device}.items() if v is not None}
-        if backend not in BACKENDS:
-            raise InputError(f"backend={backend}: must be one of {', '.join(BACKENDS)}")
-        # the fastest path whose labels match fp32's (bench/infer.py); compile=true asks for torch
-        if backend == "auto":
-            cpu_fp32 = self.device.type == "cpu" and self.precision.dtype is None and not compile
-            backend = "openvino" if cpu_fp32 and importlib.util.find_spec("openvino") else "torch"  # no wheel: torch
-        self.backend = backend
-        if backend in EXPORTED:  # CPU runtimes, run at fp32
-            self.device = torch.device("cpu")
-            if self.precision.dtype is not None:
-                self.precision = hardware.Precision(None, f"{backend} runs fp32 on the CPU")
+        self.precision = hardware.resolve(o.amp, self.device, inference=True)
+        self.backend = self.pick_backend(o.backend, o.compile)
         self.dtype = self.precision.dtype
-        self.members = []
-        # An exported network is read into its runtime's memory when loaded: the ONNX files need not outlive this.
-        with tempfile.TemporaryDirectory(prefix="pipeline-onnx-") as onnx_dir:
-            for i, bundle in enumerate(bundles.values()):
-                model = build_model(bundle).to(self.device).eval()
-                if backend in EXPORTED:
-                    model = EXPORTED[backend](export_model(model, bundle["config"], "onnx",
-                                                           Path(onnx_dir) / f"{i}.onnx"))
-                elif compile:
-                    # Inductor with frozen weights (constant-folded, prepacked for oneDNN): about 2x faster per fp32
-                    # window on a CPU after a one-off compile of 5-10 s, so it pays on folder runs. Windows share one
-                    # shape.
-                    # Imported here: Inductor adds ~2 s to every start of this command otherwise.
-                    import torch._inductor.config as inductor_config
-
-                    inductor_config.freezing = True
-                    model = torch.compile(model, dynamic=False)
-                elif o.channels_last:  # eager torch; Inductor picks its own layouts
-                    hardware.channels_last(model)
-                inferer = instantiate(OmegaConf.create(bundle["config"]).trainer.inferer, **window)
-                self.members.append((model, inferer))
+        self.members = self.load_members(bundles)
         # nnU-Net-style mirroring: every subset of the chosen axes, the unflipped pass included
-        axes = ()
-        if o.tta:
-            axes = o.tta_axes if o.tta_axes is not None else mirrored_axes(b["config"] for b in bundles.values())
-            if not axes:
-                log.warning("tta=true: the checkpoints' training mirrored no axis, so nothing is mirrored (tta_axes= "
-                            "names axes)")
+        axes = self.tta_axes(bundles) if o.tta else ()
         self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
         self.uncertainty = o.uncertainty
         self.preprocess = Compose(preprocess(cfg))
         self.resampled = cfg.data.spacing is not None
         # Invert orientation/resampling on probabilities (interpolated like the image), then take the argmax.
         self.invert = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False)
+
+    def pick_backend(self, backend: str, compile: bool) -> str:
+        """backend=auto: the fastest path whose labels match fp32's (bench/infer.py); compile=true asks for torch.
+        A CPU runtime moves the model to the CPU at fp32."""
+        if backend not in BACKENDS:
+            raise InputError(f"backend={backend}: must be one of {', '.join(BACKENDS)}")
+        if backend == "auto":
+            cpu_fp32 = self.device.type == "cpu" and self.precision.dtype is None and not compile
+            backend = "openvino" if cpu_fp32 and importlib.util.find_spec("openvino") else "torch"  # no wheel: torch
+        if backend in EXPORTED:  # CPU runtimes, run at fp32
+            self.device = torch.device("cpu")
+            if self.precision.dtype is not None:
+                self.precision = hardware.Precision(None, f"{backend} runs fp32 on the CPU")
+        return backend
+
+    def load_members(self, bundles: dict[Path, dict]) -> list[tuple]:
+        """(network on its backend, sliding-window inferer) per checkpoint."""
+        o, members = self.options, []
+        window = {k: v for k, v in {"overlap": o.overlap, "sw_batch_size": o.sw_batch_size,
+                                    "device": o.stitch_device}.items() if v is not None}
+        # An exported network is read into its runtime's memory when loaded: the ONNX files need not outlive this.
+        with tempfile.TemporaryDirectory(prefix="pipeline-onnx-") as onnx_dir:
+            for i, bundle in enumerate(bundles.values()):
+                model = build_model(bundle).to(self.device).eval()
+                if self.backend in EXPORTED:
+                    model = EXPORTED[self.backend](export_model(model, bundle["config"], "onnx",
+                                                                Path(onnx_dir) / f"{i}.onnx"))
+                elif o.compile:
+                    # Inductor with frozen weights (constant-folded, prepacked for oneDNN): about 2x faster per fp32
+                    # window on a CPU after a one-off compile of 5-10 s, so it pays on folder runs. Windows share one
+                    # shape. Imported here: Inductor adds ~2 s to every start of this command otherwise.
+                    import torch._inductor.config as inductor_config
+
+                    inductor_config.freezing = True
+                    model = torch.compile(model, dynamic=False)
+                elif o.channels_last:  # eager torch; Inductor picks its own layouts
+                    hardware.channels_last(model)
+                members.append((model, instantiate(OmegaConf.create(bundle["config"]).trainer.inferer, **window)))
+        return members
+
+    def tta_axes(self, bundles: dict[Path, dict]) -> tuple:
+        """tta_axes, or the axes the checkpoints' training mirrored."""
+        o = self.options
+        axes = o.tta_axes if o.tta_axes is not None else mirrored_axes(b["config"] for b in bundles.values())
+        if not axes:
+            log.warning("tta=true: the checkpoints' training mirrored no axis, so nothing is mirrored (tta_axes= "
+                        "names axes)")
+        return axes
 
     def __call__(self, nifti_path: Path, *, probabilities: bool = False,
                  source: Path | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:

@@ -13,9 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint, project_root
+from pipeline.export import export
 from pipeline.inference import infer
 from pipeline.models.adapters import for_inference
-from pipeline.models.export import build_model, export, export_model
+from pipeline.models.export import build_model, export_model
 from pipeline.training import train
 from tests.conftest import TINY_MODEL, compose_config, hippocampus_subset, tiny_config
 

@@ -1,11 +1,7 @@
-"""Export a checkpoint's network (`python -m pipeline.export ckpt=best.pt format=onnx|torchscript|bundle [output=...]`),
-and run exported networks on CPU runtimes (ONNX Runtime, OpenVINO) for pipeline.inference.
+"""A checkpoint's network as inference runs it, written as ONNX or TorchScript for a fixed window size, and exported
+networks run on CPU runtimes (ONNX Runtime, OpenVINO) for pipeline.inference. `python -m pipeline.export` (pipeline/
+export.py) writes them, or a MONAI bundle (pipeline/models/bundle.py, which builds on this module)."""
 
-The exported file runs without this package (ONNX Runtime, or `torch.jit.load`); a `<name>.json` beside it holds the
-resolved training config (preprocessing, classes, window size) needed to feed it the same inputs.
-"""
-
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -14,7 +10,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline import checkpoint
 from pipeline.errors import InputError
 from pipeline.files import atomic
 from pipeline.models import adapters
@@ -48,22 +43,6 @@ def export_model(model: torch.nn.Module, config: dict, fmt: str, path: Path) -> 
                               dynamo=False)
         else:
             torch.jit.save(torch.jit.trace(model, example), str(tmp))
-    return path
-
-
-def export(ckpt: str | Path, fmt: str, output: str | Path | None = None) -> Path:
-    """The checkpoint's network as ONNX or TorchScript (+ its config as JSON beside it), or as a MONAI bundle folder
-    (format=bundle, default <ckpt>_bundle/ beside it: pipeline/models/bundle.py)."""
-    bundle = checkpoint.load(ckpt)
-    if fmt == "bundle":
-        from pipeline.models.bundle import export_bundle
-
-        folder = Path(output) if output else Path(ckpt).with_name(f"{Path(ckpt).stem}_bundle")
-        return export_bundle(build_model(bundle), bundle["state_dict"], bundle["config"], folder)
-    path = Path(output) if output else Path(ckpt).with_suffix(SUFFIX.get(fmt, ""))
-    export_model(build_model(bundle), bundle["config"], fmt, path)
-    with atomic(path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(bundle["config"], indent=1))
     return path
 
 
