@@ -14,13 +14,15 @@ Rows per model, each a fresh copy of the same initial weights on the same batch 
                        fastest row
 The fp32 rows are measured in interleaved rounds and each keeps its best round: a shared VM's speed drifts by 20% or
 more between minutes, which one pass per row mistakes for a difference between rows.
-The first line names the CPU class: these figures hold for that class only.
+The first line names the CPU class: these figures hold for that class only. Writes the table to
+docs/results/amp_step.{md,json} (a few minutes on a 2-core CPU; `--no-compile` about one).
 """
 
 import argparse
 import copy
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -28,6 +30,8 @@ from monai.losses import DeepSupervisionLoss
 
 from pipeline import engine, hardware
 from pipeline.config import compose
+
+from common import RESULTS, machine, machine_line, write
 
 
 def seconds_per_step(model, loss_fn, batch: dict, device, dtype, steps: int, give_up_after: float | None = None):
@@ -63,7 +67,7 @@ class Rows:
                       "label": torch.randint(0, 3, (args.batch, 1, *args.patch))}
         self.loss_fn = DeepSupervisionLoss(instantiate(cfg.loss), weight_mode="exp")
         self.initial = instantiate(cfg.model).to(device)
-        self.seconds, self.extra = {}, {}
+        self.seconds, self.extra, self.shown = {}, {}, []
 
     def measure(self, label, dtype=None, cl=False, compiled=False, threads=None, give_up_after=None,
                 eager="fp32") -> None:
@@ -91,8 +95,10 @@ class Rows:
 
     def show(self, label: str, title: str | None = None, tail: str | None = None) -> None:
         seconds, ratio = self.seconds[label], self.seconds["fp32"] / self.seconds[label]
-        print(f"{self.name:8s} {title or label:22s} {seconds:8.3f} s/step  x{ratio:5.2f} vs fp32"
-              f"{self.extra[label] if tail is None else tail}", flush=True)
+        note = self.extra[label] if tail is None else tail
+        self.shown.append({"model": self.name, "row": title or label, "seconds": seconds, "vs_fp32": ratio,
+                           "note": note.strip(" ,")})
+        print(f"{self.name:8s} {title or label:22s} {seconds:8.3f} s/step  x{ratio:5.2f} vs fp32{note}", flush=True)
 
 
 def main() -> None:
@@ -104,13 +110,16 @@ def main() -> None:
     parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 32])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (about a minute each)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where amp_step.md and amp_step.json go")
     args = parser.parse_args()
     device = engine.pick_device(args.device)
     auto = hardware.resolve("auto", device)
     defaults = compose("train", ["data.root=unused"])
     print(hardware.describe(device))
-    print(f"{auto}; trainer.channels_last={defaults.trainer.channels_last}; {args.batch} patches of {args.patch}, "
-          f"median of {args.steps} steps, best of {args.rounds} rounds")
+    setting = (f"{auto}; trainer.channels_last={defaults.trainer.channels_last}; {args.batch} patches of "
+               f"{'x'.join(map(str, args.patch))}, median of {args.steps} steps, best of {args.rounds} rounds")
+    print(setting)
+    table = []
     for name in args.models:
         rows = Rows(name, args, device)
         fp32_rows = {"fp32": {}, "fp32 1 thread": {"threads": 1}, "fp32 channels_last": {"cl": True}}
@@ -140,6 +149,15 @@ def main() -> None:
         fastest = min((k for k in rows.seconds if "compile" not in k and "thread" not in k), key=rows.seconds.get)
         ratio = rows.seconds[label] / rows.seconds[fastest]
         rows.show(label, f"auto = {label}", f", {ratio:.2f}x the fastest precision ({fastest})")
+        table += rows.shown
+    results = {"machine": machine(), "setting": setting, "rows": table}
+    lines = ["# Training step by precision and kernels", "",
+             "Written by `bench/amp_step.py` (do not edit by hand): seconds per training step (forward, DiceLoss, "
+             "backward, Adam) of the same weights on the same batch, each row against plain fp32 measured in the same "
+             f"run. {setting}.", "", machine_line(results["machine"]), "",
+             "| model | setting | s / step | speed vs fp32 | note |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['row']} | {r['seconds']:.3f} | x{r['vs_fp32']:.2f} | {r['note']} |" for r in table]
+    print(f"wrote {write('amp_step', results, chr(10).join(lines), args.results)}")
 
 
 if __name__ == "__main__":

@@ -6,30 +6,30 @@ pipeline.evaluate per class (Dice, HD95, NSD), with the minutes and the machine,
     .venv/bin/python bench/auto.py ibsr --folds 0           # one of them
     .venv/bin/python bench/auto.py brats --minutes 10       # BRATS subset: 4 folds (leave one out), tumour regions
     .venv/bin/python bench/auto.py hippocampus --folds 0
+    .venv/bin/python bench/auto.py ct --minutes 5           # TotalSegmentator's CTs: the final model, a DICOM-SEG
 
 A fold whose run folder holds a finished last.pt is not trained again, and a stopped one goes on from it, so that
 `--folds 0` one day and `--folds 1 2 3 4` another make one cross-validation; the table scores every fold present.
 """
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import monai
-import torch
+import nibabel as nib
+import numpy as np
 
 from pipeline import checkpoint, hardware, project_root
 from pipeline.config import compose, shared_data
-from pipeline.data.convert import BRATS_REGIONS, brats_as_msd
+from pipeline.data.convert import BRATS_REGIONS, brats_as_msd, totalseg_as_folders
 from pipeline.evaluation import evaluate
+from pipeline.inference import infer
 from pipeline.rundir import RunDir
 from pipeline.training import train
 
-RESULTS = project_root() / "docs" / "results"
+from common import RESULTS, machine, machine_line, write
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Task:
     convert: object = None  # source folder, target folder -> an MSD dataset
     regions: dict = field(default_factory=dict)  # scored besides the classes
     overrides: list = field(default_factory=list)  # what the data forces (never a tuned setting)
+    dicom: tuple = ()  # (a DICOM series, its label map) in the task's folder: predicted as a DICOM-SEG and scored
 
 
 TASKS = {
@@ -47,6 +48,11 @@ TASKS = {
     # four cases: leave-one-out; labels 1-4 scored as the challenge's regions as well
     "brats": Task("brats2015_subset", folds=4, convert=brats_as_msd, regions=BRATS_REGIONS,
                   overrides=["data.split.folds=4"]),
+    # two CTs whose labels are TotalSegmentator's: too few to hold one out, and no ground truth. The final model (fold
+    # all) is scored on its training cases (what a short run learns), then predicts the DICOM series it never saw
+    # (rescaled to HU by the reader) into a DICOM-SEG, scored against TotalSegmentator's map of it: agreement only.
+    "ct": Task("totalseg_ct_examples", folds=0, convert=totalseg_as_folders,
+               dicom=("ct_dicom", "example_seg_dicom.nii.gz")),
 }
 
 
@@ -58,8 +64,9 @@ def finished(run: RunDir) -> dict | None:
     return last if last["epoch"] >= last.get("end_epoch", last["epoch"]) else None
 
 
-def train_fold(task: Task, root: Path, k: int, minutes: float, out: Path, extra: list[str]) -> None:
-    """Fold k of the recipe in out/<k>, unless it finished there before (a stopped one goes on from its last.pt)."""
+def train_fold(task: Task, root: Path, k: int | str, minutes: float, out: Path, extra: list[str]) -> None:
+    """Fold k (or all) of the recipe in out/<k>, unless it finished there before (a stopped one goes on from its
+    last.pt)."""
     run = RunDir(out / str(k))
     if finished(run):
         return
@@ -70,17 +77,10 @@ def train_fold(task: Task, root: Path, k: int, minutes: float, out: Path, extra:
     print(f"fold {k}: {(time.perf_counter() - start) / 60:.1f} min with data loading")
 
 
-def record(last: dict, fold: int) -> dict:
+def record(last: dict, fold: int | str) -> dict:
     """What a finished fold's last.pt says of its run."""
     return {"fold": fold, "epochs": last["epoch"], "run_minutes": last.get("run_minutes", last["train_minutes"]),
             "precision": last["precision"]["amp"], "budget_minutes": last["config"]["trainer"]["max_minutes"]}
-
-
-def machine() -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return {"cpu": hardware.cpu_class(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "monai": monai.__version__,
-            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
 
 
 def row(name: str, task: Task, folds: list[dict], summary: dict) -> dict:
@@ -100,29 +100,71 @@ def row(name: str, task: Task, folds: list[dict], summary: dict) -> dict:
     }
 
 
+def learned(dice: dict, at: float = 0.5) -> str:
+    """For many classes: how many reach `at`, of those scored (a class absent from both maps has no Dice)."""
+    scored = {c: d for c, d in dice.items() if d == d}  # NaN: absent from truth and prediction
+    return f"{sum(d >= at for d in scored.values())} of {len(scored)} classes at Dice >= {at}"
+
+
+def dicom_seg(ckpt: Path, series: Path, truth: Path, out: Path) -> dict:
+    """The series predicted as pipeline.infer does with format=dicom-seg, the DICOM-SEG's segments counted, and the
+    label map scored against `truth`."""
+    import pydicom
+    import SimpleITK as sitk
+
+    report = infer(ckpt, series, out / "pred", format="dicom-seg", overwrite=True)
+    if report["failed"]:
+        raise SystemExit(f"{series}: {report['failed']}")
+    pred = report["written"][0]
+    seg = pydicom.dcmread(next((out / "pred").glob("*.seg.dcm")))
+    image = sitk.GetArrayFromImage(sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series))))
+    found = np.unique(nib.load(pred).dataobj)
+    (out / "truth").mkdir(parents=True, exist_ok=True)
+    link = out / "truth" / pred.name  # scored by case name: the truth under the prediction's
+    if not link.exists():
+        link.symlink_to(truth.resolve())
+    summary = evaluate(compose("evaluate", [f"pred={out / 'pred'}", f"truth={out / 'truth'}", "tracking=none",
+                                            "overlays=0", "check_postprocessing=false", f"output={out / 'scores'}",
+                                            f"paths.run_dir={out / 'scores'}"]))
+    return {"series": series.name, "hu_range": [int(image.min()), int(image.max())],
+            "classes_found": int((found > 0).sum()), "segments": len(seg.SegmentSequence),
+            "truth_classes": int((np.unique(nib.load(truth).dataobj) > 0).sum()),
+            "mean_dice": round(summary["mean"]["dice"], 4),
+            "learned": learned({c: m["dice"]["mean"] for c, m in summary["classes"].items()})}
+
+
 def markdown(rows: dict) -> str:
     """The results page: one section per task, classes and regions as rows."""
     lines = ["# experiment=auto on real tasks", "",
              "Written by `bench/auto.py` (do not edit by hand): the recipe's cross-validation, each fold's final model "
              "scored on its own validation cases by `pipeline.evaluate`; the minutes are each fold's run (training, "
-             "validation and checkpoints), data loading excluded.", ""]
+             "validation and checkpoints), data loading excluded. A task with too few cases for folds (`all`) is "
+             "scored on its training cases: what the run learned, not an estimate.", ""]
     for r in rows.values():
         m = r["machine"]
         lines += [f"## {r['task']} ({r['data']})", "",
                   f"Folds {', '.join(map(str, r['folds']))} of {r['of_folds']}, {r['cases_scored']} cases scored; "
                   f"budget {r['budget_minutes']} min a fold, ran {', '.join(map(str, r['run_minutes']))} min, "
-                  f"{', '.join(map(str, r['epochs']))} epochs, {r['precision']}. Machine: {m['cpu']}; "
-                  f"GPU {m['gpu'] or 'none'}; torch {m['torch']}, MONAI {m['monai']}; {m['date']}.", "",
+                  f"{', '.join(map(str, r['epochs']))} epochs, {r['precision']}. {machine_line(m)}", "",
                   "| structure | Dice | HD95 mm | NSD (1 mm) |", "| --- | --- | --- | --- |"]
-        lines += [f"| {c} | {r['dice'][c]:.4f} | {r['hd95_mm'][c]:.2f} | {r['nsd'][c]:.4f} |" for c in r["dice"]]
+        if len(r["dice"]) <= MANY:
+            lines += [f"| {c} | {r['dice'][c]:.4f} | {r['hd95_mm'][c]:.2f} | {r['nsd'][c]:.4f} |" for c in r["dice"]]
+        else:
+            lines.append(f"| {len(r['dice'])} classes: {learned(r['dice'])} | | | |")
         lines.append(f"| **mean** | **{r['mean']['dice']:.4f}** | {r['mean']['hd95_mm']:.2f} | "
                      f"{r['mean']['nsd']:.4f} |")
         lines += [f"| region {g} | {s['dice']:.4f} | {s['hd95_mm']:.2f} | {s['nsd']:.4f} |"
                   for g, s in r["regions"].items()]
+        if d := r.get("dicom"):
+            lines += ["", f"DICOM series `{d['series']}` (HU {d['hu_range'][0]} to {d['hu_range'][1]} as read): "
+                      f"{d['classes_found']} classes found, a DICOM-SEG of {d['segments']} segments; against "
+                      f"TotalSegmentator's map of it ({d['truth_classes']} classes) mean Dice {d['mean_dice']:.4f}, "
+                      f"{d['learned']}."]
         lines.append("")
     return "\n".join(lines)
 
 
+MANY = 12  # more classes than this: a count of those learned instead of a row each
 README = project_root() / "README.md"
 MARKS = ("<!-- bench/auto.py writes this table -->", "<!-- end of bench/auto.py's table -->")
 
@@ -133,9 +175,11 @@ def readme_table(rows: dict) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows.values():
         cpu = r["machine"]["cpu"].split(": ", 1)[-1]  # the instruction sets, not the model name
-        per_class = ", ".join(f"{c} {d:.3f}" for c, d in r["dice"].items())
+        per_class = ", ".join(f"{c} {d:.3f}" for c, d in r["dice"].items()) if len(r["dice"]) <= MANY \
+            else learned(r["dice"])
         per_class += "".join(f"; {g} {v['dice']:.3f}" for g, v in r["regions"].items())
-        lines.append(f"| {r['task']} | folds {','.join(map(str, r['folds']))} of {r['of_folds']}, "
+        split = f"folds {','.join(map(str, r['folds']))} of {r['of_folds']}" if r["of_folds"] else "none (all)"
+        lines.append(f"| {r['task']} | {split}, "
                      f"{r['cases_scored']} cases | {r['budget_minutes']:g} | {cpu} ({r['precision']}) | "
                      f"{r['mean']['dice']:.3f} | {per_class} |")
     return "\n".join(lines)
@@ -157,32 +201,45 @@ def main() -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE", help="training overrides (levers)")
     parser.add_argument("--out", type=Path, default=project_root() / "outputs" / "bench" / "auto")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where auto.json and auto.md go")
+    parser.add_argument("--pages-only", action="store_true", help="only rewrite auto.md and the README's table from "
+                                                                      "auto.json (no training, no scoring)")
     parser.add_argument("--readme", type=Path, help="whose table between the marks it rewrites (default: the "
                                                      "project's README, with the default --results only)")
     args = parser.parse_args()
+    if args.pages_only:
+        rows = json.loads((args.results / "auto.json").read_text())
+        return publish(rows, args)
     task = TASKS[args.task]
     out = args.out / args.task
-    root = args.data or shared_data() / task.data
+    source = root = args.data or shared_data() / task.data
     if task.convert is not None:
-        root = task.convert(root, out / "dataset")
+        root = task.convert(source, out / "dataset")
     print(f"CPU: {hardware.cpu_class()}")
-    for k in args.folds if args.folds is not None else range(task.folds):
+    for k in args.folds if args.folds is not None else range(task.folds) if task.folds else ["all"]:
         train_fold(task, root, k, args.minutes, out / "folds", args.set)
-    folds = [record(last, int(run.root.name)) for run in RunDir.runs_in(out / "folds") if (last := finished(run))]
+    folds = [record(last, int(n) if (n := run.root.name).isdigit() else n)
+             for run in RunDir.runs_in(out / "folds") if (last := finished(run))]
     regions = "{" + ",".join(f"{r}:[{','.join(map(str, v))}]" for r, v in task.regions.items()) + "}" \
         if task.regions else "null"
-    summary = evaluate(compose("evaluate", [f"ckpt={out / 'folds'}", "split=cv", "tracking=none",
-                                            f"output={out / 'cv'}", f"paths.run_dir={out / 'cv'}",
-                                            f"regions={regions}"]))
+    scored = [f"ckpt={out / 'folds'}", "split=cv"] if task.folds else \
+        [f"ckpt={RunDir(out / 'folds' / 'all').last}", "split=train", "check_postprocessing=false"]
+    summary = evaluate(compose("evaluate", [*scored, "tracking=none", f"output={out / 'cv'}",
+                                            f"paths.run_dir={out / 'cv'}", f"regions={regions}"]))
     path = args.results / "auto.json"
     rows = json.loads(path.read_text()) if path.is_file() else {}
     rows[args.task] = row(args.task, task, folds, summary)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1))
-    (args.results / "auto.md").write_text(markdown(rows))
+    if task.dicom:
+        series, truth = (source / f for f in task.dicom)
+        rows[args.task]["dicom"] = dicom_seg(RunDir(out / "folds" / "all").last, series, truth, out / "dicom")
+    publish(rows, args)
+    print(markdown({args.task: rows[args.task]}))
+
+
+def publish(rows: dict, args: argparse.Namespace) -> None:
+    """docs/results/auto.{md,json} and the README's table."""
+    write("auto", rows, markdown(rows), args.results)
     if readme := args.readme or (README if args.results == RESULTS else None):
         write_readme(rows, readme)
-    print(markdown({args.task: rows[args.task]}))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""Whole-volume inference: the plain MONAI call against the project's path, on a BRATS-size volume, one run.
+"""Whole-volume inference at clinical size: MONAI's plain call against the project's paths, in one run.
 
-    .venv/bin/python bench/infer.py [--data ../shared/data/brats2015_subset] [--large]
+    .venv/bin/python bench/infer.py [--tasks brats ibsr] [--large]       # about 10 minutes on a 2-core CPU
 
-A fixed 2-channel model (a 3D UNet trained once for 3 minutes on the BRATS subset, seed 0, kept in
-outputs/bench/brats/) segments one 240x240x155 FLAIR+T1c volume several ways, each in a fresh process so peak RSS is
-its own, each timed on a first and a second (warm) call, as in a folder run:
+Two volumes, each with a fixed model trained once for a few minutes (seed 0, kept in outputs/bench/infer/<task>/):
+  brats  one 240x240x155 FLAIR+T1c volume of ../shared/data/brats2015_subset, a 3D UNet (the shipped model=unet3d)
+  ibsr   one 256x128x256 T1 brain of ../shared/data/ibsr18_brain_tissue (4D as distributed), the DynUNet that
+         experiment=auto plans for it (crop to the brain, resampled to the median spacing)
+Each is segmented several ways, each in a fresh process so peak RSS is its own, each timed on a first and a second
+(warm) call, as in a folder run:
   baseline            `monai.inferers.sliding_window_inference` with MONAI's defaults (fp32, sw_batch_size 1,
-                      overlap 0.25)
+                      overlap 0.25) between the same preprocessing and its inversion
   project             `pipeline.infer.Predictor` as `python -m pipeline.infer` runs it (amp=auto: fp32 on the CPU,
                       backend=auto: the network exported to ONNX and run by OpenVINO at f32), sw_batch_size 2
   project-torch       the same on `backend=torch` (eager PyTorch, channels_last_3d weights)
@@ -14,9 +17,9 @@ its own, each timed on a first and a second (warm) call, as in a folder run:
   project-compile     the same with `compile=true` (torch.compile, frozen weights), sw_batch_size 1
   project-onnxruntime the same with `backend=onnxruntime` (ONNX Runtime's CPU kernels)
   project-bf16        the same with `amp=bf16` on torch (30-90x slower where the CPU has no native bf16: skipped there)
-All share the window size, overlap and blending (only speed may differ), preprocessing and its inversion. Prints
-the CPU class, seconds, voxels/s and peak RSS of each, the speed ratios and the Dice between each label map and the
-baseline's. `--large` adds the peak RSS of the project path on a synthetic 512x512x400 volume.
+All share the window size, overlap and blending (only speed may differ). Prints and writes to
+docs/results/infer.{md,json} the machine, seconds, voxels/s and peak RSS of each, the speed ratios and the Dice between
+each label map and the baseline's. `--large` adds the peak RSS of the project path on a synthetic 512x512x400 volume.
 """
 
 import argparse
@@ -36,7 +39,9 @@ from pipeline.config import compose, shared_data
 from pipeline.data.convert import brats_as_msd
 from pipeline.rundir import RunDir
 
-OUT = project_root() / "outputs" / "bench" / "brats"
+from common import RESULTS, machine, machine_line, write
+
+OUT = project_root() / "outputs" / "bench" / "infer"
 # Each project variant's fastest sw_batch_size here: 2 for eager fp32 (3.05 s against 3.70 with 1), 1 when compiled
 # (one static window shape; 2.27 s against 2.29 with 2).
 PROJECT = {
@@ -49,18 +54,34 @@ PROJECT = {
 }
 
 
-def prepare(data: Path) -> tuple[Path, Path]:
-    """The BRATS subset as an MSD dataset (two channels stacked as 4D NIfTI) and a model trained on it once."""
-    root, trained = brats_as_msd(data, OUT / "dataset"), RunDir(OUT / "model")
-    if not trained.best.exists():
+def trained(task: str, overrides: list[str]) -> Path:
+    """The task's model, trained once (seed 0, no validation) into outputs/bench/infer/<task>/model."""
+    run = RunDir(OUT / task / "model")
+    if not run.last.exists():
         from pipeline.training import train
 
-        cfg = compose("train", ["data=msd", f"data.root={root}", "data.patch_size=[96,96,64]", "data.split.val=0.25",
-                                "data.split.test=0", "data.batch_size=1", "loss=dicece", "tracking=none",
-                                "trainer.max_epochs=1000", "trainer.max_minutes=3", "trainer.val_every=1000", "seed=0",
-                                f"paths.run_dir={trained.root}"])
-        train(cfg)
-    return root, trained.best
+        train(compose("train", [*overrides, "tracking=none", "seed=0", "trainer.max_epochs=1000",
+                                "trainer.val_every=1000", f"paths.run_dir={run.root}"]))
+    return run.last
+
+
+def brats(data: Path) -> tuple[Path, Path]:
+    """The BRATS subset as an MSD dataset (two channels stacked as 4D NIfTI), a 3D UNet of 3 minutes, one volume."""
+    root = brats_as_msd(data / "brats2015_subset", OUT / "brats" / "dataset")
+    ckpt = trained("brats", ["data=msd", f"data.root={root}", "data.patch_size=[96,96,64]", "data.split.val=0.25",
+                             "data.split.test=0", "data.batch_size=1", "loss=dicece", "trainer.max_minutes=3"])
+    return ckpt, sorted((root / "imagesTr").iterdir())[-1]
+
+
+def ibsr(data: Path) -> tuple[Path, Path]:
+    """experiment=auto's planned DynUNet on the IBSR brains (fold 0, 2 minutes) and a validation brain as shipped."""
+    root = data / "ibsr18_brain_tissue"
+    ckpt = trained("ibsr", ["experiment=auto", f"data.root={root}", "data.fold=0", "trainer.max_minutes=2"])
+    case = json.loads((ckpt.parent.parent / "splits.json").read_text())["val"][0]
+    return ckpt, root / "imagesTr" / f"{case}.nii.gz"
+
+
+TASKS = {"brats": brats, "ibsr": ibsr}
 
 
 def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
@@ -132,11 +153,68 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([2 * ((a == c) & (b == c)).sum() / ((a == c).sum() + (b == c).sum()) for c in classes]))
 
 
+def measure(task: str, ckpt: Path, volume: Path, native_bf16: bool, why: str) -> dict:
+    """Every path on one volume: the baseline first, then each project variant against it."""
+    shape = nib.load(volume).shape
+    print(f"{task}: volume {volume.name} {shape}, model {ckpt}")
+    base, base_labels = run("baseline", ckpt, volume)
+    print(f"  {'MONAI sliding_window_inference, fp32':36s} {line(base)}")
+    rows = {"baseline": base}
+    for mode in PROJECT:
+        if mode == "project-bf16" and not native_bf16:
+            rows[mode] = {"skipped": f"{why} (oneDNN would emulate bf16, 30-90x slower)"}
+            print(f"  {mode:36s} skipped: {rows[mode]['skipped']}")
+            continue
+        r, labels = run(mode, ckpt, volume)
+        r.update(speedup_warm=base["seconds"] / r["seconds"], speedup_first=base["first"] / r["first"],
+                 dice_to_baseline=dice(base_labels, labels), voxels_equal=float((base_labels == labels).mean()))
+        rows[mode] = r
+        print(f"  {mode:36s} {line(r)}  speed ratio x{r['speedup_warm']:.2f} warm (x{r['speedup_first']:.2f} first)"
+              f"  Dice to baseline {r['dice_to_baseline']:.4f}, voxels equal {r['voxels_equal']:.5f}")
+    return {"volume": volume.name, "shape": list(shape), "model": str(ckpt.relative_to(project_root())),
+            "paths": rows}
+
+
+NAMES = {"baseline": "MONAI `sliding_window_inference`, fp32 (the baseline)",
+         "project": "default: OpenVINO at f32 (`backend=auto` on a CPU), `sw_batch_size` 2",
+         "project-torch": "`backend=torch`: eager fp32, channels_last_3d weights",
+         "project-ncdhw": "`backend=torch`, NCDHW weights", "project-compile": "`compile=true` (torch)",
+         "project-onnxruntime": "`backend=onnxruntime`", "project-bf16": "`amp=bf16` (torch)"}
+
+
+def page(results: dict) -> str:
+    """The results page: one table per volume."""
+    lines = ["# Whole-volume inference", "",
+             "Written by `bench/infer.py` (do not edit by hand). Each path in a fresh process: *first* is its first "
+             "volume (an export or compile included), *warm* a second volume in the same process; peak RSS is the "
+             "process's. Speed-ups are against the baseline's time in the same run; Dice is each label map's mean "
+             "foreground Dice to the baseline's.", "", machine_line(results["machine"]), ""]
+    for task, r in results["tasks"].items():
+        lines += [f"## {task}: {r['volume']} {'x'.join(map(str, r['shape']))}", "", f"Model: `{r['model']}`.", "",
+                  "| path | warm s | first s | M voxels/s | peak RSS MB | speed-up warm / first | Dice to baseline |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for mode, m in r["paths"].items():
+            if "skipped" in m:
+                lines.append(f"| {NAMES[mode]} | skipped: {m['skipped']} | | | | | |")
+                continue
+            ratio = f"x{m['speedup_warm']:.2f} / x{m['speedup_first']:.2f}" if "speedup_warm" in m else "1"
+            agree = f"{m['dice_to_baseline']:.4f}" if "dice_to_baseline" in m else ""
+            lines.append(f"| {NAMES[mode]} | {m['seconds']:.2f} | {m['first']:.2f} | "
+                         f"{m['voxels'] / m['seconds'] / 1e6:.2f} | {m['rss_mb']:.0f} | {ratio} | {agree} |")
+        lines.append("")
+    if "large" in results:
+        g = results["large"]
+        lines += [f"Synthetic 512x512x400 volume (2 channels), the project path with the BRATS model: "
+                  f"{g['seconds']:.0f} s, peak RSS {g['rss_mb'] / 1024:.2f} GiB.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
-    default = str(shared_data() / "brats2015_subset")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=default)
+    parser.add_argument("--data", type=Path, default=shared_data(), help="the folder holding the tasks' data")
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     parser.add_argument("--large", action="store_true", help="also the project path's peak RSS on 512x512x400x2")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where infer.md and infer.json go")
     parser.add_argument("--worker", choices=["baseline", *PROJECT])
     parser.add_argument("--ckpt", type=Path)
     parser.add_argument("--volume", type=Path)
@@ -145,21 +223,10 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.ckpt, args.volume, args.out)
 
-    root, ckpt = prepare(Path(args.data))
-    volume = sorted((root / "imagesTr").iterdir())[-1]
+    models = {task: TASKS[task](args.data) for task in args.tasks}  # trained first: timings run on a quiet machine
     print(hardware.describe(torch.device("cpu")))
     native_bf16, why = hardware.cpu_bf16()
-    print(f"volume {volume.name} {nib.load(volume).shape}, model {ckpt}")
-    base, base_labels = run("baseline", ckpt, volume)
-    print(f"{'MONAI sliding_window_inference, fp32':38s} {line(base)}")
-    for mode in PROJECT:
-        if mode == "project-bf16" and not native_bf16:
-            print(f"{mode:38s} skipped: {why} (oneDNN would emulate bf16, 30-90x slower)")
-            continue
-        r, labels = run(mode, ckpt, volume)
-        print(f"{mode:38s} {line(r)}  speed ratio x{base['seconds'] / r['seconds']:.2f} warm"
-              f" (x{base['first'] / r['first']:.2f} first)"
-              f"  Dice to baseline {dice(base_labels, labels):.4f}, voxels equal {(base_labels == labels).mean():.5f}")
+    results = {"machine": machine(), "tasks": {t: measure(t, *m, native_bf16, why) for t, m in models.items()}}
     if args.large:
         big = OUT / "synthetic_512x512x400x2.nii"
         if not big.exists():
@@ -167,9 +234,10 @@ def main() -> None:
             data = rng.normal(size=(512, 512, 400, 2)).astype(np.float32)
             nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 1.0, 1.0])), big)
             del data
-        r, _ = run("project", ckpt, big)
-        print(f"synthetic 512x512x400 (2 channels): {r['seconds']:.0f} s, peak RSS {r['rss_mb']:.0f} MB"
-              f" ({r['rss_mb'] / 1024:.2f} GiB)")
+        results["large"], _ = run("project", brats(args.data)[0], big)
+        print(f"synthetic 512x512x400 (2 channels): {results['large']['seconds']:.0f} s, "
+              f"peak RSS {results['large']['rss_mb'] / 1024:.2f} GiB")
+    print(f"wrote {write('infer', results, page(results), args.results)}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
     .venv/bin/python bench/models.py [--patch 64 64 32] [--batch 2] [--steps 5] [--amp auto|false]
 
 One step = forward, loss (DiceLoss, deep supervision where the network emits it), backward and an Adam step on a
-random batch shaped like the demo data's (1 channel, 3 classes). Median of `steps` after one warm-up step.
+random batch shaped like the demo data's (1 channel, 3 classes). Median of `steps` after one warm-up step. Prints
+the table and writes it to docs/results/models.{md,json} (about 2 minutes on a 2-core CPU).
 """
 
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -17,6 +19,8 @@ from monai.losses import DeepSupervisionLoss
 from pipeline import engine, hardware, project_root
 from pipeline.config import compose
 
+from common import RESULTS, machine, machine_line, write
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,6 +28,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--amp", default="auto")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where models.md and models.json go")
     args = parser.parse_args()
     device = engine.pick_device()
     chosen = hardware.resolve(args.amp, device)
@@ -31,6 +36,7 @@ def main() -> None:
     print(hardware.describe(device))
     print(f"patch {args.patch}, batch {args.batch}, {device}, {chosen}, channels_last_3d weights")
     print(f"{'model':16s} {'class':22s} {'parameters':>12s} {'s/step':>8s}")
+    rows = []
     for model in sorted(p.stem for p in (project_root() / "conf" / "model").glob("*.yaml")):
         overrides = [f"model={model}", "data.in_channels=1", "data.num_classes=3", f"data.patch_size={args.patch}"]
         cfg = compose("train", overrides)
@@ -53,8 +59,22 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         params = sum(p.numel() for p in net.parameters() if p.requires_grad)
         name = getattr(net, "run_name", type(net).__name__)
-        print(f"{model:16s} {name:22s} {params:12,d} {statistics.median(times[1:]):8.3f}"
+        rows.append({"model": model, "class": name, "parameters": params, "seconds": statistics.median(times[1:]),
+                     "patch": size})
+        print(f"{model:16s} {name:22s} {params:12,d} {rows[-1]['seconds']:8.3f}"
               + (f"  (patch {size})" if size != list(args.patch) else ""), flush=True)
+    results = {"machine": machine(), "device": str(device), "precision": str(chosen), "patch": args.patch,
+               "batch": args.batch, "models": rows}
+    lines = ["# Networks: size and training step", "",
+             "Written by `bench/models.py` (do not edit by hand): every `conf/model/` network at its default width, "
+             f"one training step (forward, DiceLoss, backward, Adam) on a batch of {args.batch} patches of "
+             f"{'x'.join(map(str, args.patch))} (1 channel, 3 classes), median of {args.steps} after a warm-up; "
+             f"{device}, {chosen}.", "", machine_line(results["machine"]), "",
+             "| model | network | parameters | s / step |", "| --- | --- | --- | --- |"]
+    lines += [f"| `model={r['model']}` | {r['class']} | {r['parameters']:,d} | {r['seconds']:.3f}"
+              + (f" (patch {'x'.join(map(str, r['patch']))})" if r["patch"] != list(args.patch) else "") + " |"
+              for r in rows]
+    print(f"wrote {write('models', results, chr(10).join(lines), args.results)}")
 
 
 if __name__ == "__main__":

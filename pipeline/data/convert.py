@@ -41,3 +41,24 @@ def brats_as_msd(source: str | Path, target: str | Path) -> Path:
         tmp.write_text(json.dumps({"name": "BratsSubset", "modality": {"0": "FLAIR", "1": "T1c"},
                                    "labels": BRATS_LABELS, "training": training}, indent=1))
     return target
+
+
+# TotalSegmentator's test CTs: (image, its label map), each pair named after the image
+TOTALSEG_PAIRS = {"example_ct.nii.gz": "example_seg_fast_force_split.nii.gz",
+                  "example_ct_sm.nii.gz": "example_seg.nii.gz"}
+
+
+def totalseg_as_folders(source: str | Path, target: str | Path) -> Path:
+    """TotalSegmentator's example CTs (image and label files side by side, named differently) as folder pairs at
+    `target`: images/<name> and labels/<name>, links to the source files. Returns target."""
+    source, target = Path(source), Path(target)
+    for image, label in TOTALSEG_PAIRS.items():
+        for folder, file in (("images", image), ("labels", label)):
+            if not (source / file).is_file():
+                raise InputError(f"{source / file}: missing (TotalSegmentator's examples: {', '.join(TOTALSEG_PAIRS)} "
+                                 "with their label maps)")
+            link = target / folder / image
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to((source / file).resolve())
+    return target
