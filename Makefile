@@ -2,22 +2,26 @@
 # Every `key=value` given to make reaches Hydra unchanged, e.g. `make train model=conv3d loss=dicefocal`.
 SHELL := /bin/bash
 PYTHON ?= python3
+# Which torch 2.13.0 build: empty takes pip's index (on PyPI for Linux, the CUDA build); `TORCH=cpu` the CPU-only
+# wheel, `TORCH=cu128` (or another CUDA tag PyTorch lists for 2.13.0) that CUDA build, from download.pytorch.org.
+TORCH ?=
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)$(TORCH)
 
 # make lists command-line variables last-first; reverse them so Hydra sees the user's order. Make's own variables
 # (the Python that creates .venv, the folder `make cv` writes) are not Hydra keys and stay here.
-MAKE_VARS := PYTHON CV_DIR FOLDS
+MAKE_VARS := PYTHON TORCH CV_DIR FOLDS
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 OVERRIDES := $(foreach o,$(call reverse,$(filter-out $(MAKE_VARS:%=%=%),$(MAKEOVERRIDES))),'$(o)')
 
-.PHONY: install train cv infer sweep evaluate test test-slow lint bench mlflow-ui mlflow-server data clean
+.PHONY: install train cv infer sweep evaluate test test-slow lint docs docs-check bench bench-infer bench-auto \
+	bench-hippocampus mlflow-ui mlflow-server data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, at its exact pin: a looser spec would pull a multi-GB CUDA build.
-	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 $(if $(TORCH),--index-url https://download.pytorch.org/whl/$(TORCH))
 	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -64,8 +68,31 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests bench
 
+# The documentation site (docs/, mkdocs.yml) on http://127.0.0.1:8000; docs-check builds it as CI does: a broken link
+# or anchor fails.
+docs: $(STAMP)
+	$(BIN)/mkdocs serve -a 127.0.0.1:8000
+
+docs-check: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet
+
+# Benchmarks print their figures and write them with the machine into docs/results/ (never copied by hand).
+# The quick ones, no data needed, about 5 minutes on a 2-core CPU: networks' step time, precision and kernels.
 bench: $(STAMP)
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python bench/models.py
+	$(BIN)/python bench/amp_step.py --no-compile
+# Whole-volume inference on a BRATS and an IBSR volume (../shared/data or PIPELINE_SHARED_DATA): about 15 minutes.
+bench-infer: $(STAMP)
+	$(BIN)/python bench/infer.py
+# experiment=auto's cross-validation on the real tasks: about 3 hours for IBSR18's 5 folds of 30 minutes, then
+# BRATS (4 folds) and the CT examples; a fold that finished is kept, so a stopped run goes on where it was.
+bench-auto: $(STAMP)
+	$(BIN)/python bench/auto.py ibsr
+	$(BIN)/python bench/auto.py brats --minutes 10
+	$(BIN)/python bench/auto.py ct --minutes 5
+# Hippocampus recipes against minutes of training (docs/hippocampus.md): about 5 hours with its defaults.
+bench-hippocampus: $(STAMP)
+	$(BIN)/python bench/hippocampus.py
 
 # The MLflow server (UI, REST API, model registry, proxied artifacts) on the project's sqlite store, with one worker and
 # without MLflow's GenAI job runner (seven more processes, ~1.5 GiB): enough for a small machine. It binds to loopback
@@ -80,5 +107,6 @@ mlflow-ui: $(STAMP)
 
 mlflow-server: mlflow-ui
 
+# Deletes every run, checkpoint, prediction and the MLflow store (outputs/), and the generated demo phantoms.
 clean:
 	rm -rf outputs data/phantom

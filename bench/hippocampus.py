@@ -19,6 +19,7 @@ machine's matrix-multiply rate, and the CPU class (the figures hold for that cla
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,8 @@ from pipeline.models.adapters import training_outputs
 from pipeline.rundir import RunDir
 from pipeline.tracking import NullTracker
 from pipeline.training import save_splits, setup, train
+
+from common import RESULTS, machine, machine_line, write
 
 TARGET = 0.85
 CLASSES = ["background", "Anterior", "Posterior"]
@@ -220,6 +223,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(shared_data() / "msd_hippocampus"))
     parser.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE",
                         help="Hydra overrides for (b), (c) and (d), e.g. --set data.batch_size=4 optimizer.lr=0.004")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where hippocampus.md and .json go")
     parser.add_argument("--out", type=Path, default=project_root() / "outputs" / "bench" / "hippocampus",
                         help="where the runs, their checkpoints and the scores go")
     args = parser.parse_args()
@@ -250,33 +254,41 @@ def main() -> None:
 
     labels = {"a": "(a) MONAI tutorial recipe", "b": f"(b) experiment={args.experiment}",
               "c": f"(c) {c_label} + TTA", "d": f"(d) {args.budget_experiment}, fitted"}
-    print(f"\nheld-out test split: {len(split['test'])} cases; mean Dice after N minutes of training; "
-          f"{hardware.cpu_class()}")
-    print(f"{'recipe':{LABEL}s}" + "".join(f"{f'{m:g} min':>{CELL}s}" for m in args.marks)
-          + f"{f'to {TARGET}':>11s}  final (anterior, posterior)")
+    table = [f"held-out test split: {len(split['test'])} cases; mean Dice after N minutes of training; "
+             f"{hardware.cpu_class()}",
+             f"{'recipe':{LABEL}s}" + "".join(f"{f'{m:g} min':>{CELL}s}" for m in args.marks)
+             + f"{f'to {TARGET}':>11s}  final (anterior, posterior)"]
     for key in ("a", "b", "c", "d"):
         if key in rows:
             points = rows[key]
             reach = minutes_to(points) if key != "c" else None
             m, dice, ant, post = points[-1]
             cells = "".join(f"{cell(key, points, mark, max(args.marks), by_mark):>{CELL}s}" for mark in args.marks)
-            print(f"{labels[key]:{LABEL}s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}"
-                  f"  {dice:.3f} ({ant:.3f}, {post:.3f}) after {m:.1f} min")
+            table.append(f"{labels[key]:{LABEL}s}{cells}{f'{reach:.1f} min' if reach else '-':>11s}"
+                         f"  {dice:.3f} ({ant:.3f}, {post:.3f}) after {m:.1f} min")
     for key in ("b", "d"):
         if "a" in rows and key in rows:
             ta, tk = minutes_to(rows["a"]), minutes_to(rows[key])
             if ta and tk:
-                print(f"minutes to {TARGET}: ({key}) x{ta / tk:.1f} sooner than (a)")
+                table.append(f"minutes to {TARGET}: ({key}) x{ta / tk:.1f} sooner than (a)")
     if "b" in rows:
         run, cfg = info["run"], info["cfg"]
         seconds = rows["b"][-1][0] * 60
         flops = step_flops(run.model, run.loss_fn, info["batch"], list(cfg.data.patch_size), run.precision.dtype)
         peak = matmul_gflops(run.precision.dtype or torch.float32)
         achieved = flops * info["steps"] / seconds / 1e9
-        print(f"(b) throughput: {info['steps']} steps of {info['batch']} x {list(cfg.data.patch_size)}, "
-              f"model step {flops / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s; "
-              f"{run.precision.name} matmul {peak:.1f} GFLOP/s "
-              f"(model at {100 * achieved / peak:.0f}% of it)")
+        table.append(f"(b) throughput: {info['steps']} steps of {info['batch']} x {list(cfg.data.patch_size)}, "
+                     f"model step {flops / 1e9:.1f} GFLOP -> {achieved:.1f} GFLOP/s; "
+                     f"{run.precision.name} matmul {peak:.1f} GFLOP/s "
+                     f"(model at {100 * achieved / peak:.0f}% of it)")
+    print("\n" + "\n".join(table))
+    results = {"machine": machine(), "command": " ".join(sys.argv[1:]), "marks": args.marks,
+               "test_cases": len(split["test"]), "recipes": {labels[k]: v for k, v in rows.items()}}
+    page = ["# Hippocampus: test Dice against minutes of training", "",
+            "Written by `bench/hippocampus.py` (do not edit by hand), its latest run: "
+            f"`bench/hippocampus.py {results['command']}`. The record of every run and lever: "
+            "[hippocampus.md](../hippocampus.md).", "", machine_line(results["machine"]), "", "```", *table, "```"]
+    print(f"wrote {write('hippocampus', results, chr(10).join(page), args.results)}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/infer.py [--tasks brats ibsr] [--large]       # about 10 minutes on a 2-core CPU
 
-Two volumes, each with a fixed model trained once for a few minutes (seed 0, kept in outputs/bench/infer/<task>/):
-  brats  one 240x240x155 FLAIR+T1c volume of ../shared/data/brats2015_subset, a 3D UNet (the shipped model=unet3d)
-  ibsr   one 256x128x256 T1 brain of ../shared/data/ibsr18_brain_tissue (4D as distributed), the DynUNet that
-         experiment=auto plans for it (crop to the brain, resampled to the median spacing)
+Two volumes, each with the model experiment=auto trains for its task: bench/auto.py's fold 0 where it ran, else one
+trained here for a few minutes (seed 0, kept in outputs/bench/infer/<task>/):
+  brats  one 240x240x155 FLAIR+T1c volume of ../shared/data/brats2015_subset
+  ibsr   one 256x128x256 T1 brain of ../shared/data/ibsr18_brain_tissue (4D as distributed; the plan crops it to the
+         brain and resamples it to the median spacing)
 Each is segmented several ways, each in a fresh process so peak RSS is its own, each timed on a first and a second
 (warm) call, as in a folder run:
   baseline            `monai.inferers.sliding_window_inference` with MONAI's defaults (fp32, sw_batch_size 1,
@@ -55,7 +56,10 @@ PROJECT = {
 
 
 def trained(task: str, overrides: list[str]) -> Path:
-    """The task's model, trained once (seed 0, no validation) into outputs/bench/infer/<task>/model."""
+    """experiment=auto's model of the task: bench/auto.py's fold 0, else one trained here once (seed 0, fold 0, no
+    validation) into outputs/bench/infer/<task>/model."""
+    if (auto := RunDir(project_root() / "outputs" / "bench" / "auto" / task / "folds" / "0")).last.is_file():
+        return auto.last
     run = RunDir(OUT / task / "model")
     if not run.last.exists():
         from pipeline.training import train
@@ -66,17 +70,17 @@ def trained(task: str, overrides: list[str]) -> Path:
 
 
 def brats(data: Path) -> tuple[Path, Path]:
-    """The BRATS subset as an MSD dataset (two channels stacked as 4D NIfTI), a 3D UNet of 3 minutes, one volume."""
+    """The BRATS subset as an MSD dataset (two channels stacked as 4D NIfTI), its model, one volume."""
     root = brats_as_msd(data / "brats2015_subset", OUT / "brats" / "dataset")
-    ckpt = trained("brats", ["data=msd", f"data.root={root}", "data.patch_size=[96,96,64]", "data.split.val=0.25",
-                             "data.split.test=0", "data.batch_size=1", "loss=dicece", "trainer.max_minutes=3"])
+    ckpt = trained("brats", ["experiment=auto", f"data.root={root}", "data.split.folds=4", "data.fold=0",
+                             "trainer.max_minutes=3"])
     return ckpt, sorted((root / "imagesTr").iterdir())[-1]
 
 
 def ibsr(data: Path) -> tuple[Path, Path]:
-    """experiment=auto's planned DynUNet on the IBSR brains (fold 0, 2 minutes) and a validation brain as shipped."""
+    """The IBSR brains' model and a validation brain as shipped."""
     root = data / "ibsr18_brain_tissue"
-    ckpt = trained("ibsr", ["experiment=auto", f"data.root={root}", "data.fold=0", "trainer.max_minutes=2"])
+    ckpt = trained("ibsr", ["experiment=auto", f"data.root={root}", "data.fold=0", "trainer.max_minutes=3"])
     case = json.loads((ckpt.parent.parent / "splits.json").read_text())["val"][0]
     return ckpt, root / "imagesTr" / f"{case}.nii.gz"
 

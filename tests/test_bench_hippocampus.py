@@ -12,6 +12,7 @@ import torch
 from pipeline import project_root
 from tests.conftest import hippocampus_subset
 
+sys.path.insert(0, str(project_root() / "bench"))  # its `common` module, as running the script puts it there
 spec = importlib.util.spec_from_file_location("bench_hippocampus", project_root() / "bench" / "hippocampus.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
@@ -39,7 +40,7 @@ def test_the_benchmark_trains_scores_and_tabulates_every_recipe(tmp_path):
     data, out = hippocampus_subset(tmp_path / "data", 14), tmp_path / "bench"
     args = ["--data", str(data), "--out", str(out), "--experiment", "hippocampus_quick", "--only", "a", "b", "c", "d",
             "--members", "all", "--folds", "2", "--tutorial-minutes", "0.05", "--marks", "0.05", "0.1", "--fine", "0",
-            "--budgets", "0.05"]
+            "--budgets", "0.05", "--results", str(tmp_path / "results")]
     run = subprocess.run([sys.executable, str(project_root() / "bench" / "hippocampus.py"), *args],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -52,3 +53,5 @@ def test_the_benchmark_trains_scores_and_tabulates_every_recipe(tmp_path):
     # (c): the first member alone makes the 0.05 mark, both together 0.1; (d): its one budget, 0.05
     assert all(0 <= float(v) <= 1 for v in cells["(c)"] + cells["(d)"][:1]) and cells["(d)"][1] == "-", run.stdout
     assert (out / "all" / "1" / "checkpoints" / "last.pt").is_file() and (out / "all_test_2").is_dir()
+    page = (tmp_path / "results" / "hippocampus.md").read_text()  # the table, with the machine, for the docs
+    assert rows["(b)"] in page and "Machine: " in page and torch.__version__ in page
