@@ -13,7 +13,9 @@ A fold whose run folder holds a finished last.pt is not trained again, and a sto
 """
 
 import argparse
+import csv
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +102,16 @@ def row(name: str, task: Task, folds: list[dict], summary: dict) -> dict:
     }
 
 
-def learned(dice: dict, at: float = 0.5) -> str:
-    """For many classes: how many reach `at`, of those scored (a class absent from both maps has no Dice)."""
-    scored = {c: d for c, d in dice.items() if d == d}  # NaN: absent from truth and prediction
-    return f"{sum(d >= at for d in scored.values())} of {len(scored)} classes at Dice >= {at}"
+def present(scores: Path) -> list[str]:
+    """The classes an evaluation's truth holds (its per_case.csv): a class absent from truth and prediction scores
+    Dice 1, which says nothing of what was learned."""
+    with open(scores / "per_case.csv") as f:
+        return sorted({r["class"] for r in csv.DictReader(f) if r["truth_ml"] and float(r["truth_ml"]) > 0})
+
+
+def learned(dice: dict, classes: list[str], at: float = 0.5) -> str:
+    """For many classes: how many of those in the truth reach a mean Dice of `at`."""
+    return f"{sum(dice[c] >= at for c in classes)} of the {len(classes)} classes present at Dice >= {at}"
 
 
 def dicom_seg(ckpt: Path, series: Path, truth: Path, out: Path) -> dict:
@@ -120,9 +128,7 @@ def dicom_seg(ckpt: Path, series: Path, truth: Path, out: Path) -> dict:
     image = sitk.GetArrayFromImage(sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series))))
     found = np.unique(nib.load(pred).dataobj)
     (out / "truth").mkdir(parents=True, exist_ok=True)
-    link = out / "truth" / pred.name  # scored by case name: the truth under the prediction's
-    if not link.exists():
-        link.symlink_to(truth.resolve())
+    shutil.copyfile(truth, out / "truth" / pred.name)  # scored by case name: the truth under the prediction's
     summary = evaluate(compose("evaluate", [f"pred={out / 'pred'}", f"truth={out / 'truth'}", "tracking=none",
                                             "overlays=0", "check_postprocessing=false", f"output={out / 'scores'}",
                                             f"paths.run_dir={out / 'scores'}"]))
@@ -130,7 +136,7 @@ def dicom_seg(ckpt: Path, series: Path, truth: Path, out: Path) -> dict:
             "classes_found": int((found > 0).sum()), "segments": len(seg.SegmentSequence),
             "truth_classes": int((np.unique(nib.load(truth).dataobj) > 0).sum()),
             "mean_dice": round(summary["mean"]["dice"], 4),
-            "learned": learned({c: m["dice"]["mean"] for c, m in summary["classes"].items()})}
+            "learned": learned({c: m["dice"]["mean"] for c, m in summary["classes"].items()}, present(out / "scores"))}
 
 
 def markdown(rows: dict) -> str:
@@ -150,7 +156,7 @@ def markdown(rows: dict) -> str:
         if len(r["dice"]) <= MANY:
             lines += [f"| {c} | {r['dice'][c]:.4f} | {r['hd95_mm'][c]:.2f} | {r['nsd'][c]:.4f} |" for c in r["dice"]]
         else:
-            lines.append(f"| {len(r['dice'])} classes: {learned(r['dice'])} | | | |")
+            lines.append(f"| {len(r['dice'])} classes: {learned(r['dice'], r['present'])} | | | |")
         lines.append(f"| **mean** | **{r['mean']['dice']:.4f}** | {r['mean']['hd95_mm']:.2f} | "
                      f"{r['mean']['nsd']:.4f} |")
         lines += [f"| region {g} | {s['dice']:.4f} | {s['hd95_mm']:.2f} | {s['nsd']:.4f} |"
@@ -176,7 +182,7 @@ def readme_table(rows: dict) -> str:
     for r in rows.values():
         cpu = r["machine"]["cpu"].split(": ", 1)[-1]  # the instruction sets, not the model name
         per_class = ", ".join(f"{c} {d:.3f}" for c, d in r["dice"].items()) if len(r["dice"]) <= MANY \
-            else learned(r["dice"])
+            else learned(r["dice"], r["present"])
         per_class += "".join(f"; {g} {v['dice']:.3f}" for g, v in r["regions"].items())
         split = f"folds {','.join(map(str, r['folds']))} of {r['of_folds']}" if r["of_folds"] else "none (all)"
         lines.append(f"| {r['task']} | {split}, "
@@ -227,7 +233,7 @@ def main() -> None:
                                             f"paths.run_dir={out / 'cv'}", f"regions={regions}"]))
     path = args.results / "auto.json"
     rows = json.loads(path.read_text()) if path.is_file() else {}
-    rows[args.task] = row(args.task, task, folds, summary)
+    rows[args.task] = row(args.task, task, folds, summary) | {"present": present(out / "cv")}
     if task.dicom:
         series, truth = (source / f for f in task.dicom)
         rows[args.task]["dicom"] = dicom_seg(RunDir(out / "folds" / "all").last, series, truth, out / "dicom")

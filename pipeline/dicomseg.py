@@ -1,6 +1,7 @@
 """DICOM Segmentation objects from label maps, with highdicom (MONAI core has no DICOM-SEG writer; it lives only in
 the MONAI Deploy SDK): one segment per foreground class, frames referencing the source series' slices."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import SimpleITK as sitk
 from pipeline import __version__
 from pipeline.errors import InputError, first_line
 from pipeline.files import atomic
+
+log = logging.getLogger(__name__)
 
 # What a DICOM-SEG needs from every source slice (the referenced instances, the frame of reference, the plane).
 REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID",
@@ -27,7 +30,13 @@ def source_slices(series: Path) -> list[pydicom.Dataset]:
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series))
     slices = [pydicom.dcmread(f) for f in files]
     for f, ds in zip(files, slices):
-        if missing := [a for a in REQUIRED if a not in ds]:
+        # Some exports (TotalSegmentator's example CT among them) leave the dataset's SOP Class and Instance UIDs
+        # empty and keep them in the file meta header only: take them from there.
+        for keyword, meta in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                              ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+            if not ds.get(keyword) and getattr(ds, "file_meta", None) is not None and ds.file_meta.get(meta):
+                setattr(ds, keyword, ds.file_meta.get(meta))
+        if missing := [a for a in REQUIRED if a not in ds or ds.get(a) in ("", None)]:
             raise InputError(f"{f}: no {missing[0]}; a DICOM-SEG needs it")
         for keyword in EMPTY_ALLOWED:
             if keyword not in ds:
@@ -35,15 +44,22 @@ def source_slices(series: Path) -> list[pydicom.Dataset]:
     return slices
 
 
-def write_seg(series: Path, labels: np.ndarray, class_names: list[str], path: Path) -> Path:
+def write_seg(series: Path, labels: np.ndarray, class_names: list[str], path: Path) -> Path | None:
     """`labels` (x, y, z) on the series' grid (as SimpleITK reads it) written as a DICOM-SEG at `path`, atomically:
-    segment k is class k (its name from the checkpoint), one frame per slice and segment (empty ones included, so
-    every frame lines up with a source slice)."""
+    one segment per class found in the label map (its name from the checkpoint, numbered 1.. in class order, as
+    DICOM numbers segments), one frame per slice and segment (empty ones included, so every frame lines up with a
+    source slice). A label map with no foreground gets no DICOM-SEG (one has at least one segment)."""
     import highdicom as hd  # imported here: only DICOM-SEG output needs it (about 1 s)
     from pydicom.sr.codedict import codes
 
     slices = source_slices(series)
-    frames = np.ascontiguousarray(labels.transpose(2, 1, 0)).astype(np.uint8)  # (slice, row, column)
+    found = [int(k) for k in np.unique(labels) if k > 0]
+    if not found:
+        log.warning(f"{series}: no class found, so no DICOM-SEG (one holds a segment or more); the NIfTI is written")
+        return None
+    numbers = np.zeros(max(found) + 1, np.uint8)
+    numbers[found] = np.arange(1, len(found) + 1)  # class -> segment number
+    frames = np.ascontiguousarray(numbers[labels].transpose(2, 1, 0))  # (slice, row, column)
     if frames.shape != (len(slices), slices[0].Rows, slices[0].Columns):
         raise InputError(f"{series}: label map {labels.shape} does not match the series "
                          f"({slices[0].Columns}x{slices[0].Rows}x{len(slices)})")
@@ -51,12 +67,13 @@ def write_seg(series: Path, labels: np.ndarray, class_names: list[str], path: Pa
                                                    family=codes.cid7162.ArtificialIntelligence)
     segments = [
         hd.seg.SegmentDescription(
-            segment_number=k, segment_label=name,
+            segment_number=number, segment_label=class_names[k],
             segmented_property_category=codes.SCT.AnatomicalStructure,
             # the class has no standard code here: a private coding scheme carries its name
-            segmented_property_type=hd.sr.CodedConcept(value=f"class{k}", scheme_designator="99PIPELINE", meaning=name),
+            segmented_property_type=hd.sr.CodedConcept(value=f"class{k}", scheme_designator="99PIPELINE",
+                                                       meaning=class_names[k]),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
-        for k, name in enumerate(class_names[1:], start=1)
+        for number, k in enumerate(found, start=1)
     ]
     try:
         seg = hd.seg.Segmentation(
@@ -65,7 +82,7 @@ def write_seg(series: Path, labels: np.ndarray, class_names: list[str], path: Pa
             instance_number=1, manufacturer="pipeline", manufacturer_model_name="pipeline",
             software_versions=__version__, device_serial_number="0", series_description="pipeline segmentation",
             omit_empty_frames=False)
-    except (ValueError, TypeError, AttributeError) as err:  # highdicom's checks of the source series
+    except (ValueError, TypeError, AttributeError, KeyError) as err:  # highdicom's checks of the source series
         raise InputError(f"{series}: no DICOM-SEG ({first_line(err)})") from None
     with atomic(path) as tmp:
         seg.save_as(tmp)

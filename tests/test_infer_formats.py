@@ -240,6 +240,24 @@ def test_a_dicom_series_gets_a_dicom_seg_that_matches_its_nifti_and_its_slices(t
     assert (tmp_path / "c" / "broken.nii.gz").is_file() and not (tmp_path / "c" / "broken.seg.dcm").exists()
 
 
+def test_a_real_ct_series_with_its_sop_uids_in_the_file_meta_only_gets_a_segment_per_class_found(threshold_ckpt,
+                                                                                                  tmp_path):
+    """TotalSegmentator's example CT series leaves SOPClassUID empty in each dataset (the file meta holds it): read in
+    Hounsfield units (RescaleIntercept -1024), it still gets a DICOM-SEG, with one segment per class found."""
+    import highdicom as hd
+
+    from pipeline.dicomseg import source_slices
+
+    series = shared_dataset("totalseg_ct_examples") / "ct_dicom"
+    [nifti] = infer(threshold_ckpt(), series, tmp_path, amp=False, format="dicom-seg")["written"]
+    image = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series)))
+    assert sitk.GetArrayViewFromImage(image).min() <= -1000  # air in HU: the rescale was applied
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(nifti)))
+    seg = hd.seg.segread(nifti.with_name("ct_dicom.seg.dcm"))
+    assert [d.SegmentNumber for d in seg.SegmentSequence] == [1] and np.unique(labels).tolist() == [0, 1]
+    np.testing.assert_array_equal(seg_frames(nifti.with_name("ct_dicom.seg.dcm"), source_slices(series)), labels)
+
+
 def test_tta_mirrors_only_the_axes_the_training_mirrored(threshold_ckpt, tmp_path):
     """As nnU-Net: a model trained with left-right flips alone is mirrored left-right alone; tta_axes= overrides."""
     def predictor(*bundles, **options):

@@ -2,6 +2,7 @@
 scripts do): the source is only read, the copy is written atomically and reused."""
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -50,15 +51,16 @@ TOTALSEG_PAIRS = {"example_ct.nii.gz": "example_seg_fast_force_split.nii.gz",
 
 def totalseg_as_folders(source: str | Path, target: str | Path) -> Path:
     """TotalSegmentator's example CTs (image and label files side by side, named differently) as folder pairs at
-    `target`: images/<name> and labels/<name>, links to the source files. Returns target."""
+    `target`: images/<name> and labels/<name>, copied (3 MB). Returns target."""
     source, target = Path(source), Path(target)
     for image, label in TOTALSEG_PAIRS.items():
         for folder, file in (("images", image), ("labels", label)):
             if not (source / file).is_file():
                 raise InputError(f"{source / file}: missing (TotalSegmentator's examples: {', '.join(TOTALSEG_PAIRS)} "
                                  "with their label maps)")
-            link = target / folder / image
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                link.symlink_to((source / file).resolve())
+            copy = target / folder / image
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            if not copy.exists():
+                with atomic(copy) as tmp:
+                    shutil.copyfile(source / file, tmp)
     return target
