@@ -29,6 +29,17 @@ def source_slices(series: Path) -> list[pydicom.Dataset]:
     position along the slice normal: the order of the label map's z axis."""
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series))
     slices = [pydicom.dcmread(f) for f in files]
+    # De-identified exports may blank the study and series UIDs of every slice: the SEG then references UIDs derived
+    # from the series (the same on every run), and its per-slice references (SOP Instance UIDs) still hold.
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if slices and all(not ds.get(keyword) for ds in slices):
+            uid = pydicom.uid.generate_uid(entropy_srcs=[keyword, *(str(ds.get("SOPInstanceUID") or
+                                                                    ds.file_meta.get("MediaStorageSOPInstanceUID"))
+                                                                for ds in slices)])
+            log.warning(f"{files[0]}: the series has no {keyword} (blanked by its export?); the DICOM-SEG references "
+                        f"{uid}, derived from its slices, which a viewer will not match to this series by that UID")
+            for ds in slices:
+                setattr(ds, keyword, uid)
     for f, ds in zip(files, slices):
         # Some exports (TotalSegmentator's example CT among them) leave the dataset's SOP Class and Instance UIDs
         # empty and keep them in the file meta header only: take them from there.

@@ -240,10 +240,10 @@ def test_a_dicom_series_gets_a_dicom_seg_that_matches_its_nifti_and_its_slices(t
     assert (tmp_path / "c" / "broken.nii.gz").is_file() and not (tmp_path / "c" / "broken.seg.dcm").exists()
 
 
-def test_a_real_ct_series_with_its_sop_uids_in_the_file_meta_only_gets_a_segment_per_class_found(threshold_ckpt,
-                                                                                                  tmp_path):
-    """TotalSegmentator's example CT series leaves SOPClassUID empty in each dataset (the file meta holds it): read in
-    Hounsfield units (RescaleIntercept -1024), it still gets a DICOM-SEG, with one segment per class found."""
+def test_a_de_identified_ct_dicom_series_gets_a_dicom_seg_with_a_segment_per_class_found(threshold_ckpt, tmp_path):
+    """TotalSegmentator's example CT series blanks its study, series and SOP UIDs in every dataset (the file meta keeps
+    the SOP ones): read in Hounsfield units (RescaleIntercept -1024), it still gets a DICOM-SEG, one segment per class
+    found, each frame referencing its slice; the study and series UIDs it references are derived, the same each run."""
     import highdicom as hd
 
     from pipeline.dicomseg import source_slices
@@ -256,6 +256,7 @@ def test_a_real_ct_series_with_its_sop_uids_in_the_file_meta_only_gets_a_segment
     seg = hd.seg.segread(nifti.with_name("ct_dicom.seg.dcm"))
     assert [d.SegmentNumber for d in seg.SegmentSequence] == [1] and np.unique(labels).tolist() == [0, 1]
     np.testing.assert_array_equal(seg_frames(nifti.with_name("ct_dicom.seg.dcm"), source_slices(series)), labels)
+    assert seg.StudyInstanceUID == source_slices(series)[0].StudyInstanceUID != ""  # derived, and stable
 
 
 def test_tta_mirrors_only_the_axes_the_training_mirrored(threshold_ckpt, tmp_path):
