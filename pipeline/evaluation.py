@@ -168,14 +168,28 @@ def split_cases(members: list[Path], split_name: str, out_dir: Path, cfg: DictCo
                  Path(c["image"])) for c in cases], bundle
 
 
+def same_grid(a: np.ndarray, a_affine: np.ndarray, b: np.ndarray, b_affine: np.ndarray) -> bool:
+    return a.shape == b.shape and np.allclose(a_affine, b_affine, atol=1e-3)
+
+
+def canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The array in the closest RAS axis order and direction, with its affine (nibabel's as_closest_canonical)."""
+    ornt = nib.orientations.io_orientation(affine)
+    return (nib.orientations.apply_orientation(array, ornt),
+            affine @ nib.orientations.inv_ornt_aff(ornt, array.shape))
+
+
 def load_pair(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(prediction, truth, affine) on one grid, or an InputError naming the file."""
     pred, pred_affine = read_array(case.pred)
     truth, affine = read_array(case.truth)
-    if pred.shape != truth.shape or not np.allclose(pred_affine, affine, atol=1e-3):
-        raise InputError(f"{case.pred}: grid {pred.shape} differs from the ground truth's {truth.shape} "
-                         f"({case.truth}); "
-                         "predict on the truth's grid")
+    if not same_grid(pred, pred_affine, truth, affine):
+        # the same voxels stored in another axis order or direction (a label map written LAS, its image LPS):
+        # compared in the closest canonical (RAS) order, as MONAI's Orientationd would put both
+        (pred, pred_affine), (truth, affine) = canonical(pred, pred_affine), canonical(truth, affine)
+        if not same_grid(pred, pred_affine, truth, affine):
+            raise InputError(f"{case.pred}: grid {pred.shape} differs from the ground truth's {truth.shape} "
+                             f"({case.truth}) in shape or affine; predict on the truth's grid")
     for path, labels in ((case.pred, pred), (case.truth, truth)):
         if fault := label_fault(path, labels, num_classes):
             raise InputError(fault)

@@ -176,6 +176,31 @@ def test_regions_score_a_set_of_labels_as_one_structure(tiny_phantom, tmp_path):
                                                              for c in ("organ", "lesion")]))  # classes alone
 
 
+def test_a_truth_stored_in_another_axis_direction_is_scored_on_the_same_voxels_and_another_grid_is_refused(tmp_path):
+    """TotalSegmentator writes its map of a DICOM series LAS where the series reads LPS: the same voxels, so Dice 1;
+    a truth on a shifted grid is an error naming the file."""
+    labels = np.zeros((12, 10, 6), np.uint8)
+    labels[2:6, 1:4, 1:5] = 1
+    lps = np.diag([-0.9, -0.9, 2.0, 1.0])
+    lps[:3, 3] = [40, 60, -100]
+    flip = np.diag([1.0, -1.0, 1.0, 1.0])
+    flip[1, 3] = labels.shape[1] - 1  # voxel j -> 9 - j: the y axis read the other way
+    for folder, array, affine in (("pred", labels, lps), ("truth", labels[:, ::-1], lps @ flip)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(array), affine), tmp_path / folder / "case.nii.gz")
+    ask = ["overlays=0", "check_postprocessing=false", f"output={tmp_path / 'out'}"]
+    summary = evaluate(compose_config("evaluate", [f"pred={tmp_path / 'pred'}", f"truth={tmp_path / 'truth'}", *ask],
+                                      tmp_path))
+    assert summary["classes"]["class1"]["dice"]["mean"] == 1.0
+    shifted = lps.copy()
+    shifted[0, 3] += 5
+    (tmp_path / "shifted").mkdir()
+    nib.save(nib.Nifti1Image(labels, shifted), tmp_path / "shifted" / "case.nii.gz")
+    with pytest.raises(InputError, match="differs from the ground truth's .* in shape or affine"):
+        evaluate(compose_config("evaluate", [f"pred={tmp_path / 'shifted'}", f"truth={tmp_path / 'truth'}", *ask],
+                                tmp_path))
+
+
 def test_an_empty_test_split_is_skipped_when_asked_and_an_error_otherwise(threshold_ckpt, tmp_path):
     """make cv on a dataset without a test split (experiment=auto below 30 cases) asks if_empty=skip."""
     run = tmp_path / "run"
