@@ -132,11 +132,11 @@ def dicom_seg(ckpt: Path, series: Path, truth: Path, out: Path) -> dict:
     summary = evaluate(compose("evaluate", [f"pred={out / 'pred'}", f"truth={out / 'truth'}", "tracking=none",
                                             "overlays=0", "check_postprocessing=false", f"output={out / 'scores'}",
                                             f"paths.run_dir={out / 'scores'}"]))
+    dice, classes = {c: m["dice"]["mean"] for c, m in summary["classes"].items()}, present(out / "scores")
     return {"series": series.name, "hu_range": [int(image.min()), int(image.max())],
             "classes_found": int((found > 0).sum()), "segments": len(seg.SegmentSequence),
-            "truth_classes": int((np.unique(nib.load(truth).dataobj) > 0).sum()),
-            "mean_dice": round(summary["mean"]["dice"], 4),
-            "learned": learned({c: m["dice"]["mean"] for c, m in summary["classes"].items()}, present(out / "scores"))}
+            "truth_classes": len(classes), "mean_dice_present": round(float(np.mean([dice[c] for c in classes])), 4),
+            "learned": learned(dice, classes)}
 
 
 def markdown(rows: dict) -> str:
@@ -148,15 +148,18 @@ def markdown(rows: dict) -> str:
              "scored on its training cases: what the run learned, not an estimate.", ""]
     for r in rows.values():
         m = r["machine"]
+        scored = (f"Folds {', '.join(map(str, r['folds']))} of {r['of_folds']}, {r['cases_scored']} cases scored"
+                  if r["of_folds"] else f"The final model (`data.fold=all`) on its {r['cases_scored']} training cases")
         lines += [f"## {r['task']} ({r['data']})", "",
-                  f"Folds {', '.join(map(str, r['folds']))} of {r['of_folds']}, {r['cases_scored']} cases scored; "
+                  f"{scored}; "
                   f"budget {r['budget_minutes']} min a fold, ran {', '.join(map(str, r['run_minutes']))} min, "
                   f"{', '.join(map(str, r['epochs']))} epochs, {r['precision']}. {machine_line(m)}", "",
                   "| structure | Dice | HD95 mm | NSD (1 mm) |", "| --- | --- | --- | --- |"]
         if len(r["dice"]) <= MANY:
             lines += [f"| {c} | {r['dice'][c]:.4f} | {r['hd95_mm'][c]:.2f} | {r['nsd'][c]:.4f} |" for c in r["dice"]]
         else:
-            lines.append(f"| {len(r['dice'])} classes: {learned(r['dice'], r['present'])} | | | |")
+            lines.append(f"| {len(r['dice'])} classes: {learned(r['dice'], r['present'])}; mean Dice over those "
+                         f"{np.mean([r['dice'][c] for c in r['present']]):.4f} | | | |")
         lines.append(f"| **mean** | **{r['mean']['dice']:.4f}** | {r['mean']['hd95_mm']:.2f} | "
                      f"{r['mean']['nsd']:.4f} |")
         lines += [f"| region {g} | {s['dice']:.4f} | {s['hd95_mm']:.2f} | {s['nsd']:.4f} |"
@@ -164,8 +167,8 @@ def markdown(rows: dict) -> str:
         if d := r.get("dicom"):
             lines += ["", f"DICOM series `{d['series']}` (HU {d['hu_range'][0]} to {d['hu_range'][1]} as read): "
                       f"{d['classes_found']} classes found, a DICOM-SEG of {d['segments']} segments; against "
-                      f"TotalSegmentator's map of it ({d['truth_classes']} classes) mean Dice {d['mean_dice']:.4f}, "
-                      f"{d['learned']}."]
+                      f"TotalSegmentator's map of it ({d['truth_classes']} classes) mean Dice "
+                      f"{d['mean_dice_present']:.4f} over those, {d['learned']}."]
         lines.append("")
     return "\n".join(lines)
 
