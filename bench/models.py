@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from monai.losses import DeepSupervisionLoss
 
-from pipeline import engine, hardware, project_root
+from pipeline import engine, hardware, planning, project_root
 from pipeline.config import compose
 
 from common import RESULTS, machine, machine_line, write
@@ -40,6 +40,8 @@ def main() -> None:
     for model in sorted(p.stem for p in (project_root() / "conf" / "model").glob("*.yaml")):
         overrides = [f"model={model}", "data.in_channels=1", "data.num_classes=3", f"data.patch_size={args.patch}"]
         cfg = compose("train", overrides)
+        if model == "dynunet":  # its topology is planned (`auto`): nnU-Net's rule for this patch at isotropic spacing
+            cfg.model.merge_with(planning.topology(list(args.patch), [1.0, 1.0, 1.0]))
         # as training runs it (trainer.channels_last)
         net = hardware.channels_last(instantiate(cfg.model).to(device).train())
         size = list(args.patch)
