@@ -29,24 +29,23 @@ def source_slices(series: Path) -> list[pydicom.Dataset]:
     position along the slice normal: the order of the label map's z axis."""
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series))
     slices = [pydicom.dcmread(f) for f in files]
-    # De-identified exports may blank the study and series UIDs of every slice: the SEG then references UIDs derived
-    # from the series (the same on every run), and its per-slice references (SOP Instance UIDs) still hold.
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        if slices and all(not ds.get(keyword) for ds in slices):
-            uid = pydicom.uid.generate_uid(entropy_srcs=[keyword, *(str(ds.get("SOPInstanceUID") or
-                                                                    ds.file_meta.get("MediaStorageSOPInstanceUID"))
-                                                                for ds in slices)])
-            log.warning(f"{files[0]}: the series has no {keyword} (blanked by its export?); the DICOM-SEG references "
-                        f"{uid}, derived from its slices, which a viewer will not match to this series by that UID")
-            for ds in slices:
-                setattr(ds, keyword, uid)
-    for f, ds in zip(files, slices):
+    for ds in slices:
         # Some exports (TotalSegmentator's example CT among them) leave the dataset's SOP Class and Instance UIDs
         # empty and keep them in the file meta header only: take them from there.
         for keyword, meta in (("SOPClassUID", "MediaStorageSOPClassUID"),
                               ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
             if not ds.get(keyword) and getattr(ds, "file_meta", None) is not None and ds.file_meta.get(meta):
                 setattr(ds, keyword, ds.file_meta.get(meta))
+    # De-identified exports may blank the study and series UIDs of every slice: the SEG then references UIDs derived
+    # from the series (the same on every run), and its per-slice references (SOP Instance UIDs) still hold.
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if slices and all(not ds.get(keyword) for ds in slices):
+            uid = pydicom.uid.generate_uid(entropy_srcs=[keyword, *(str(ds.get("SOPInstanceUID")) for ds in slices)])
+            log.warning(f"{files[0]}: the series has no {keyword} (blanked by its export?); the DICOM-SEG references "
+                        f"{uid}, derived from its slices, which a viewer will not match to this series by that UID")
+            for ds in slices:
+                setattr(ds, keyword, uid)
+    for f, ds in zip(files, slices):
         if missing := [a for a in REQUIRED if a not in ds or ds.get(a) in ("", None)]:
             raise InputError(f"{f}: no {missing[0]}; a DICOM-SEG needs it")
         for keyword in EMPTY_ALLOWED:

@@ -173,10 +173,9 @@ def same_grid(a: np.ndarray, a_affine: np.ndarray, b: np.ndarray, b_affine: np.n
 
 
 def canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The array in the closest RAS axis order and direction, with its affine (nibabel's as_closest_canonical)."""
+    """io.in_ras(array, affine) with its affine (nibabel's as_closest_canonical)."""
     ornt = nib.orientations.io_orientation(affine)
-    return (nib.orientations.apply_orientation(array, ornt),
-            affine @ nib.orientations.inv_ornt_aff(ornt, array.shape))
+    return in_ras(array, affine), affine @ nib.orientations.inv_ornt_aff(ornt, array.shape)
 
 
 def load_pair(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
