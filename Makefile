@@ -84,10 +84,11 @@ bench: $(STAMP)
 # Whole-volume inference on a BRATS and an IBSR volume (../shared/data or PIPELINE_SHARED_DATA): about 15 minutes.
 bench-infer: $(STAMP)
 	$(BIN)/python bench/infer.py
-# experiment=auto's cross-validation on the real tasks: about 3 hours for IBSR18's 5 folds of 30 minutes, then
-# BRATS (4 folds) and the CT examples; a fold that finished is kept, so a stopped run goes on where it was.
+# experiment=auto on the real tasks: about 3 hours for IBSR18's 5 folds of 30 minutes, then experiment=hippocampus on
+# its test split, BRATS (4 folds) and the CT examples; a fold that finished is kept, so a stopped run goes on.
 bench-auto: $(STAMP)
 	$(BIN)/python bench/auto.py ibsr
+	$(BIN)/python bench/auto.py hippocampus
 	$(BIN)/python bench/auto.py brats --minutes 10
 	$(BIN)/python bench/auto.py ct --minutes 5
 # Hippocampus recipes against minutes of training (docs/hippocampus.md): about 5 hours with its defaults.

@@ -1,11 +1,12 @@
 """experiment=auto on the real tasks of ../shared/data, one command each, no per-task tuning: the recipe's k-fold
-cross-validation, scored as `make cv` scores it (each fold's final model on its own validation cases) by
-pipeline.evaluate per class (Dice, HD95, NSD), with the minutes and the machine, into docs/results/auto.md and .json.
+cross-validation, scored as `make cv` scores it (each fold's final model on its own validation cases), or where a task
+holds a test split its final model there, by pipeline.evaluate per class (Dice, HD95, NSD), with the minutes and the
+machine, into docs/results/auto.md and .json.
 
     .venv/bin/python bench/auto.py ibsr                     # the IBSR18 brains: 5 folds of 30 minutes
     .venv/bin/python bench/auto.py ibsr --folds 0           # one of them
     .venv/bin/python bench/auto.py brats --minutes 10       # BRATS subset: 4 folds (leave one out), tumour regions
-    .venv/bin/python bench/auto.py hippocampus --folds 0
+    .venv/bin/python bench/auto.py hippocampus              # experiment=hippocampus: its test split, mirror TTA
     .venv/bin/python bench/auto.py ct --minutes 5           # TotalSegmentator's CTs: the final model, a DICOM-SEG
 
 A fold whose run folder holds a finished last.pt is not trained again, and a stopped one goes on from it, so that
@@ -37,7 +38,9 @@ from common import RESULTS, machine, machine_line, write
 @dataclass
 class Task:
     data: str  # the folder in ../shared/data
-    folds: int = 5
+    folds: int = 5  # 0: the final model alone (data.fold=all)
+    experiment: str = "auto"  # the recipe (one built on auto by a few overrides, each with its measured reason)
+    scored: str = "cv"  # cv: each fold on its own cases | test: the held-out test split, mirror TTA | train: its cases
     convert: object = None  # source folder, target folder -> an MSD dataset
     regions: dict = field(default_factory=dict)  # scored besides the classes
     overrides: list = field(default_factory=list)  # what the data forces (never a tuned setting)
@@ -46,14 +49,15 @@ class Task:
 
 TASKS = {
     "ibsr": Task("ibsr18_brain_tissue"),
-    "hippocampus": Task("msd_hippocampus"),
+    # 260 cases, so a test split of 31 is held out: the final model scored there as its recipe says (docs/hippocampus)
+    "hippocampus": Task("msd_hippocampus", folds=0, experiment="hippocampus", scored="test"),
     # four cases: leave-one-out; labels 1-4 scored as the challenge's regions as well
     "brats": Task("brats2015_subset", folds=4, convert=brats_as_msd, regions=BRATS_REGIONS,
                   overrides=["data.split.folds=4"]),
     # two CTs whose labels are TotalSegmentator's: too few to hold one out, and no ground truth. The final model (fold
     # all) is scored on its training cases (what a short run learns), then predicts the DICOM series it never saw
     # (rescaled to HU by the reader) into a DICOM-SEG, scored against TotalSegmentator's map of it: agreement only.
-    "ct": Task("totalseg_ct_examples", folds=0, convert=totalseg_as_folders,
+    "ct": Task("totalseg_ct_examples", folds=0, scored="train", convert=totalseg_as_folders,
                dicom=("ct_dicom", "example_seg_dicom.nii.gz")),
 }
 
@@ -66,16 +70,16 @@ def finished(run: RunDir) -> dict | None:
     return last if last["epoch"] >= last.get("end_epoch", last["epoch"]) else None
 
 
-def train_fold(task: Task, root: Path, k: int | str, minutes: float, out: Path, extra: list[str]) -> None:
+def train_fold(task: Task, root: Path, k: int | str, minutes: float | None, out: Path, extra: list[str]) -> None:
     """Fold k (or all) of the recipe in out/<k>, unless it finished there before (a stopped one goes on from its
-    last.pt)."""
+    last.pt). minutes: the budget, None for the recipe's own."""
     run = RunDir(out / str(k))
     if finished(run):
         return
     start = time.perf_counter()
-    train(compose("train", ["experiment=auto", f"data.root={root}", f"data.fold={k}", "tracking=none",
-                            f"trainer.max_minutes={minutes}", "resume=auto", *task.overrides, *extra,
-                            f"paths.run_dir={run.root}"]))
+    budget = [] if minutes is None else [f"trainer.max_minutes={minutes}"]
+    train(compose("train", [f"experiment={task.experiment}", f"data.root={root}", f"data.fold={k}", "tracking=none",
+                            *budget, "resume=auto", *task.overrides, *extra, f"paths.run_dir={run.root}"]))
     print(f"fold {k}: {(time.perf_counter() - start) / 60:.1f} min with data loading")
 
 
@@ -88,7 +92,8 @@ def record(last: dict, fold: int | str) -> dict:
 def row(name: str, task: Task, folds: list[dict], summary: dict) -> dict:
     classes = summary["classes"]
     return {
-        "task": name, "data": task.data, "folds": [f["fold"] for f in folds], "of_folds": task.folds,
+        "task": name, "data": task.data, "experiment": task.experiment, "scored": task.scored,
+        "folds": [f["fold"] for f in folds], "of_folds": task.folds,
         "cases_scored": summary["cases"], "budget_minutes": folds[0]["budget_minutes"],
         "run_minutes": [round(f["run_minutes"], 2) for f in folds], "epochs": [f["epochs"] for f in folds],
         "precision": folds[0]["precision"],
@@ -143,16 +148,15 @@ def markdown(rows: dict) -> str:
     """The results page: one section per task, classes and regions as rows."""
     lines = ["# experiment=auto on real tasks", "",
              "Written by `bench/auto.py` (do not edit by hand): the recipe's cross-validation, each fold's final model "
-             "scored on its own validation cases by `pipeline.evaluate`; the minutes are each fold's run (training, "
-             "validation and checkpoints), data loading excluded. A task with too few cases for folds (`all`) is "
-             "scored on its training cases: what the run learned, not an estimate.", ""]
+             "scored on its own validation cases by `pipeline.evaluate`, or, where the task holds a test split, the "
+             "final model (every non-test case) on it; the minutes are each run's (training, validation and "
+             "checkpoints), data loading excluded. A task with too few cases for folds (`all`) is scored on its "
+             "training cases: what the run learned, not an estimate.", ""]
     for r in rows.values():
         m = r["machine"]
-        scored = (f"Folds {', '.join(map(str, r['folds']))} of {r['of_folds']}, {r['cases_scored']} cases scored"
-                  if r["of_folds"] else f"The final model (`data.fold=all`) on its {r['cases_scored']} training cases")
         lines += [f"## {r['task']} ({r['data']})", "",
-                  f"{scored}; "
-                  f"budget {r['budget_minutes']} min a fold, ran {', '.join(map(str, r['run_minutes']))} min, "
+                  f"`experiment={r.get('experiment', 'auto')}`. {SCORED[scored_as(r)](r)}; "
+                  f"budget {r['budget_minutes']} min a run, ran {', '.join(map(str, r['run_minutes']))} min, "
                   f"{', '.join(map(str, r['epochs']))} epochs, {r['precision']}. {machine_line(m)}", "",
                   "| structure | Dice | HD95 mm | NSD (1 mm) |", "| --- | --- | --- | --- |"]
         if len(r["dice"]) <= MANY:
@@ -173,6 +177,17 @@ def markdown(rows: dict) -> str:
     return "\n".join(lines)
 
 
+SCORED = {  # what a row's scores are of, by Task.scored
+    "cv": lambda r: f"Folds {', '.join(map(str, r['folds']))} of {r['of_folds']}, {r['cases_scored']} cases scored",
+    "test": lambda r: f"The final model (`data.fold=all`) on the {r['cases_scored']} held-out test cases, mirror TTA",
+    "train": lambda r: f"The final model (`data.fold=all`) on its {r['cases_scored']} training cases",
+}
+def scored_as(r: dict) -> str:
+    return r.get("scored", "cv" if r["of_folds"] else "train")  # rows written before Task.scored
+
+
+SPLIT = {"cv": lambda r: f"folds {','.join(map(str, r['folds']))} of {r['of_folds']}",
+         "test": lambda r: "test split (TTA)", "train": lambda r: "none (all)"}
 MANY = 12  # more classes than this: a count of those learned instead of a row each
 README = project_root() / "README.md"
 MARKS = ("<!-- bench/auto.py writes this table -->", "<!-- end of bench/auto.py's table -->")
@@ -180,7 +195,7 @@ MARKS = ("<!-- bench/auto.py writes this table -->", "<!-- end of bench/auto.py'
 
 def readme_table(rows: dict) -> str:
     """The README's summary: a line per task (its page in docs/results has every metric)."""
-    lines = ["| task | cross-validation | minutes a fold | CPU class (precision) | mean Dice | Dice per class |",
+    lines = ["| task | scored on | minutes a run | CPU class (precision) | mean Dice | Dice per class |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows.values():
         cpu = r["machine"]["cpu"].split(": ", 1)[-1]  # the instruction sets, not the model name
@@ -189,7 +204,7 @@ def readme_table(rows: dict) -> str:
             ", ".join(f"{c} {d:.3f}" for c, d in r["dice"].items())
         mean = np.mean([r["dice"][c] for c in r["present"]]) if many else r["mean"]["dice"]
         per_class += "".join(f"; {g} {v['dice']:.3f}" for g, v in r["regions"].items())
-        split = f"folds {','.join(map(str, r['folds']))} of {r['of_folds']}" if r["of_folds"] else "none (all)"
+        split = SPLIT[scored_as(r)](r)
         lines.append(f"| {r['task']} | {split}, "
                      f"{r['cases_scored']} cases | {r['budget_minutes']:g} | {cpu} ({r['precision']}) | "
                      f"{mean:.3f} | {per_class} |")
@@ -207,7 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("--folds", type=int, nargs="+", help="which folds to train (default: every one)")
-    parser.add_argument("--minutes", type=float, default=30, help="each fold's budget (trainer.max_minutes)")
+    parser.add_argument("--minutes", type=float, help="each fold's budget (default: the recipe's trainer.max_minutes)")
     parser.add_argument("--data", type=Path, help="the task's data (default: its folder in ../shared/data)")
     parser.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE", help="training overrides (levers)")
     parser.add_argument("--out", type=Path, default=project_root() / "outputs" / "bench" / "auto")
@@ -232,8 +247,9 @@ def main() -> None:
              for run in RunDir.runs_in(out / "folds") if (last := finished(run))]
     regions = "{" + ",".join(f"{r}:[{','.join(map(str, v))}]" for r, v in task.regions.items()) + "}" \
         if task.regions else "null"
-    scored = [f"ckpt={out / 'folds'}", "split=cv"] if task.folds else \
-        [f"ckpt={RunDir(out / 'folds' / 'all').last}", "split=train", "check_postprocessing=false"]
+    final = f"ckpt={RunDir(out / 'folds' / 'all').last}"
+    scored = {"cv": [f"ckpt={out / 'folds'}", "split=cv"], "test": [final, "split=test", "tta=true"],
+              "train": [final, "split=train", "check_postprocessing=false"]}[task.scored]
     summary = evaluate(compose("evaluate", [*scored, "tracking=none", f"output={out / 'cv'}",
                                             f"paths.run_dir={out / 'cv'}", f"regions={regions}"]))
     path = args.results / "auto.json"

@@ -168,7 +168,8 @@ def budgeted_epochs(trainer: DictConfig, epoch: int, spent: float, epoch_seconds
 
     spent: the run's seconds so far, this epoch's training included; epoch_seconds: each epoch's training (the first,
     which pays one-off costs such as compilation, left out once others are measured); val_seconds: each validation's
-    (every trainer.val_every epochs and after the last; none measured yet counts as free); overhead: the seconds of
+    (every trainer.val_every epochs and after the last; the first epoch's validation times one before any other
+    is planned); overhead: the seconds of
     checkpoints and logging so far, spread over the epochs."""
     if not fitted_to_budget(trainer) or not epoch_seconds:
         return None
@@ -309,10 +310,14 @@ def keep_to_budget(trainer: DictConfig, state: TrainState) -> dict:
 
 
 def validating(trainer: DictConfig, state: TrainState) -> bool:
-    """Every trainer.val_every epochs, at the last, and at the first epoch end past each of trainer.val_minutes."""
+    """Every trainer.val_every epochs, at the last, at the first epoch end past each of trainer.val_minutes, and with
+    a time budget at the first epoch: until one is timed the budget cannot reserve the final validation (on whole
+    brains or tumours a large share of a short budget), and would end the run late by one."""
     now, last = state.train_seconds, state.epoch_seconds[-1]
     passed = any(now - last < 60 * m <= now for m in trainer.get("val_minutes") or [])
-    return state.epoch % trainer.val_every == 0 or state.epoch >= state.end or state.stop is not None or passed
+    untimed = fitted_to_budget(trainer) and trainer.get("budget_counts", "run") == "run" and not state.val_seconds
+    return (state.epoch % trainer.val_every == 0 or state.epoch >= state.end or state.stop is not None or passed
+            or untimed)
 
 
 def step_scheduler(job: Job, state: TrainState, metrics: dict) -> None:

@@ -141,7 +141,8 @@ def test_a_rebuilt_schedule_continues_as_if_built_for_that_length(name, tmp_path
 
 def test_a_time_budget_ends_the_run_with_its_validations_at_the_budget(tiny_phantom, tmp_path, monkeypatch):
     """Each training step "takes" 1 s (6 steps an epoch) and each validation 9 s on a fake clock: a 60 s budget with a
-    validation every 2 epochs ends after epoch 5 (5 x 6 + 3 x 9 = 57 s; a sixth epoch would end at 63 s)."""
+    validation after the first epoch (to time one) and every 2 epochs ends after epoch 4 (4 x 6 + 3 x 9 = 51 s; a
+    fifth epoch and its validation would end at 66 s)."""
     clock = [0.0]
     monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     step, validate = engine.batch_loss, engine.validate
@@ -150,14 +151,14 @@ def test_a_time_budget_ends_the_run_with_its_validations_at_the_budget(tiny_phan
     overrides = ["tracking=none", "scheduler=cosine", "trainer.max_epochs=1000", "trainer.max_minutes=1",
                  "trainer.val_every=2"]
     result = train(tiny_config(tiny_phantom, tmp_path, overrides=overrides))
-    assert result["epochs"] == 5  # though max_epochs allowed 1000
+    assert result["epochs"] == 4  # though max_epochs allowed 1000
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    assert last["run_minutes"] * 60 == 57 and last["val_seconds"] == [9.0] * 3 and last["overhead_seconds"] == 0
-    assert last["scheduler"]["T_max"] == 5 and last["end_epoch"] == 5
+    assert last["run_minutes"] * 60 == 51 and last["val_seconds"] == [9.0] * 3 and last["overhead_seconds"] == 0
+    assert last["scheduler"]["T_max"] == 4 and last["end_epoch"] == 4
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6)  # annealed to eta_min at the budget
-    # before any validation was timed 10 epochs seemed to fit; from epoch 3 on, with its 9 s, 5
-    assert [h["planned_epochs"] for h in result["history"]] == [10, 10, 5, 5, 5]
-    assert [h["epoch"] for h in result["history"] if "val_dice_mean" in h] == [2, 4, 5]
+    # before the first validation was timed 10 epochs seemed to fit; from epoch 2 on, with its 9 s, 4
+    assert [h["planned_epochs"] for h in result["history"]] == [10, 4, 4, 4]
+    assert [h["epoch"] for h in result["history"] if "val_dice_mean" in h] == [1, 2, 4]
 
 
 def test_a_resumed_budgeted_run_refits_its_schedule_as_an_unbroken_run_does(tiny_phantom, tmp_path, monkeypatch):
