@@ -11,12 +11,12 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 
 # make lists command-line variables last-first; reverse them so Hydra sees the user's order. Make's own variables
 # (the Python that creates .venv, the folder `make cv` writes) are not Hydra keys and stay here.
-MAKE_VARS := PYTHON TORCH CV_DIR FOLDS
+MAKE_VARS := PYTHON TORCH CV_DIR FOLDS MODEL PORT
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 OVERRIDES := $(foreach o,$(call reverse,$(filter-out $(MAKE_VARS:%=%=%),$(MAKEOVERRIDES))),'$(o)')
 
-.PHONY: install train cv infer sweep evaluate test test-slow lint docs docs-check bench bench-infer bench-auto \
-	bench-hippocampus mlflow-ui mlflow-server data clean
+.PHONY: install train cv infer sweep evaluate promote serve test test-slow lint docs docs-check bench bench-infer \
+	bench-auto bench-hippocampus bench-serve mlflow-ui mlflow-server data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,19 @@ infer: $(STAMP)
 evaluate: $(STAMP)
 	$(BIN)/python -m pipeline.evaluate $(OVERRIDES)
 
+# `make promote run=<run id> alias=champion`: the alias moves to that run's model version (registered if need be).
+promote: $(STAMP)
+	$(BIN)/python -m pipeline.promote $(OVERRIDES)
+
+# A registered model over HTTP on 127.0.0.1 (MLflow's scoring server from this .venv, which must be on PATH for its
+# uvicorn): `make serve MODEL=models:/phantom@champion`; POST /invocations a base64 NIfTI (docs/tracking.md).
+MODEL ?= models:/phantom@champion
+PORT ?= 5001
+serve: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/outputs/mlflow.db} \
+		$(BIN)/mlflow models serve \
+		-m '$(MODEL)' --env-manager local --host 127.0.0.1 --port $(PORT) --workers 1
+
 test: $(STAMP)
 	$(BIN)/python -m pytest $(OVERRIDES)
 
@@ -91,6 +104,10 @@ bench-auto: $(STAMP)
 	$(BIN)/python bench/auto.py hippocampus
 	$(BIN)/python bench/auto.py brats --minutes 10
 	$(BIN)/python bench/auto.py ct --minutes 5
+# The served model under load: 40 requests, 4 at a time, against pipeline.infer's label map (p50 / p95 latency).
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve.py
+
 # Hippocampus recipes against minutes of training (docs/hippocampus.md): about 5 hours with its defaults.
 bench-hippocampus: $(STAMP)
 	$(BIN)/python bench/hippocampus.py

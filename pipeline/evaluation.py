@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint, plots, report
+from pipeline.data.fingerprint import files_key, profile
 from pipeline.data.sources import case_id, read_dataset, read_msd
 from pipeline.errors import InputError
 from pipeline.files import atomic
@@ -30,7 +31,7 @@ from pipeline.inference import PredictOptions, checkpoints, infer, postprocess
 from pipeline.io import NIFTI, SITK, Volume, in_ras, label_fault, ras_spacing, read_array
 from pipeline.metrics import METRICS, case_scores, paired_difference, summarize
 from pipeline.rundir import RunDir
-from pipeline.tracking import tracking_errors
+from pipeline.tracking import VolumeDataset
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ def evaluate(cfg: DictConfig) -> dict:
     files.append(report.write(out_dir / "report.html", rows, summary, source, overlays,
                               curves if curves and curves.is_file() else None))
     log_summary(summary, comparison, len(cases), out_dir)
-    log_to_tracking(cfg, summary, files, out_dir, bundle)
+    log_to_tracking(cfg, summary, files, cases, bundle)
     return summary
 
 
@@ -426,26 +427,27 @@ def log_summary(summary: dict, comparison: dict | None, cases: int, out_dir: Pat
     log.info(f"{cases} cases -> {out_dir.resolve()} (per_case.csv, summary.json, report.html)")
 
 
-def log_to_tracking(cfg: DictConfig, summary: dict, files: list[Path], out_dir: Path, bundle: dict | None) -> None:
-    """Summary means as metrics and every file as an artifact: into the checkpoint's training run when known."""
+def log_to_tracking(cfg: DictConfig, summary: dict, files: list[Path], cases: list[Case], bundle: dict | None) -> None:
+    """Summary means as metrics, every file as an artifact and the scored truths as a dataset, in an evaluation run of
+    its own, linked to the training run it scored (and to its MLflow model); the training run is never reopened."""
     prefix = f"{cfg.split}_" if bundle is not None else "eval_"
     metrics = {f"{prefix}{m}_{c}": s[m]["mean"] for c, s in summary["classes"].items() for m in METRICS
                if s[m]["mean"] is not None}
     metrics |= {f"{prefix}{m}_mean": v for m, v in summary["mean"].items() if v is not None}
     metrics |= {f"{prefix}{m}_region_{r.replace(' ', '_')}": s[m]["mean"] for r, s in summary.get("regions", {}).items()
                 for m in METRICS if s[m]["mean"] is not None}
-    run_id = bundle.get("run_id") if bundle is not None else None
-    if bundle is not None:  # a new run, if needed, goes beside the training runs of the same dataset
-        cfg = OmegaConf.merge(cfg, {"data": {"name": bundle["config"]["data"]["name"]}})  # a copy: cfg stays as given
+    data = bundle["config"]["data"] if bundle is not None else None
+    if data is not None:  # beside the training runs of the same dataset
+        cfg = OmegaConf.merge(cfg, {"data": {"name": data["name"]}})  # a copy: cfg stays as given
     tracker, config = instantiate(cfg.tracking), OmegaConf.to_container(cfg, resolve=True)
-    name = f"evaluate_{summary['source']['name'].replace(' ', '_')}"
+    tracker.start(f"evaluate_{summary['source']['name'].replace(' ', '_')}", config, {"evaluation": "true"})
     try:
-        tracker.start(name, config, {"evaluation": "true"}, run_id=run_id)
-    except tracking_errors() as err:  # the training run lives in another store: record this evaluation as its own
-        log.warning(f"cannot reopen the training run {run_id} ({type(err).__name__}); "
-              "logging a new evaluation run")
-        tracker.start(name, config, {"evaluation": "true", "trained_run": str(run_id)})
-    try:
+        tracker.link(bundle.get("run_id") if bundle is not None else None)
+        truths = [c.truth for c in cases]
+        name = f"{data['name']}/{cfg.split}" if data is not None else Path(cfg.truth).name
+        shown = profile(truths, 1, list(summary["classes"])) if all(str(t).endswith(NIFTI) for t in truths) else {}
+        tracker.log_datasets({"evaluation": VolumeDataset(name, data["root"] if data is not None else cfg.truth,
+                                                          files_key(truths), shown)})
         tracker.log_metrics(metrics, step=bundle.get("epoch", 0) if bundle is not None else 0)
         folder = f"evaluation/{cfg.split}" if bundle is not None else "evaluation"
         for f in files:
@@ -453,4 +455,4 @@ def log_to_tracking(cfg: DictConfig, summary: dict, files: list[Path], out_dir: 
     finally:
         tracker.finish()
     if tracker.run_id:
-        log.info(f"logged to MLflow run {tracker.run_id}{' (the training run)' if tracker.run_id == run_id else ''}")
+        log.info(f"logged to MLflow run {tracker.run_id}")

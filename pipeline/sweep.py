@@ -1,7 +1,9 @@
-"""Sweeps: every run of a Hydra multirun is tagged with the sweep's folder; at the end one table compares them."""
+"""Sweeps: a Hydra multirun (grid or Optuna, any launcher) is one MLflow parent run with a nested run per job, each
+tagged with the sweep's folder; at the end the parent records the best job and one table compares them."""
 
 import logging
 import shlex
+from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -10,6 +12,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+# The parent run's id, in this file of the sweep folder: every job reads it, whichever launcher runs it (in this
+# process, joblib's workers, SLURM through submitit) as long as the folder is shared
+PARENT_FILE = "mlflow_parent_run_id"
 
 
 def sweep_tags() -> dict[str, str]:
@@ -21,6 +27,14 @@ def sweep_tags() -> dict[str, str]:
     return {"sweep": str(hydra.sweep.dir), "sweep_job": str(hydra.job.num)}
 
 
+def sweep_parent() -> str | None:
+    """Inside a multirun job: its sweep's parent run id (None outside a sweep, or where no parent was opened)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    path = Path(HydraConfig.get().sweep.dir) / PARENT_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
 def summary(uri: str, sweep_dir: str) -> list[dict]:
     """The sweep's runs, best validation Dice first: run name, job, overrides, best val Dice, status."""
     import mlflow
@@ -28,14 +42,35 @@ def summary(uri: str, sweep_dir: str) -> list[dict]:
     client = mlflow.MlflowClient(uri)
     runs = [r for e in client.search_experiments()
             for r in client.search_runs([e.experiment_id], f"tags.sweep = '{sweep_dir}'")]
-    rows = [{"job": int(r.data.tags.get("sweep_job", -1)), "run": r.info.run_name,
+    rows = [{"job": int(r.data.tags.get("sweep_job", -1)), "run": r.info.run_name, "run_id": r.info.run_id,
              "overrides": r.data.tags.get("overrides", ""),
              "best_val_dice": r.data.metrics.get("best_val_dice_mean"), "status": r.info.status} for r in runs]
     return sorted(rows, key=lambda r: -(r["best_val_dice"] if r["best_val_dice"] is not None else -1))
 
 
-class SweepSummary(Callback):
-    """Prints the sweep's table when a multirun ends (in the launching process, whatever the launcher)."""
+class SweepRun(Callback):
+    """In the launching process: opens the sweep's parent run when the multirun starts; when it ends, records the
+    best job in it (tags best_run_id, best_job, best_overrides; metric best_val_dice_mean) and prints the table."""
+
+    def __init__(self) -> None:
+        self.parent = None  # the parent run's MLflowTracker
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking = config.get("tracking", {})
+        if not tracking.get("uri"):
+            return  # tracking=none: no runs to group
+        from pipeline.tracking import MLflowTracker
+
+        folder = Path(config.hydra.sweep.dir)
+        self.parent = MLflowTracker(tracking.uri, tracking.experiment, tracking.get("artifact_location"))
+        swept = {"overrides": " ".join(config.hydra.overrides.task),
+                 "params": {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()},
+                 "sweeper": config.hydra.sweeper.get("_target_", ""), "launcher": config.hydra.launcher.get("_target_")}
+        self.parent.start(f"sweep_{folder.name}", {"sweep": swept}, {"sweep_parent": str(folder)})
+        if self.parent.run_id:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / PARENT_FILE).write_text(self.parent.run_id)
+            log.info(f"sweep {folder}: MLflow parent run {self.parent.run_id}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         uri = config.get("tracking", {}).get("uri")
@@ -45,16 +80,33 @@ class SweepSummary(Callback):
             rows = summary(uri, str(config.hydra.sweep.dir))
         except Exception as err:  # a summary must never turn a finished sweep into a failure
             log.warning(f"sweep summary unavailable ({type(err).__name__}: {err})")
-            return
-        if not rows:
-            return
+            rows = []
         # Key overrides: those that differ between the jobs (what the sweep swept), not the shared ones.
         tokens = [shlex.split(r["overrides"]) for r in rows]
-        shared = set.intersection(*map(set, tokens))
+        shared = set.intersection(*map(set, tokens)) if tokens else set()
         for r, t in zip(rows, tokens):
             r["overrides"] = " ".join(o for o in t if o not in shared)
+        self.close(rows)
+        if not rows:
+            return
         log.info(f"sweep {config.hydra.sweep.dir}: {len(rows)} runs, best validation Dice first")
         log.info(f"{'job':>4}  {'best val Dice':>13}  {'status':9}  {'run':34}  overrides")
         for r in rows:
             dice = f"{r['best_val_dice']:.4f}" if r["best_val_dice"] is not None else "-"
             log.info(f"{r['job']:>4}  {dice:>13}  {r['status']:9}  {r['run']:34}  {r['overrides']}")
+
+    def close(self, rows: list[dict]) -> None:
+        """The parent run ends FINISHED with its best job (the first row that has a Dice), FAILED with none."""
+        if self.parent is None or not self.parent.run_id:
+            return
+        best = next((r for r in rows if r["best_val_dice"] is not None), None)
+        if best is not None and self.parent.client is not None:
+            try:
+                for key, value in (("best_run_id", best["run_id"]), ("best_job", best["job"]),
+                                   ("best_overrides", best["overrides"])):
+                    self.parent.client.set_tag(self.parent.run_id, key, str(value))
+            except Exception as err:  # as the summary: never a failure of a finished sweep
+                log.warning(f"sweep parent run: {type(err).__name__}: {err}")
+            self.parent.log_metrics({"best_val_dice_mean": best["best_val_dice"], "jobs": len(rows)}, step=0)
+        self.parent.finish("FINISHED" if best is not None else "FAILED",
+                           None if best is not None else "no job of the sweep reached a validation")

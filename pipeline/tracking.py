@@ -11,8 +11,12 @@ from pathlib import Path
 from pipeline import project_root
 from pipeline.errors import InputError
 from pipeline.files import StorageError, appending, ensure_writable
+from pipeline.sweep import sweep_parent
 
 log = logging.getLogger(__name__)
+
+# The experiment tag that picks MLflow 3's UI view: its model-training view (runs table, metrics, models), not GenAI's.
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # MLflow's HTTP client retries a dead server for minutes by default (7 retries, backoff factor 2, 120 s timeout).
 # A tracker gives up on the first failure instead (see MLflowTracker), so one short try is enough; set in `start`,
@@ -77,9 +81,19 @@ class NullTracker:
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         """Artifacts stay in the run folder only."""
 
+    def log_datasets(self, datasets: dict[str, "VolumeDataset"]) -> None:
+        """No dataset inputs."""
+
+    def log_model(self, checkpoint: str | Path) -> str | None:
+        """No model store."""
+        return None
+
     def register(self, checkpoint: str | Path) -> str | None:
         """No registry."""
         return None
+
+    def link(self, run_id: str | None) -> None:
+        """An evaluation's scored run: nothing to link."""
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """Nothing to close."""
@@ -99,23 +113,50 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
+class VolumeDataset:
+    """What a run saw of its data, as an MLflow dataset input: the data root as source, the file list's fingerprint
+    as digest, and a profile (cases, channels, classes, median shape and spacing). Volumes are not tabular: MLflow's
+    metadata-only kind (MetaDataset), with the profile added."""
+
+    def __init__(self, name: str, root: str | Path, digest: str, profile: dict):
+        self.name, self.root, self.digest, self.profile = name, str(root), digest, profile
+
+    def entity(self):
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        profile = self.profile
+
+        class Profiled(MetaDataset):
+            def to_dict(self) -> dict[str, str]:
+                return super().to_dict() | {"profile": json.dumps(profile)}
+
+        return Profiled(resolve_dataset_source(self.root), name=self.name, digest=self.digest)._to_mlflow_entity()
+
+
 class MLflowTracker(NullTracker):
-    """One MLflow run per training run: flattened config as params, config.yaml, metrics per epoch, checkpoints.
+    """One MLflow run per training run: flattened config as params, config.yaml, its datasets, metrics per epoch,
+    checkpoints, and the model (a pyfunc LoggedModel that `mlflow models serve` serves; pipeline/serving.py).
 
     Every call talks to the store through its own MlflowClient (no global MLflow state). A store or server that fails
     never stops training: the first failure prints one warning line and the tracker stops trying; metrics.jsonl and the
-    checkpoints in the run folder are the record. With `register`, `register(best.pt)` makes the checkpoint a new
-    version of the registered model `model_name` (inference takes `ckpt=models:/<name>/<version>`).
+    checkpoints in the run folder are the record. With `register`, `register(best.pt)` makes the logged model a new
+    version of the registered model `model_name`, and `alias` (e.g. champion) moves to it (inference takes
+    `ckpt=models:/<name>@<alias>`). With `system_metrics`, MLflow samples CPU, memory, disk and GPU as system/*.
     """
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None, local_dir: str | None = None,
-                 register: bool = False, model_name: str | None = None):
+                 register: bool = False, model_name: str | None = None, alias: str | None = None,
+                 log_model: bool = True, system_metrics: bool = False):
         super().__init__(local_dir)
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
-        self.registers, self.model_name = bool(register), model_name or experiment
+        self.registers, self.model_name, self.alias = bool(register), model_name or experiment, alias
+        self.logs_model, self.system_metrics = bool(log_model), bool(system_metrics)
         self.client = None
+        self.monitor = None  # MLflow's SystemMetricsMonitor, with system_metrics
         self.failed = False  # after the first failure nothing more is sent
         self.logged: dict[Path, str] = {}  # local file -> its artifact path in the run
+        self.model_id: str | None = None  # the LoggedModel this run made (training) or scored (evaluation)
 
     def _fail(self, what: str, err: BaseException) -> None:
 
@@ -167,7 +208,7 @@ class MLflowTracker(NullTracker):
         from mlflow import MlflowClient
         from mlflow.entities import Param
         from mlflow.tracking.context.registry import resolve_tags
-        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
         if self.sqlite_file:
             # A file MLflow cannot write would cost a minute of its retries and then a traceback: try it first.
@@ -177,22 +218,42 @@ class MLflowTracker(NullTracker):
             client.get_run(run_id)  # raises RESOURCE_DOES_NOT_EXIST for a run of another store
             client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
+            self.watch(resume=True)
             return
-        experiment = client.get_experiment_by_name(self.experiment)
+        parent = {MLFLOW_PARENT_RUN_ID: p} if (p := sweep_parent()) else {}  # a multirun job: nested in its sweep
+        all_tags = resolve_tags({"git_commit": git_commit(), **{k: str(v) for k, v in tags.items()},
+                                 MLFLOW_RUN_NAME: run_name, **parent})
+        self.run_id = client.create_run(self.experiment_id(), tags=all_tags, run_name=run_name).info.run_id
+        client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(config).items()])
+        client.log_dict(self.run_id, config, "config.yaml")
+        self.watch(resume=False)
+
+    def experiment_id(self) -> str:
+        """The experiment's id, made if new, shown in the UI's model-training view (MLflow 3 opens a new experiment
+        in its GenAI view, where training runs are a toggle away)."""
+        client, experiment = self.client, self.client.get_experiment_by_name(self.experiment)
         if experiment is None:
             try:
-                experiment_id = client.create_experiment(self.experiment, artifact_location=self._artifact_root())
+                experiment_id = client.create_experiment(self.experiment, artifact_location=self._artifact_root(),
+                                                         tags={EXPERIMENT_KIND: TRAINING_KIND})
             except tracking_errors()[0] as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another job of a sweep made it first
                     raise
                 experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
         else:
             experiment_id = experiment.experiment_id
-        all_tags = resolve_tags({"git_commit": git_commit(), **{k: str(v) for k, v in tags.items()},
-                                 MLFLOW_RUN_NAME: run_name})
-        self.run_id = client.create_run(experiment_id, tags=all_tags, run_name=run_name).info.run_id
-        client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(config).items()])
-        client.log_dict(self.run_id, config, "config.yaml")
+            if EXPERIMENT_KIND not in experiment.tags:  # one made by an earlier release
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
+        return experiment_id
+
+    def watch(self, resume: bool) -> None:
+        """With system_metrics: MLflow's monitor samples the machine into this run (system/cpu_utilization_percentage,
+        system/system_memory_usage_megabytes, system/gpu_*, ...) every 10 s until finish."""
+        if self.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+            self.monitor.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         super().log_metrics(metrics, step)  # on disk first, whatever happens to the store
@@ -202,7 +263,8 @@ class MLflowTracker(NullTracker):
 
         now = int(time.time() * 1000)
         try:
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step, model_id=self.model_id)
+                                                        for k, v in metrics.items()])
         except tracking_errors() as err:
             self._fail("log_metrics", err)
 
@@ -215,38 +277,82 @@ class MLflowTracker(NullTracker):
         except tracking_errors() as err:
             self._fail("log_artifact", err)
 
+    def log_datasets(self, datasets: dict[str, VolumeDataset]) -> None:
+        """Each dataset as an input of the run under its context (training, validation, evaluation): the runs table's
+        Dataset column."""
+        if not self._live():
+            return
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        try:
+            self.client.log_inputs(self.run_id, datasets=[
+                DatasetInput(d.entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                for context, d in datasets.items()])
+        except tracking_errors() as err:
+            self._fail("log_datasets", err)
+
+    def log_model(self, checkpoint: str | Path) -> str | None:
+        """The checkpoint as this run's MLflow model (pipeline/serving.py): its model id, also kept as model_id. None
+        when off (tracking.log_model=false) or failed."""
+        if not (self.logs_model and self._live()):
+            return None
+        from pipeline.serving import log_model
+
+        try:
+            self.model_id = log_model(checkpoint, self.run_id, self.uri)
+        except tracking_errors() as err:
+            self._fail("log_model", err)
+            return None
+        log.info(f"logged {Path(checkpoint).name} as the MLflow model models:/{self.model_id} (mlflow.pyfunc)")
+        return self.model_id
+
     def register(self, checkpoint: str | Path) -> str | None:
-        """With `register: true`, the checkpoint (logged under checkpoints/ unless it already is) becomes the next
-        version of the registered model `model_name`; returns and prints "models:/<name>/<version>". None when off or
-        failed."""
+        """With `register: true`, this run's MLflow model (logged from `checkpoint` unless it is already) becomes the
+        next version of the registered model `model_name`, and `alias` moves to it; returns and prints
+        "models:/<name>/<version>". None when off or failed."""
         if not (self.registers and self._live()):
             return None
-        checkpoint = Path(checkpoint)
+        if self.model_id is None and not (self.logs_model and self.log_model(checkpoint)):
+            if not self.failed:
+                log.warning("tracking.register=true needs the run's MLflow model: set tracking.log_model=true")
+            return None
         try:
-            if checkpoint.resolve() not in self.logged:
-                self.log_artifact(checkpoint, "checkpoints")
-                if self.failed:
-                    return None
-            source = f"runs:/{self.run_id}/{self.logged[checkpoint.resolve()]}"
-            # mlflow.register_model wants a logged MLflow model for a runs:/ URI; a plain file needs the client API.
-            try:
-                self.client.create_registered_model(self.model_name)
-            except tracking_errors()[0] as err:
-                if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            version = self.client.create_model_version(self.model_name, source, run_id=self.run_id,
-                                                       await_creation_for=0,
-                                                       description=f"{checkpoint.name} of run {self.run_id}")
+            uri = register_version(self.client, self.model_name, self.model_id, self.run_id, self.alias)
         except tracking_errors() as err:
             self._fail("register", err)
             return None
-        uri = f"models:/{self.model_name}/{version.version}"
-        log.info(f"registered {checkpoint} as {uri} (infer with ckpt={uri})")
+        log.info(f"registered {Path(checkpoint).name} as {uri}"
+                 f"{f' (@{self.alias})' if self.alias else ''}; infer with ckpt={uri}")
         return uri
+
+    def link(self, run_id: str | None) -> None:
+        """An evaluation run's link to what it scored: the training run's id and its MLflow model's as tags; the
+        metrics then land on that model too (its page in the UI lists them)."""
+        if run_id is None or not self._live():
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_tag(self.run_id, "scored_run_id", run_id)
+            try:
+                experiment = self.client.get_run(run_id).info.experiment_id
+            except MlflowException:  # trained against another store: the tag still says which run
+                log.warning(f"the scored run {run_id} is not in {self.uri}: its model is not linked")
+                return
+            models = self.client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+            if models:
+                self.model_id = models[0].model_id
+                self.client.set_tag(self.run_id, "scored_model_id", self.model_id)
+        except tracking_errors() as err:
+            self._fail("link", err)
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """End the run as FINISHED, FAILED or KILLED; `reason` (the one line the user saw) becomes the tag
         `stop_reason`."""
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
         if not self._live():
             return
         try:
@@ -255,6 +361,21 @@ class MLflowTracker(NullTracker):
             self.client.set_terminated(self.run_id, status)
         except tracking_errors() as err:
             self._fail("finish", err)
+
+
+def register_version(client, name: str, model_id: str, run_id: str | None, alias: str | None = None) -> str:
+    """The MLflow model `model_id` as the next version of registered model `name` (made if new), `alias` moved to
+    it: its models:/<name>/<version>."""
+    try:
+        client.create_registered_model(name)
+    except tracking_errors()[0] as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                          await_creation_for=0)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}/{version.version}"
 
 
 def tracking_uri() -> str:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import callbacks, checkpoint, distributed, engine, hardware, plots
 from pipeline.completion import complete
 from pipeline.data.checks import check
-from pipeline.data.fingerprint import cache_key
+from pipeline.data.fingerprint import cache_key, profile
 from pipeline.data.sources import case_id, ensure_demo_data
 from pipeline.data.transforms import loaders
 from pipeline.errors import InputError, RunStopped, faults_error, first_line
@@ -28,7 +28,7 @@ from pipeline.models.weights import initialise
 from pipeline.planning import plans
 from pipeline.rundir import RunDir
 from pipeline.sweep import sweep_tags
-from pipeline.tracking import NullTracker, git_dirty
+from pipeline.tracking import NullTracker, VolumeDataset, git_dirty
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,14 @@ def overrides() -> str:
     return " ".join(shlex.quote(o) for o in HydraConfig.get().overrides.task) if HydraConfig.initialized() else ""
 
 
+def datasets(cfg: DictConfig, splits: dict[str, list[dict]]) -> dict[str, VolumeDataset]:
+    """The training and validation cases as MLflow dataset inputs: digest the file list's fingerprint."""
+    data = cfg.data
+    return {context: VolumeDataset(f"{data.name}/{split}", data.root, cache_key(cases),
+                                   profile([c["image"] for c in cases], data.in_channels, list(data.class_names)))
+            for context, split in (("training", "train"), ("validation", "val")) if (cases := splits[split])}
+
+
 def run_tags(cfg: DictConfig, device, chosen: hardware.Precision, cases: list[dict]) -> dict:
     """What it takes to tell runs apart and redo one: code, data, seed, software, hardware, command."""
     return {
@@ -193,6 +201,7 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
                   run_id=state and state.get("run_id"))
     run_dir = job.run_dir = RunDir(cfg.paths.run_dir)
     if state is None and distributed.is_main():
+        tracker.log_datasets(datasets(cfg, splits))
         tracker.log_artifact(save_splits(splits, run_dir.root))
         if cfg.get("plan"):  # a planned run (plan=auto, experiment=auto): what the plan decided
             tracker.log_artifact(save_plans(cfg, job, run_dir))
@@ -217,8 +226,10 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
             tracker.log_artifact(ckpt, "checkpoints")
         if distributed.is_main():
             tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, run_dir.curves))
-        # tracking.register=true: the best checkpoint becomes a version of the registered model (None otherwise)
-        result["model_uri"] = tracker.register(run_dir.best)
+        # the checkpoint that stands for the run (best.pt; last.pt for data.fold=all) as the run's MLflow model, and
+        # with tracking.register=true a version of the registered model (model_uri None otherwise)
+        tracker.log_model(run_dir.model())
+        result["model_uri"] = tracker.register(run_dir.model())
         status = "FINISHED"
     except StorageError as err:  # the disk, not the run: say which checkpoint survived it
         reason = f"{err}; last good checkpoint: {run_dir.last_good() or 'none yet'}"

@@ -143,3 +143,8 @@ def training_process(phantom: Path, run_dir: Path, *overrides: str, outputs: Pat
     last = run_dir / "checkpoints" / "last.pt"
     wait_for_epoch(last, epoch)
     return proc, last
+
+
+def split_parent(runs: list) -> tuple[list, list]:
+    """A sweep's parent run (tagged sweep_parent) apart from its jobs' runs."""
+    return [r for r in runs if "sweep_parent" in r.data.tags], [r for r in runs if "sweep_parent" not in r.data.tags]

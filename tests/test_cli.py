@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 
 from pipeline import project_root
-from tests.conftest import TINY, TINY_MODEL
+from tests.conftest import TINY, TINY_MODEL, split_parent
 
 
 def make_dry_run(target: str, *args: str) -> list[str]:
@@ -53,8 +54,11 @@ def test_multirun_gives_each_job_its_own_folder_and_mlflow_run(tiny_phantom, tmp
     assert ((tmp_path / "0" / "checkpoints" / "best.pt").exists()
             and (tmp_path / "1" / "checkpoints" / "best.pt").exists())
     mlflow.set_tracking_uri(mlflow_store)
-    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    (parent,), runs = split_parent(mlflow.search_runs(experiment_names=[experiment], output_format="list"))
     assert sorted(r.info.run_name for r in runs) == ["UNet_Adam_DiceFocalLoss", "UNet_Adam_DiceLoss"]
+    # one parent run, the two jobs nested in it: what MLflow's UI folds into one row
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert parent.data.params["sweep.overrides"].startswith("loss=dice,dicefocal ") and parent.info.status == "FINISHED"
     assert all(r.info.status == "FINISHED" and "val_dice_mean" in r.data.metrics for r in runs)
     for r in runs:  # each job's own command line, to re-run it
         loss = "dice" if r.info.run_name == "UNet_Adam_DiceLoss" else "dicefocal"
@@ -66,3 +70,5 @@ def test_multirun_gives_each_job_its_own_folder_and_mlflow_run(tiny_phantom, tmp
     first = max(best, key=best.get)
     assert first in table[2] and f"{best[first]:.4f}" in table[2]
     assert {line.split()[-1] for line in table[2:4]} == {"loss=dice", "loss=dicefocal"}
+    assert parent.data.tags["best_overrides"] == table[2].split()[-1]
+    assert parent.data.metrics["best_val_dice_mean"] == pytest.approx(best[first])

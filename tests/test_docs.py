@@ -19,10 +19,11 @@ ROOT = project_root()
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # make targets -> the config their key=value arguments compose into (None: they take no Hydra keys)
 TARGET_CONFIG = {"train": "train", "cv": "train", "sweep": "train", "infer": "infer", "evaluate": "evaluate",
-                 "data": "download"}
+                 "data": "download", "promote": "promote"}
 MODULE_CONFIG = {"train": "train", "check": "train", "infer": "infer", "evaluate": "evaluate", "export": "export",
-                 "download": "download"}
-MAKE_VARS = {"PYTHON", "TORCH", "CV_DIR", "FOLDS"}  # make's own variables (Makefile MAKE_VARS), not Hydra keys
+                 "download": "download", "promote": "promote"}
+# make's own variables (Makefile MAKE_VARS), not Hydra keys
+MAKE_VARS = {"PYTHON", "TORCH", "CV_DIR", "FOLDS", "MODEL", "PORT"}
 
 
 def shell_commands(page: Path) -> list[tuple[int, str]]:

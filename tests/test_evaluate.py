@@ -313,22 +313,27 @@ def test_report_renders_in_headless_chromium(folder_run, tmp_path):
     assert '<table id="summary">' in dom and "hd95_mm" in dom
 
 
-def test_checkpoint_split_is_predicted_and_logged_into_the_training_run(tiny_phantom, tmp_path, mlflow_store):
+def test_checkpoint_split_is_predicted_and_logged_as_an_evaluation_of_the_training_run(tiny_phantom, tmp_path,
+                                                                                       mlflow_store):
     trained = train(tiny_config(tiny_phantom, tmp_path, overrides=["trainer.overlay_every=1"]))
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "overlays" / "epoch0001.png").is_file()
     cfg = compose_config("evaluate", [f"ckpt={tmp_path / 'checkpoints' / 'best.pt'}", "split=test",
                                       f"output={tmp_path / 'eval'}"], tmp_path)
+    client = mlflow.MlflowClient(mlflow_store)
+    before = client.get_run(trained["run_id"])
     summary = evaluate(cfg)
     test_ids = json.loads((tmp_path / "splits.json").read_text())["test"]
     assert sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir()) == [f"{i}.nii.gz" for i in test_ids]
     assert summary["cases"] == len(test_ids) == 1
-    run = mlflow.MlflowClient(mlflow_store).get_run(trained["run_id"])
+    # the scores go to a run of their own that names the training run; the training run stays as it ended
+    (run,) = client.search_runs([before.info.experiment_id], f"tags.scored_run_id = '{trained['run_id']}'")
     assert run.data.metrics["test_dice_mean"] == pytest.approx(summary["mean"]["dice"])
-    assert "test_hd95_mm_organ" in run.data.metrics
-    logged = {a.path for a in mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id, "evaluation/test")}
+    assert "test_hd95_mm_organ" in run.data.metrics and run.data.tags["evaluation"] == "true"
+    after = client.get_run(trained["run_id"])
+    assert after.info.end_time == before.info.end_time and "test_dice_mean" not in after.data.metrics
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/test")}
     assert "evaluation/test/report.html" in logged
-    assert ({"curves.png", "overlays"}
-            <= {a.path for a in mlflow.MlflowClient(mlflow_store).list_artifacts(run.info.run_id)})
+    assert {"curves.png", "overlays"} <= {a.path for a in client.list_artifacts(trained["run_id"])}
     assert "Training curves" in (tmp_path / "eval" / "report.html").read_text()
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import checkpoint, project_root
-from tests.conftest import TINY, TINY_MODEL, wait_for_epoch
+from tests.conftest import TINY, TINY_MODEL, split_parent, wait_for_epoch
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess:
@@ -30,16 +30,23 @@ def test_optuna_search_maximizes_the_best_val_dice_that_train_returns(tiny_phant
     experiment = f"optuna-{tmp_path.name}"
     done = run_train("hparams_search=optuna", "hydra.sweeper.n_trials=2", f"data.root={tiny_phantom}", *TINY,
                      f"tracking.experiment={experiment}", f"hydra.sweep.dir={tmp_path}")
-    runs = sweep_runs(mlflow_store, experiment)
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    best = max(r.data.metrics["best_val_dice_mean"] for r in runs)
+    (parent,), runs = split_parent(sweep_runs(mlflow_store, experiment))
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in [parent, *runs])
+    best = max(runs, key=lambda r: r.data.metrics["best_val_dice_mean"])
     result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
-    assert result["best_value"] == pytest.approx(best)  # Optuna saw what train returned, and maximized it
+    # Optuna saw what train returned, and maximized it
+    assert result["best_value"] == pytest.approx(best.data.metrics["best_val_dice_mean"])
     # the search space less data.patch_size, which TINY fixes on the command line (a given value is not searched)
     assert set(result["best_params"]) == {"optimizer.lr", "loss", "model.channels"}
     assert 1e-4 <= result["best_params"]["optimizer.lr"] <= 1e-2
     assert all(r.data.tags["sweep"] == str(tmp_path) for r in runs)
     assert f"sweep {tmp_path}: 2 runs" in done.stdout
+    # one parent run with both trials nested under it; it names the best and records what was searched
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_val_dice_mean"] == pytest.approx(best.data.metrics["best_val_dice_mean"])
+    assert parent.data.params["sweep.sweeper"].endswith("OptunaSweeper")
+    assert "sweep.params.optimizer.lr" in parent.data.params  # the search space
 
 
 @pytest.mark.slow  # three processes (~35 s): `make test-slow`
@@ -48,8 +55,9 @@ def test_submitit_local_launcher_runs_each_job_in_its_own_process(tiny_phantom, 
     run_train("--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "loss=dice,dicefocal",
               f"data.root={tiny_phantom}", *TINY, *TINY_MODEL["unet3d"], f"tracking.experiment={experiment}",
               f"hydra.sweep.dir={tmp_path}")
-    runs = sweep_runs(mlflow_store, experiment)
+    (parent,), runs = split_parent(sweep_runs(mlflow_store, experiment))
     assert sorted(r.info.run_name for r in runs) == ["UNet_Adam_DiceFocalLoss", "UNet_Adam_DiceLoss"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}  # across processes too
     assert all(r.info.status == "FINISHED" for r in runs)
     logs = list((tmp_path / ".submitit").rglob("*_log.out"))
     assert len(logs) == 2  # submitit's own job logs: the jobs ran as separate submitted processes
@@ -100,7 +108,7 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_from_last_pt(tiny_phan
     # submitit's own handler checkpointed and requeued the job, which then resumed
     assert "Caught signal SIGUSR2" in out and "Calling checkpoint method." in out and "Requeued job" in out
     assert f"requeued job: resuming {last}" in out and f"resuming {last} after epoch " in out
-    runs = sweep_runs(mlflow_store, experiment)
+    _, runs = split_parent(sweep_runs(mlflow_store, experiment))
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in mlflow.MlflowClient(mlflow_store).get_metric_history(runs[0].info.run_id, "train_loss")]
     assert sorted(steps) == list(range(1, epochs + 1))  # every epoch once, across both processes

@@ -153,8 +153,10 @@ def test_training_through_a_server_is_read_back_over_rest_registered_and_fetched
     model_uri = "models:/phantom-seg/1" if registered else tracker.register(best)
     assert model_uri == "models:/phantom-seg/1"
     version = srv.get("model-versions/get", name="phantom-seg", version="1")["model_version"]
-    assert (version["run_id"] == result["run_id"]
-            and version["source"] == f"runs:/{result['run_id']}/checkpoints/best.pt")
+    # the version is the run's MLflow model (a LoggedModel), not a bare file
+    (model,) = mlflow.MlflowClient(srv.uri).search_logged_models(
+        [run["info"]["experiment_id"]], filter_string=f"source_run_id = '{result['run_id']}'")
+    assert version["run_id"] == result["run_id"] and version["source"] == f"models:/{model.model_id}"
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
     for uri in (model_uri, "models:/phantom-seg/latest"):
