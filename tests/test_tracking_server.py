@@ -246,7 +246,8 @@ def test_infer_cli_takes_a_models_uri(tiny_phantom, tmp_path, trackers, mlflow_s
                                   capture_output=True, text=True, cwd=project_root(),
                                   env=os.environ | {"MLFLOW_TRACKING_URI": mlflow_store})
             assert done.returncode == rc, done.stderr[-2000:]
-        assert (tmp_path / "pred" / image.name).is_file() and (cache / "1" / "best.pt").is_file()
+        # version 1 is the run's MLflow model: its checkpoint lies in the model's artifacts/
+        assert (tmp_path / "pred" / image.name).is_file() and (cache / "1" / "artifacts" / "best.pt").is_file()
         assert done.stderr.strip().splitlines()[-1].startswith(f"error: models:/{name}/2: "
                                                                "cannot fetch it from the registry")
     finally:
