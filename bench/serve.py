@@ -31,6 +31,7 @@ from pipeline.config import compose
 from pipeline.data.phantom import synthesize
 from pipeline.inference import infer
 from pipeline.serving import INPUT, OUTPUT, encode
+from pipeline.tracking import TRAINING_VIEW
 from pipeline.training import train
 
 from common import RESULTS, machine, machine_line, write
@@ -64,8 +65,11 @@ def request(url: str, body: bytes) -> tuple[float, bytes]:
     """One POST: its latency in seconds and the label map's bytes."""
     began = time.perf_counter()
     req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        answer = json.load(r)
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            answer = json.load(r)
+    except urllib.error.HTTPError as err:  # the server's own message, not urllib's
+        raise SystemExit(f"{url}: HTTP {err.code}: {err.read().decode()[-1000:]}") from None
     return time.perf_counter() - began, base64.b64decode(answer["predictions"][0][OUTPUT])
 
 
@@ -75,8 +79,8 @@ def screenshot(ui: str, run, target: Path) -> str | None:
     if browser is None:
         return "no chromium on this machine"
     done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--virtual-time-budget=20000", "--window-size=1600,900", f"--screenshot={target}",
-                           f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"],
+                           "--virtual-time-budget=20000", "--window-size=1400,1700", f"--screenshot={target}",
+                           f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{TRAINING_VIEW}"],
                           capture_output=True, text=True, timeout=180)
     return None if done.returncode == 0 and target.is_file() else done.stderr[-300:]
 
@@ -106,6 +110,7 @@ def main() -> None:
                                              f"tracking.model_name={NAME}", "tracking.alias=champion",
                                              f"paths.run_dir={tmp / 'run'}", f"paths.outputs={tmp / 'outputs'}"]))
             volumes = sorted((data / "imagesTr").iterdir())[:4]
+            shape = "x".join(map(str, nib.load(volumes[0]).shape))
             expected = {}
             for v in volumes:  # pipeline.infer's label map of each volume, from the same registered model
                 (written,) = infer(f"models:/{NAME}@champion", v, tmp / "infer", overwrite=True)["written"]
@@ -138,7 +143,6 @@ def main() -> None:
             for p in reversed(processes):
                 os.killpg(p.pid, 9)
                 p.wait(timeout=30)
-    shape = "x".join(map(str, nib.load(volumes[0]).shape))
     figures = {"requests": args.requests, "concurrency": args.concurrency, "volume": shape,
                "equal_to_infer": equal, "p50_s": round(statistics.median(latencies), 3),
                "p95_s": round(latencies[max(0, int(np.ceil(0.95 * len(latencies))) - 1)], 3),

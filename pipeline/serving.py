@@ -18,6 +18,8 @@ import importlib.metadata
 import logging
 import os
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -68,6 +70,10 @@ def requirements() -> list[str]:
     return sorted(pins, key=lambda r: not r.startswith("torch=="))
 
 
+# MLflow asks, when the class is made, for type hints to derive a signature from; ours is given (SIGNATURE).
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
+
+
 class SegmentationModel(mlflow.pyfunc.PythonModel):
     """The checkpoint artifact behind pipeline.inference's Predictor, with its default options (as pipeline.infer)."""
 
@@ -77,6 +83,9 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
 
         path = Path(context.artifacts["checkpoint"])
         self.predictor = Predictor({path: checkpoint.load(path)})
+        # The scoring server calls predict from several threads at once; one volume at a time: each prediction
+        # already uses every core, and OpenVINO's compiled model holds one infer request ("Infer Request is busy").
+        self.one_at_a_time = threading.Lock()
         log.info(f"{path.name}: {self.predictor.precision}; backend {self.predictor.backend}")
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would derive a signature from them
@@ -89,7 +98,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         if INPUT not in model_input.columns:
             raise bad_request(f"the request has no '{INPUT}' column (it has {list(model_input.columns)})")
         out = []
-        with tempfile.TemporaryDirectory(prefix="pipeline-serve-") as tmp:
+        with self.one_at_a_time, tempfile.TemporaryDirectory(prefix="pipeline-serve-") as tmp:
             for i, text in enumerate(model_input[INPUT]):
                 data = decode(text, f"row {i}")
                 source = Path(tmp) / f"case{i}.nii{'.gz' if data.startswith(GZIP_MAGIC) else ''}"

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 # The experiment tag that picks MLflow 3's UI view: its model-training view (runs table, metrics, models), not GenAI's.
 EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+TRAINING_VIEW = "?workflowType=machine_learning"  # the same view for a link straight to a run's page
 
 # MLflow's HTTP client retries a dead server for minutes by default (7 retries, backoff factor 2, 120 s timeout).
 # A tracker gives up on the first failure instead (see MLflowTracker), so one short try is enough; set in `start`,

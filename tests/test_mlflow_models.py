@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -25,6 +26,7 @@ from pipeline.evaluation import evaluate
 from pipeline.inference import checkpoints, infer
 from pipeline.promote import promote
 from pipeline.serving import INPUT, OUTPUT, decode, encode
+from pipeline.tracking import TRAINING_VIEW
 from pipeline.training import train
 from tests.conftest import tiny_config
 from tests.test_evaluate import chromium
@@ -106,8 +108,14 @@ def test_mlflow_models_serve_answers_a_volume_and_a_bad_payload_in_one_line(trai
         assert status == 400 and "row 0: not a NIfTI file" in json.loads(body)["message"]
         status, _ = post(f"{url}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["x"]]}})
         assert 400 <= status < 500
-        status, body = post(f"{url}/invocations", {"dataframe_split": {"columns": [INPUT], "data": [[encode(image)]]}})
-        assert status == 200 and json.loads(body)["predictions"][0][OUTPUT]  # still serving
+        # still serving, requests at once included (they queue: one volume at a time)
+        request = {"dataframe_split": {"columns": [INPUT], "data": [[encode(image)]]}}
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: post(f"{url}/invocations", request), range(3)))
+        for status, body in answers:
+            assert status == 200, body
+            served.write_bytes(decode(json.loads(body)["predictions"][0][OUTPUT], "a"))
+            assert np.array_equal(label_map(served)[0], label_map(written)[0])
     finally:
         os.killpg(serving.pid, 9)
         serving.wait(timeout=30)
@@ -178,7 +186,7 @@ def test_the_ui_opens_on_the_runs_table_and_the_run_page_shows_dice_dataset_and_
     table = rendered(f"{server.uri}/#/experiments/{experiment}/runs")
     assert "Training runs" in table and "No traces" not in table
     assert result["run_name"] in table and dataset in table
-    page = rendered(f"{server.uri}/#/experiments/{experiment}/runs/{result['run_id']}")
+    page = rendered(f"{server.uri}/#/experiments/{experiment}/runs/{result['run_id']}{TRAINING_VIEW}")
     assert "val_dice_mean" in page and dataset in page and "Logged models" in page
 
 
