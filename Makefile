@@ -63,8 +63,8 @@ promote: $(STAMP)
 	$(BIN)/python -m pipeline.promote $(OVERRIDES)
 
 # A registered model over HTTP on 127.0.0.1 (MLflow's scoring server from this .venv, which must be on PATH for its
-# uvicorn): `make serve MODEL=models:/phantom@champion`; POST /invocations a base64 NIfTI (docs/tracking.md).
-MODEL ?= models:/phantom@champion
+# uvicorn): `make serve MODEL=models:/Phantom@champion`; POST /invocations a base64 NIfTI (docs/tracking.md).
+MODEL ?= models:/Phantom@champion
 PORT ?= 5001
 serve: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/outputs/mlflow.db} \

@@ -12,11 +12,9 @@ Written here because MLflow has no flavour for a MONAI sliding-window predictor 
 
 import base64
 import binascii
-import contextlib
 import gzip
 import importlib.metadata
 import logging
-import os
 import tempfile
 import threading
 import warnings
@@ -113,26 +111,11 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({OUTPUT: out})
 
 
-@contextlib.contextmanager
-def using_store(uri: str):
-    """MLflow's global tracking URI set to `uri` for Model.log (which takes no other), then put back as it was, the
-    environment variable included (MLflow's own `_use_tracking_uri` unsets MLFLOW_TRACKING_URI on the way out)."""
-    from mlflow.tracking._tracking_service import utils
-
-    before, variable = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        mlflow.set_tracking_uri(uri)
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
-        if variable is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = variable
-
-
 def log_model(checkpoint: str | Path, run_id: str, tracking_uri: str, name: str = "model") -> str:
     """The checkpoint logged as an MLflow 3 model (a LoggedModel, the output of run `run_id`): returns its model id.
     Its URI `models:/<model id>` loads with mlflow.pyfunc and registers as a model version."""
     from pipeline.checkpoint import read
+    from pipeline.tracking import using_store
 
     # the run's metrics at the checkpoint's epoch (its validation Dice) become the model's own, on its page
     epoch = read(checkpoint).get("epoch", 0)

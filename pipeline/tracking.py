@@ -1,11 +1,13 @@
 """Experiment tracking behind a small interface: the engine reports to a Tracker and knows nothing of MLflow."""
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import project_root
@@ -379,6 +381,24 @@ def register_version(client, name: str, model_id: str, run_id: str | None, alias
     return f"models:/{name}/{version.version}"
 
 
+@contextlib.contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to `uri` for the calls that read no other (Model.log, a LoggedModel's
+    download), then put back as it was, the environment variable included (MLflow's own `_use_tracking_uri` unsets
+    MLFLOW_TRACKING_URI on the way out)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    before, variable = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        mlflow.set_tracking_uri(uri)
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if variable is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
+
+
 def tracking_uri() -> str:
     """The store conf/tracking/mlflow.yaml names (MLFLOW_TRACKING_URI, else the project's sqlite file), read from
     the config itself so the two never disagree."""
@@ -414,8 +434,9 @@ def download_registered(uri: str, cache: str | Path | None = None) -> list[Path]
         folder = Path(cache or project_root() / "outputs" / "registry") / name / str(version.version)
         shutil.rmtree(folder, ignore_errors=True)  # a fresh copy: another store may number its versions alike
         folder.mkdir(parents=True)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(folder),
-                                                         tracking_uri=store))
+        with using_store(store):  # a version's models:/<model id> source is looked up in the global store
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(folder),
+                                                             tracking_uri=store))
     except (MlflowException, OSError) as err:
         raise InputError(f"{uri}: cannot fetch it from the registry at {store} ({_one_line(err, 200)})") from None
     paths = sorted(local.rglob("*.pt")) if local.is_dir() else [local]

@@ -26,7 +26,7 @@ from pipeline.evaluation import evaluate
 from pipeline.inference import checkpoints, infer
 from pipeline.promote import promote
 from pipeline.serving import INPUT, OUTPUT, decode, encode
-from pipeline.tracking import TRAINING_VIEW
+from pipeline.tracking import TRAINING_VIEW, using_store
 from pipeline.training import train
 from tests.conftest import tiny_config
 from tests.test_evaluate import chromium
@@ -43,10 +43,12 @@ def trained(tmp_path_factory, tiny_phantom):
     before = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server.uri  # models:/ URIs resolve against it, as for a user's shell
     try:
-        result = train(tiny_config(tiny_phantom, root / "run", overrides=[
-            f"tracking.uri={server.uri}", "tracking.register=true", f"tracking.model_name={NAME}",
-            "tracking.alias=champion"]))
-        yield server, result, root
+        # MLflow's global URI too, which other tests' mlflow.set_tracking_uri may have left on their store
+        with using_store(server.uri):
+            result = train(tiny_config(tiny_phantom, root / "run", overrides=[
+                f"tracking.uri={server.uri}", "tracking.register=true", f"tracking.model_name={NAME}",
+                "tracking.alias=champion"]))
+            yield server, result, root
     finally:
         os.environ["MLFLOW_TRACKING_URI"] = before
         server.kill()
