@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import entry_point
 from pipeline.errors import InputError
-from pipeline.tracking import register_version, tracking_errors
+from pipeline.tracking import register_version, tracking_errors, using_store
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ def promote(uri: str, run_id: str, alias: str, name: str | None = None) -> str:
         name = version.name
     else:
         name = name or run.data.params.get("data.name") or client.get_experiment(run.info.experiment_id).name
-        register_version(client, name, models[0].model_id, run_id, alias)
+        with using_store(uri):  # the registry looks the model's source up in MLflow's global store
+            register_version(client, name, models[0].model_id, run_id, alias)
     version = client.get_model_version_by_alias(name, alias)
     log.info(f"models:/{name}@{alias} -> version {version.version} (run {run_id}, model {models[0].model_id})")
     return f"models:/{name}@{alias}"

@@ -62,6 +62,7 @@ class SweepRun(Callback):
         from pipeline.tracking import MLflowTracker
 
         folder = Path(config.hydra.sweep.dir)
+        (folder / PARENT_FILE).unlink(missing_ok=True)  # a sweep folder run again (make cv resume=auto): a new parent
         self.parent = MLflowTracker(tracking.uri, tracking.experiment, tracking.get("artifact_location"))
         swept = {"overrides": " ".join(config.hydra.overrides.task),
                  "params": {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()},

@@ -321,7 +321,8 @@ class MLflowTracker(NullTracker):
                 log.warning("tracking.register=true needs the run's MLflow model: set tracking.log_model=true")
             return None
         try:
-            uri = register_version(self.client, self.model_name, self.model_id, self.run_id, self.alias)
+            with using_store(self.uri):  # the registry looks the model's source up in MLflow's global store
+                uri = register_version(self.client, self.model_name, self.model_id, self.run_id, self.alias)
         except tracking_errors() as err:
             self._fail("register", err)
             return None

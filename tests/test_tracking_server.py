@@ -231,6 +231,21 @@ def test_register_on_the_sqlite_store_and_infer_resolves_models_uri(tiny_phantom
                                             checkpoint.load(best)["state_dict"])
 
 
+def test_register_on_a_store_named_in_the_config_alone(tiny_phantom, tmp_path, monkeypatch):
+    """`make train tracking.register=true` on a fresh machine: no MLFLOW_TRACKING_URI, the store only in the config
+    (MLflow's registry looks a model's source up in its global store: it once missed the run's model there)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)  # where MLflow's own default store would appear
+    store = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    result = train(tiny_config(tiny_phantom, tmp_path / "run", overrides=[
+        f"tracking.uri={store}", "tracking.register=true", "tracking.model_name=fresh", "tracking.alias=champion"]))
+    assert result["model_uri"] == "models:/fresh/1"
+    version = mlflow.MlflowClient(store).get_model_version_by_alias("fresh", "champion")
+    assert version.run_id == result["run_id"] and version.source.startswith("models:/m-")
+    assert not (tmp_path / "mlflow.db").exists() and "MLFLOW_TRACKING_URI" not in os.environ
+
+
 @pytest.mark.slow
 def test_infer_cli_takes_a_models_uri(tiny_phantom, tmp_path, trackers, mlflow_store):
     name = f"phantom-cli-{uuid.uuid4().hex[:8]}"
