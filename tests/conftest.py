@@ -72,8 +72,11 @@ TINY_MODEL = {
 
 
 def tiny_config(phantom: Path, run_dir: Path, model: str = "unet3d", overrides: list[str] = ()) -> DictConfig:
-    return compose_config("train", [f"data.root={phantom}", f"model={model}", *TINY, *TINY_MODEL[model], *overrides],
-                          run_dir)
+    # The run's MLflow model (about 2 s to write) only for the tests that register it or say so: the suite trains ~60
+    # times, and tests/test_mlflow_models.py and test_tracking_server.py check the model itself.
+    logged = any(o.startswith(("tracking.register=", "tracking.log_model=", "tracking=")) for o in overrides)
+    return compose_config("train", [f"data.root={phantom}", f"model={model}", *TINY, *TINY_MODEL[model],
+                                    *([] if logged else ["tracking.log_model=false"]), *overrides], run_dir)
 
 
 def shared_dataset(name: str) -> Path:

@@ -156,8 +156,8 @@ def test_promote_moves_an_alias_and_registers_an_unregistered_run(trained, tiny_
     server, result, root = trained
     client = mlflow.MlflowClient(server.uri)
     # a second run, not registered: promote registers its model as version 2 and points the alias there
-    second = train(tiny_config(tiny_phantom, tmp_path / "run", overrides=[f"tracking.uri={server.uri}",
-                                                                          f"tracking.model_name={NAME}"]))
+    second = train(tiny_config(tiny_phantom, tmp_path / "run", overrides=[
+        f"tracking.uri={server.uri}", f"tracking.model_name={NAME}", "tracking.log_model=true"]))
     assert promote(server.uri, second["run_id"], "champion", NAME) == f"models:/{NAME}@champion"
     assert client.get_model_version_by_alias(NAME, "champion").run_id == second["run_id"]
     promote(server.uri, result["run_id"], "champion")  # back to version 1, found by its run
