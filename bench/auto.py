@@ -205,7 +205,9 @@ def readme_table(rows: dict) -> str:
         mean = np.mean([r["dice"][c] for c in r["present"]]) if many else r["mean"]["dice"]
         per_class += "".join(f"; {g} {v['dice']:.3f}" for g, v in r["regions"].items())
         split = SPLIT[scored_as(r)](r)
-        lines.append(f"| {r['task']} | {split}, "
+        recipe = r.get("experiment", "auto")
+        task = r["task"] if recipe == "auto" else f"{r['task']} (`experiment={recipe}`)"
+        lines.append(f"| {task} | {split}, "
                      f"{r['cases_scored']} cases | {r['budget_minutes']:g} | {cpu} ({r['precision']}) | "
                      f"{mean:.3f} | {per_class} |")
     return "\n".join(lines)

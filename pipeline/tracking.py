@@ -395,8 +395,10 @@ def using_store(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(uri)
         yield
     finally:
-        mlflow.set_tracking_uri(before)
-        if variable is not None:
+        mlflow.set_tracking_uri(before)  # which sets or unsets the variable to match: put it back as it was
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
             os.environ["MLFLOW_TRACKING_URI"] = variable
 
 
