@@ -443,11 +443,12 @@ def log_to_tracking(cfg: DictConfig, summary: dict, files: list[Path], cases: li
     tracker.start(f"evaluate_{summary['source']['name'].replace(' ', '_')}", config, {"evaluation": "true"})
     try:
         tracker.link(bundle.get("run_id") if bundle is not None else None)
-        truths = [c.truth for c in cases]
-        name = f"{data['name']}/{cfg.split}" if data is not None else Path(cfg.truth).name
-        shown = profile(truths, 1, list(summary["classes"])) if all(str(t).endswith(NIFTI) for t in truths) else {}
-        tracker.log_datasets({"evaluation": VolumeDataset(name, data["root"] if data is not None else cfg.truth,
-                                                          files_key(truths), shown)})
+        if tracker.run_id:  # the truths' headers are read only for a store that keeps them
+            truths = [c.truth for c in cases]
+            name = f"{data['name']}/{cfg.split}" if data is not None else Path(cfg.truth).name
+            shown = profile(truths, 1, list(summary["classes"])) if all(str(t).endswith(NIFTI) for t in truths) else {}
+            tracker.log_datasets({"evaluation": VolumeDataset(name, data["root"] if data is not None else cfg.truth,
+                                                              files_key(truths), shown)})
         tracker.log_metrics(metrics, step=bundle.get("epoch", 0) if bundle is not None else 0)
         folder = f"evaluation/{cfg.split}" if bundle is not None else "evaluation"
         for f in files:

@@ -316,8 +316,10 @@ class MLflowTracker(NullTracker):
         "models:/<name>/<version>". None when off or failed."""
         if not (self.registers and self._live()):
             return None
-        if self.model_id is None and not (self.logs_model and self.log_model(checkpoint)):
-            if not self.failed:
+        if self.model_id is None:  # not logged yet (training logs it first)
+            self.log_model(checkpoint)
+        if self.model_id is None:
+            if not (self.failed or self.logs_model):
                 log.warning("tracking.register=true needs the run's MLflow model: set tracking.log_model=true")
             return None
         try:

@@ -200,8 +200,9 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     tracker.start(name, job.config, run_tags(cfg, job.device, job.precision, every_case),
                   run_id=state and state.get("run_id"))
     run_dir = job.run_dir = RunDir(cfg.paths.run_dir)
-    if state is None and distributed.is_main():
+    if state is None and tracker.run_id:  # the headers are read only for a store that keeps them
         tracker.log_datasets(datasets(cfg, splits))
+    if state is None and distributed.is_main():
         tracker.log_artifact(save_splits(splits, run_dir.root))
         if cfg.get("plan"):  # a planned run (plan=auto, experiment=auto): what the plan decided
             tracker.log_artifact(save_plans(cfg, job, run_dir))
@@ -228,8 +229,9 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
             tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, run_dir.curves))
         # the checkpoint that stands for the run (best.pt; last.pt for data.fold=all) as the run's MLflow model, and
         # with tracking.register=true a version of the registered model (model_uri None otherwise)
-        tracker.log_model(run_dir.model())
-        result["model_uri"] = tracker.register(run_dir.model())
+        model = run_dir.model()
+        tracker.log_model(model)
+        result["model_uri"] = tracker.register(model)
         status = "FINISHED"
     except StorageError as err:  # the disk, not the run: say which checkpoint survived it
         reason = f"{err}; last good checkpoint: {run_dir.last_good() or 'none yet'}"

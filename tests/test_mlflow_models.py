@@ -2,6 +2,8 @@
 served (`mlflow models serve`), voxel for voxel as pipeline.infer; the registry's aliases; dataset inputs; evaluation as
 its own run; system metrics; the UI's runs table in headless Chromium."""
 
+import base64
+import contextlib
 import json
 import os
 import re
@@ -205,8 +207,6 @@ def splits_cases(phantom: Path, ids: list[str]) -> list[dict]:
 
 
 def encode_bytes(data: bytes) -> str:
-    import base64
-
     return base64.b64encode(data).decode()
 
 
@@ -222,12 +222,10 @@ def post(url: str, payload: dict) -> tuple[int, str]:
 def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(OSError):  # not listening yet
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
-        except OSError:
-            pass
         if process.poll() is not None:
             break
         time.sleep(0.5)
