@@ -9,7 +9,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,26 @@ def sweep_parent() -> str | None:
         return None
     path = Path(HydraConfig.get().sweep.dir) / PARENT_FILE
     return path.read_text().strip() if path.is_file() else None
+
+
+def dataset_name(data: DictConfig) -> tuple[str | None, str | None]:
+    """(the name each job's completion will give the dataset, None) or (None, the fault): data.name, else the
+    "name" of its dataset.json, else its folder's name, as pipeline.data.sources reads it, from dataset.json alone."""
+    from pipeline.data.sources import dataset_json, detect_layout, ensure_demo_data
+
+    if data.get("name"):
+        return str(data.name), None
+    if OmegaConf.is_missing(data, "root"):
+        return None, "data.root is not set"
+    ensure_demo_data(data)  # the demo folder is made here once, not by each job that would find it missing
+    root = Path(data.root).expanduser()
+    layout = detect_layout(root) if data.get("layout") == "auto" and root.is_dir() else data.get("layout")
+    if layout == "folders":
+        return root.name, None
+    _, meta, problems = dataset_json(root, f"a dataset in {layout} layout", str(layout))
+    if not isinstance(meta, dict):
+        return None, problems[0] if problems else f"{root / 'dataset.json'}: not a JSON object"
+    return str(meta.get("name") or root.name), None
 
 
 def summary(uri: str, sweep_dir: str) -> list[dict]:
@@ -63,7 +83,12 @@ class SweepRun(Callback):
 
         folder = Path(config.hydra.sweep.dir)
         (folder / PARENT_FILE).unlink(missing_ok=True)  # a sweep folder run again (make cv resume=auto): a new parent
-        self.parent = MLflowTracker(tracking.uri, tracking.experiment, tracking.get("artifact_location"))
+        # tracking.experiment is ${data.name}, which each job fills from its dataset: null in this process unless given
+        experiment, fault = (tracking.experiment, None) if tracking.experiment else dataset_name(config.data)
+        if experiment is None:
+            log.warning(f"sweep {folder}: no MLflow parent run ({fault})")
+            return
+        self.parent = MLflowTracker(tracking.uri, experiment, tracking.get("artifact_location"))
         swept = {"overrides": " ".join(config.hydra.overrides.task),
                  "params": {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()},
                  "sweeper": config.hydra.sweeper.get("_target_", ""), "launcher": config.hydra.launcher.get("_target_")}

@@ -1,6 +1,7 @@
 """Sweeps on the field's engines: an Optuna search (hydra-optuna-sweeper) and jobs launched through submitit."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,7 +12,11 @@ import pytest
 import yaml
 
 from pipeline import checkpoint, project_root
+from pipeline.sweep import dataset_name
 from tests.conftest import TINY, TINY_MODEL, split_parent, wait_for_epoch
+from tests.test_cli import named
+from tests.test_make import make_dry_run
+from tests.test_tracking_server import Server
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess:
@@ -24,6 +29,54 @@ def run_train(*args: str) -> subprocess.CompletedProcess:
 def sweep_runs(mlflow_store: str, experiment: str) -> list:
     mlflow.set_tracking_uri(mlflow_store)
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+@pytest.fixture
+def server_uri(tmp_path):
+    """A new `mlflow server` on its own sqlite store, as `make mlflow-server` runs it."""
+    server = Server(tmp_path / "server")
+    yield server.uri
+    server.kill()
+
+
+def test_make_cv_on_data_named_by_its_dataset_json_nests_its_folds_in_a_parent_on_a_server(tiny_phantom, tmp_path,
+                                                                                              server_uri):
+    """make cv's multirun without tracking.experiment, on a server no run has used: the launching process names the
+    parent's experiment from dataset.json, as its folds do (tests/test_cli.py: a grid on a fresh sqlite store)."""
+    data, cv_dir = named(tiny_phantom, tmp_path / "data", "CV-Organs"), tmp_path / "cv"
+    # the training line of make cv (the two after it score the folds)
+    line = make_dry_run("cv", f"data.root={data}", *TINY, *TINY_MODEL["unet3d"], "tracking.log_model=false",
+                        f"tracking.uri={server_uri}", "FOLDS=2", f"CV_DIR={cv_dir}")[-3]
+    command = shlex.split(line)
+    done = run_train(*command[command.index("pipeline.train") + 1:])
+    assert "raised" not in done.stderr, done.stderr[-3000:]  # Hydra's warning for a callback that failed
+    client = mlflow.MlflowClient(server_uri)
+    (parent,), folds = split_parent(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    assert {client.get_experiment(r.info.experiment_id).name for r in [parent, *folds]} == {"CV-Organs"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in folds} == {parent.info.run_id} and len(folds) == 2
+    assert {r.data.params["data.fold"] for r in folds} == {"0", "1"}
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_run_id"] in {r.info.run_id for r in folds}
+
+
+def test_the_launching_process_names_the_dataset_as_its_jobs_will_from_dataset_json_alone(tiny_phantom, tmp_path):
+    from pipeline.config import compose
+    from pipeline.data.sources import read_dataset
+
+    nameless = named(tiny_phantom, tmp_path / "Task09_Spleen", "")  # no name: the folder's
+    pairs = tmp_path / "liver_study"
+    (pairs / "images").mkdir(parents=True)
+    (pairs / "labels").mkdir()
+    cases = {"msd": [f"data.root={tiny_phantom}"], "nameless": [f"data.root={nameless}"],
+             "given": [f"data.root={tiny_phantom}", "data.name=Mine"],
+             "auto": ["data=auto", f"data.root={pairs}"], "folders": ["data=folders", f"data.root={pairs}",
+                                                                      "data.class_names=[background,liver]"]}
+    names = {case: dataset_name(compose("train", overrides).data) for case, overrides in cases.items()}
+    assert names == {"msd": ("Phantom", None), "nameless": ("Task09_Spleen", None), "given": ("Mine", None),
+                     "auto": ("liver_study", None), "folders": ("liver_study", None)}
+    assert read_dataset(compose("train", [f"data.root={nameless}"]).data).name == "Task09_Spleen"  # as the jobs read it
+    missing = compose("train", [f"data.root={tmp_path / 'nowhere'}"]).data
+    assert dataset_name(missing) == (None, f"{tmp_path / 'nowhere' / 'dataset.json'}: not found; data.root must be "
+                                           f"a dataset in msd layout (dataset.json, imagesTr/, labelsTr/)")
 
 
 def test_optuna_search_maximizes_the_best_val_dice_that_train_returns(tiny_phantom, tmp_path, mlflow_store):

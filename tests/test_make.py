@@ -1,0 +1,37 @@
+"""The Makefile as users call it: overrides reach Hydra unchanged and in order, `make help` lists every target, and
+`make install` replaces a torch build that differs from TORCH. Dry runs (`make -n`): nothing trains or installs."""
+
+import os
+import subprocess
+
+from pipeline import project_root
+
+
+def make_dry_run(target: str, *args: str) -> list[str]:
+    """The commands `make -n <target> <args>` would run."""
+    # A clean environment: under `make test` the parent make's MAKEFLAGS would otherwise reach this make too.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    dry = subprocess.run(["make", "--no-print-directory", "-n", target, *args],
+                         capture_output=True, text=True, cwd=project_root(), env=env, check=True)
+    return dry.stdout.strip().splitlines()
+
+
+def test_make_passes_every_override_to_hydra_unchanged_and_in_order():
+    overrides = ["model=unet3d", "loss=dicefocal", "optimizer=sgd", "trainer.max_epochs=3", "+extra.list=[1,2]"]
+    command = make_dry_run("train", *overrides)[-1]
+    assert command.endswith("-m pipeline.train " + " ".join(f"'{o}'" for o in overrides)), command
+
+
+def test_make_cv_gives_its_evaluations_the_tracking_overrides_and_nothing_else():
+    train, cv, test = make_dry_run("cv", "experiment=hippocampus", "tracking=none", "data.batch_size=2",
+                                   "CV_DIR=outputs/cv/x")[-3:]
+    assert train.endswith("hydra.sweep.dir=outputs/cv/x 'experiment=hippocampus' 'tracking=none' "
+                          "'data.batch_size=2'"), train
+    assert cv.endswith("-m pipeline.evaluate ckpt=outputs/cv/x split=cv output=outputs/cv/x/cv 'tracking=none'"), cv
+    assert test.endswith("if_empty=skip output=outputs/cv/x/ensemble_test 'tracking=none'"), test
+
+
+def test_make_cv_folds_sets_the_number_of_folds_and_is_no_hydra_key():
+    train = make_dry_run("cv", "experiment=auto", "FOLDS=4", "CV_DIR=outputs/cv/x")[-3]
+    assert "--multirun 'data.fold=range(0,4)' data.split.folds=4 hydra.sweep.dir=outputs/cv/x" in train, train
+    assert train.endswith("'experiment=auto'") and "FOLDS=" not in train, train
