@@ -14,7 +14,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.data.fingerprint import fingerprint
-from pipeline.data.sources import Dataset, data_facts, ensure_demo_data, read_dataset, split, test_fraction
+from pipeline.data.sources import Dataset, data_facts, ensure_demo_data, read_dataset, test_fraction
+from pipeline.data.subjects import split_dataset
 from pipeline.errors import InputError
 from pipeline.losses import inverse_frequency_weights
 from pipeline.planning import planned_data, planned_topology
@@ -46,7 +47,10 @@ def complete(cfg: DictConfig) -> Completed:
                          f"this dataset has {cfg.data.num_classes} classes (use a softmax loss such as loss=dicece)")
     s = cfg.data.split
     fill(cfg, {"data.split.test": test_fraction(s.test, len(dataset.cases))})  # `auto`: by the dataset's size
-    splits = split(dataset.cases, s.val, s.test, s.seed, s.folds, cfg.data.fold)
+    splits, grouped = split_dataset(cfg.data, dataset)
+    fill(cfg, {"data.split.subjects": grouped})  # how the cases were grouped, for the plan and the checkpoint
+    log.info(f"split: {grouped}; {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} "
+             f"test")
     fill(cfg, planned_data(cfg, dataset.modalities, splits["train"]))
     fill(cfg, planned_topology(cfg, splits["train"]))  # after the data plan: it depends on the patch and spacing
     if cfg.loss.get("weight") == "inverse_frequency":  # loss=ce_weighted: class weights from the training cases

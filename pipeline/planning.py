@@ -19,6 +19,7 @@ from pipeline.config import option
 from pipeline.data.fingerprint import fingerprint
 from pipeline.data.transforms import augmentation
 from pipeline.engine import pick_device
+from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,67 @@ def is_ct(modalities: list[str], fp: dict) -> bool:
     return undeclared and fp.get("minimum", [0.0])[0] <= HOUNSFIELD_AIR
 
 
-def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2, divisor: int = 8) -> dict:
+def poolings(patch, spacing, exact: bool = True) -> list[list[int]]:
+    """Each down-sampling stage's strides, by nnU-Net's rule (get_pool_and_conv_props): an axis halves while it keeps
+    MIN_FEATURE_MAP voxels and its spacing is within 2x of the finest of the axes that can still halve (an axis too
+    small to halve no longer holds the others back); exact: only while its size is even."""
+    size, spacing, strides = [float(n) for n in patch], [float(s) for s in spacing], []
+    while True:
+        can = [n / 2 >= MIN_FEATURE_MAP for n in size]
+        if not any(can):
+            return strides
+        finest = min(s for s, c in zip(spacing, can) if c)
+        pool = [c and s / finest < 2 and (not exact or n % 2 == 0) for n, s, c in zip(size, spacing, can)]
+        if not any(pool):
+            return strides
+        strides.append([2 if p else 1 for p in pool])
+        size = [n / st for n, st in zip(size, strides[-1])]
+        spacing = [s * st for s, st in zip(spacing, strides[-1])]
+
+
+def fit_patch(median_shape: np.ndarray, spacing, budget_voxels: int, min_batch: int, divisor: int,
+              planned_network: bool) -> np.ndarray:
+    """The patch: the median case whole, each side a multiple of its divisor, shrunk (the side largest relative to
+    the median case first, as nnU-Net does) until min_batch patches fit the budget. No side goes below its floor:
+    the median case's side or 2 * MIN_FEATURE_MAP voxels, whichever is smaller, and for a planned network one
+    finest-spacing side of 4 * MIN_FEATURE_MAP (two poolings: DynUNet has at least three stages); an InputError
+    where the budget cannot hold even that."""
+    def divisors(patch):
+        if not planned_network:
+            return np.full(len(patch), divisor)
+        return np.minimum(divisor, np.prod([[1] * len(patch), *poolings(patch, spacing, exact=False)], axis=0))
+
+    def rounded(patch):  # up to each axis's divisor (a network pools it exactly)
+        return np.ceil(patch / divisors(patch)).astype(int) * divisors(patch)
+
+    floor = np.minimum(np.ceil(median_shape), 2 * MIN_FEATURE_MAP)
+    if planned_network:  # the largest of the finest axes carries the two poolings a three-stage network needs
+        fine = np.asarray(spacing) / min(spacing) < 2
+        axis = int(np.argmax(np.where(fine, median_shape, -np.inf)))
+        floor[axis] = max(floor[axis], 4 * MIN_FEATURE_MAP)
+    floor = rounded(floor)
+    patch = np.maximum(rounded(np.ceil(median_shape)), floor)  # cover the median case whole
+    while patch.prod() * min_batch > budget_voxels:
+        step = divisors(patch)
+        shrinkable = patch - step >= floor
+        if not shrinkable.any():
+            raise InputError(f"plan.budget_voxels={budget_voxels} holds no patch: the smallest, {floor.tolist()}, "
+                             f"takes {int(floor.prod()) * min_batch} voxels at plan.min_batch={min_batch}; raise "
+                             f"the budget or lower min_batch")
+        axis = int(np.argmax(np.where(shrinkable, patch / median_shape, -np.inf)))
+        patch[axis] -= step[axis]
+        patch = rounded(patch)
+    return patch
+
+
+def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2, divisor: int = 8,
+         planned_network: bool = True) -> dict:
     """The plan for one dataset.
 
     budget_voxels: patch voxels x batch size per step, the knob for activation memory and step time.
-    divisor: patch sides are multiples of it (2 ** number of down-sampling stages of the network).
+    divisor: patch sides are multiples of it (2 ** number of down-sampling stages of the network); with
+    planned_network (the topology planned for the patch) an axis the network pools fewer times, such as 9 slices of
+    10 mm, takes that axis's own, smaller divisor.
     """
     spacings = np.array(fp["spacings"])
     target = np.median(spacings, axis=0)
@@ -61,12 +118,7 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
     crop = bool(np.median(nonzero.prod(axis=1) / shapes.prod(axis=1)) < CROP_BELOW)
     shapes = (nonzero if crop else shapes) * spacings / target  # case sizes after cropping and resampling
     median_shape = np.median(shapes, axis=0)
-
-    patch = np.ceil(median_shape / divisor).astype(int) * divisor  # cover the median case whole
-    while patch.prod() * min_batch > budget_voxels and patch.max() > divisor:
-        # shrink the side that is largest relative to the median case, as nnU-Net does
-        axis = int(np.argmax(patch / median_shape))
-        patch[axis] -= divisor
+    patch = fit_patch(median_shape, target, budget_voxels, min_batch, divisor, planned_network)
     batch = max(min_batch, budget_voxels // int(patch.prod()))
     # nnU-Net's cap: one step sees at most 5 percent of the dataset's voxels
     batch = int(min(batch, max(min_batch, 0.05 * shapes.prod(axis=1).sum() // patch.prod())))
@@ -133,24 +185,18 @@ def auto_width(cfg: DictConfig, network: dict, patch: list[int]) -> tuple[int, s
 
 
 def topology(patch: list[int], spacing: list[float], base_filters: int = BASE_FILTERS) -> dict:
-    """Per-stage kernels, strides and widths for a patch (nnU-Net's rule): halve an axis while it stays even, at least
-    MIN_FEATURE_MAP voxels and within 2x of the finest spacing; a kernel is 3 along an axis once its spacing is within
+    """Per-stage kernels, strides and widths for a patch (nnU-Net's rule): strides as `poolings` halves the axes;
+    a kernel is 3 along an axis once its spacing is within
     2x of the finest (1 before: an anisotropic axis is first convolved in-plane only). Widths double per stage from
     base_filters."""
-    size, spacing = list(patch), list(spacing)
+    spacing = list(spacing)
 
     def kernel(previous):
         return [3 if k == 3 or s / min(spacing) < 2 else 1 for k, s in zip(previous, spacing)]
 
-    kernels, strides = [kernel([1] * len(size))], [[1] * len(size)]
-    while True:
-        pool = [n % 2 == 0 and n // 2 >= MIN_FEATURE_MAP and s / min(spacing) < 2 for n, s in zip(size, spacing)]
-        if not any(pool):
-            break
-        stride = [2 if p else 1 for p in pool]
-        size = [n // st for n, st in zip(size, stride)]
+    kernels, strides = [kernel([1] * len(patch))], [[1] * len(patch), *poolings(patch, spacing)]
+    for stride in strides[1:]:
         spacing = [s * st for s, st in zip(spacing, stride)]
-        strides.append(stride)
         kernels.append(kernel(kernels[-1]))
     filters = [min(base_filters * 2**i, MAX_FILTERS) for i in range(len(strides))]
     return {"kernel_size": kernels, "strides": strides, "upsample_kernel_size": strides[1:], "filters": filters}
@@ -168,7 +214,8 @@ def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]
         return {}
     settings = cfg.get("plan") or {}
     fp = fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")
-    p = plan(fp, modalities, settings.get("budget_voxels", 2**19), settings.get("min_batch", 2))
+    p = plan(fp, modalities, settings.get("budget_voxels", 2**19), settings.get("min_batch", 2),
+             planned_network=any(_is_auto(cfg.model.get(key)) for key in TOPOLOGY))
     values = {f"data.{key}": p[key] for key in ("spacing", "patch_size", "batch_size") if f"data.{key}" in auto}
     if "transforms.augment.affine.rotate_range" in auto:
         values["transforms.augment.affine.rotate_range"] = p["rotate_range"]
@@ -226,6 +273,7 @@ def plans(cfg: DictConfig, splits: dict[str, list[dict]], precision: hardware.Pr
         "dataset": {"root": c["data"]["root"], "name": c["data"]["name"], "classes": c["data"]["class_names"],
                     "channels": c["data"]["in_channels"],
                     "cases": {k: len(v) for k, v in splits.items()}, "test_fraction": c["data"]["split"]["test"],
+                    "subjects": c["data"]["split"].get("subjects"),
                     "fold": c["data"]["fold"]},
         "fingerprint": {k: fp[k] for k in ("num_cases", "median_shape", "median_spacing", "intensity",
                                            "class_frequency")}

@@ -58,7 +58,8 @@ def save_plans(cfg: DictConfig, job: engine.Job, run_dir: RunDir) -> Path:
              f"crop {'to nonzero' if p['preprocessing']['crop'] else 'none'}, "
              f"spacing {p['preprocessing']['spacing'] or 'native'}, patch {p['patch_size']} x {p['batch_size']}, "
              f"{type(job.model).__name__} {net.get('filters', '')}, mirrors {p['augmentation']['mirror_axes']}, "
-             f"{p['loss'].rsplit('.', 1)[-1]}, {budget} in {p['hardware']['precision']}; {run_dir.plans}")
+             f"{p['loss'].rsplit('.', 1)[-1]}, {budget} in {p['hardware']['precision']}; split {d['subjects']}; "
+             f"{run_dir.plans}")
     return run_dir.plans
 
 
@@ -71,9 +72,11 @@ def setup(cfg: DictConfig) -> engine.Job:
     with distributed.main_first():
         ensure_demo_data(cfg.data)
         if cfg.data.get("check", True) and distributed.is_main():  # every fault, before anything is cached or trained
-            faults = check(cfg, progress=False)["faults"]
-            if faults:
-                raise faults_error(faults, cfg.data.root)
+            report = check(cfg, progress=False)
+            if report["faults"]:
+                raise faults_error(report["faults"], cfg.data.root)
+            for warning in report["warnings"]:
+                log.warning(warning)
         splits = complete(cfg).splits  # the gate: every value left to the data, the plan or the training cases
     set_determinism(seed=cfg.seed)  # python, numpy, torch and MONAI transform states
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", False)), warn_only=True)

@@ -4,13 +4,16 @@ import os
 
 import mlflow
 import numpy as np
+import pytest
 import torch
 from hydra.utils import instantiate
+from monai.networks.nets import DynUNet
 
 from pipeline.completion import complete
 from pipeline.data import fingerprint as fp_module
 from pipeline.data.fingerprint import fingerprint
 from pipeline.data.sources import read_msd
+from pipeline.errors import InputError
 from pipeline.models.adapters import training_outputs as outputs
 from pipeline.planning import plan, topology
 from pipeline.training import train
@@ -58,7 +61,10 @@ def test_plan_shrinks_the_relatively_largest_side_and_resamples_anisotropic_data
     fp = fake_fingerprint([[512, 512, 100]] * 10, spacings)
     p = plan(fp, ["CT"], budget_voxels=2 * 64**3)
     assert p["spacing"] == [0.8, 0.8, 3.0]  # median; the 10th percentile of the coarse axis is 3.0 too
-    assert all(s % 8 == 0 for s in p["patch_size"]) and np.prod(p["patch_size"]) * 2 <= 2 * 64**3
+    # 3-mm slices under 0.8-mm pixels are pooled twice (4x): that side is a multiple of 4, the others of 8
+    assert p["patch_size"] == [112, 112, 20] and np.prod(p["patch_size"]) * 2 <= 2 * 64**3
+    strides = np.prod(topology(p["patch_size"], p["spacing"])["strides"], axis=0)
+    assert (np.array(p["patch_size"]) % strides == 0).all() and strides.tolist() == [16, 16, 4]
     assert p["batch_size"] >= 2
     assert p["normalize"] == {"name": "ct", "a_min": -100.0, "a_max": 300.0}
 
@@ -104,3 +110,50 @@ def test_short_planned_training_on_real_hippocampus_improves_dice(tmp_path, mlfl
                      key=lambda m: m.step)
     assert len(history) == 6
     assert history[-1].value > history[0].value + 0.1, [round(m.value, 3) for m in history]
+
+
+GRID_SHAPES = {  # in-plane x slices of the median case, at its in-plane spacing
+    "one slice": (256, 256, 1), "30-voxel crop": (30, 30, 30), "hippocampus": (36, 50, 35),
+    "cine MRI": (216, 256, 9), "brain": (256, 256, 180), "whole-body CT": (512, 512, 1000),
+}
+
+
+@pytest.mark.parametrize("budget", [2**14, 2**19, 2**22])
+@pytest.mark.parametrize("ratio", [1.0, 3.0, 6.4, 20.0])
+@pytest.mark.parametrize("shape", GRID_SHAPES, ids=list(GRID_SHAPES))
+def test_every_geometry_plans_a_valid_patch_batch_and_network(shape, ratio, budget):
+    cases, channels = 20, 1 + len(shape) % 4  # 1 to 4 channels
+    median = np.array(GRID_SHAPES[shape])
+    fp = fake_fingerprint([median.tolist()] * cases, [[0.8, 0.8, 0.8 * ratio]] * cases)
+    fp["intensity"] *= channels
+    try:
+        p = plan(fp, ["MRI"] * channels, budget_voxels=budget)
+    except InputError as err:  # only where even the smallest patch exceeds the budget, said in one line
+        assert budget == 2**14 and "plan.budget_voxels=16384 holds no patch" in str(err) and "\n" not in str(err)
+        return
+    patch, spacing = np.array(p["patch_size"]), p["spacing"]
+    net = topology(patch.tolist(), spacing)
+    divisor = np.prod(net["strides"], axis=0)
+    assert (patch % divisor == 0).all() and (patch >= divisor).all()  # every pooling exact
+    assert (patch <= np.maximum(np.ceil(median / divisor) * divisor, 16)).all()  # no larger than the padded case
+    assert patch.prod() * p["batch_size"] <= max(budget, patch.prod() * 2) and p["batch_size"] >= 2
+    assert len(net["strides"]) >= 3 and len(net["filters"]) == len(net["kernel_size"]) == len(net["strides"])
+    if ratio >= 6.4 and median[2] > 1:  # thick slices: convolved in-plane first, rotated in-plane only
+        assert net["kernel_size"][0][2] == 1 and p["rotate_range"][:2] == [0.0, 0.0]
+    DynUNet(3, channels, 3, net["kernel_size"], net["strides"], net["upsample_kernel_size"],
+            filters=net["filters"], deep_supervision=True, deep_supr_num=min(2, len(net["strides"]) - 2))
+
+
+def test_a_budget_below_the_smallest_patch_says_so_in_one_line():
+    fp = fake_fingerprint([[256, 256, 180]] * 5, [[1.0, 1.0, 1.0]] * 5)
+    with pytest.raises(InputError, match=r"plan.budget_voxels=1000 holds no patch: the smallest, \[16, 8, 8\], "
+                                         r"takes 2048 voxels at plan.min_batch=2"):
+        plan(fp, ["MRI"], budget_voxels=1000)
+
+
+def test_thick_slices_no_longer_break_the_plan():
+    # ACDC: 9 slices of 10 mm under 1.56-mm pixels, which shrank the slice axis to 0 (ZeroDivisionError)
+    fp = fake_fingerprint([[216, 256, 9]] * 136, [[1.5625, 1.5625, 10.0]] * 136)
+    p = plan(fp, ["MRI"], budget_voxels=2**19)
+    assert p["patch_size"] == [168, 192, 8] and p["batch_size"] == 2
+    assert topology(p["patch_size"], p["spacing"])["strides"][1:3] == [[2, 2, 1], [2, 2, 1]]  # in-plane first

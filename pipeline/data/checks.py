@@ -16,7 +16,8 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.data.sources import data_facts, dataset_problems, split
+from pipeline.data.sources import case_id, data_facts, dataset_problems
+from pipeline.data.subjects import SPLITS_FILE, looks_grouped_warning, split_dataset
 from pipeline.errors import InputError
 from pipeline.io import label_fault, spatial
 
@@ -89,15 +90,20 @@ def check(cfg: DictConfig, *, progress: bool = True) -> dict:
         if is_empty:
             empty.append(case["label"])
     try:
-        split(dataset.cases, d.split.val, d.split.test, d.split.seed, d.split.folds, d.fold)
+        split_dataset(d, dataset)
     except InputError as err:
         faults.append(f"{root}: {err}")
-    return {"cases": len(dataset.cases), "faults": faults, "empty": empty}
+    grouped = (root / SPLITS_FILE).is_file() or any("subject" in c for c in dataset.cases)
+    warning = looks_grouped_warning(root, [case_id(c) for c in dataset.cases], d.split.get("group"), d.split.folds,
+                                    has_fixed=grouped)
+    return {"cases": len(dataset.cases), "faults": faults, "empty": empty, "warnings": [warning] if warning else []}
 
 
 def log_report(root, report: dict, then: str = "") -> None:
     """check()'s faults, one `error:` line each, and a summary line (with `then`: what to do next)."""
     for fault in report["faults"]:
         log.error(fault)
+    for warning in report.get("warnings", []):
+        log.warning(warning)
     log.info(f"{root}: {report['cases']} cases, {len(report['faults'])} faults, {len(report['empty'])} empty labels "
              f"(allowed){then}")

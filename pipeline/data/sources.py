@@ -68,7 +68,8 @@ def msd_problems(root: str | Path) -> tuple[Dataset | None, list[str]]:
     try:
         labels = {int(k): str(v) for k, v in meta["labels"].items()}
         modalities = [str(v) for _, v in sorted(meta["modality"].items(), key=lambda kv: int(kv[0]))]
-        entries = [(str(c["image"]), str(c["label"])) for c in meta["training"]]
+        # an entry's optional "subject" groups cases of one patient (pipeline/data/subjects.py)
+        entries = [(str(c["image"]), str(c["label"]), c.get("subject")) for c in meta["training"]]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         return None, [f"{spec}: not a valid MSD dataset.json ({type(err).__name__}: {err})"]
     problems, cases, seen = [], [], {}
@@ -77,8 +78,8 @@ def msd_problems(root: str | Path) -> tuple[Dataset | None, list[str]]:
         problems.append(f"{spec}: labels must be 0..N-1 with background 0, got {sorted(labels)}")
     if not entries:
         problems.append(f"{spec}: lists no training cases")
-    for image, label in entries:
-        case = {}
+    for image, label, subject in entries:
+        case = {} if subject is None else {"subject": str(subject)}
         for key, rel in (("image", image), ("label", label)):
             path = Path(os.path.normpath(base / rel))  # lexical: symlinked files may live elsewhere
             if Path(rel).is_absolute() or not path.is_relative_to(base):
@@ -230,31 +231,81 @@ def case_id(case: dict) -> str:
     return Path(case.get("label") or case["image"]).name.removesuffix(".gz").removesuffix(".nii")
 
 
-def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5,
-          fold: int | None = None) -> dict[str, list[dict]]:
+def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5, fold: int | None = None,
+          subjects: list[str] | None = None, fixed: list[dict] | None = None) -> dict[str, list[dict]]:
     """Deterministic train/val/test split from a seed.
 
     The test cases are held out first; the rest is split by the `val` fraction, or, when `fold` is given, into
     `folds` nnU-Net-style cross-validation folds of which fold `fold` validates. No case is in two splits, except
     with fold="all" (nnU-Net's final model): every non-test case trains, and the `val` fraction of them is watched.
+    subjects: each case's subject (pipeline/data/subjects.py): a subject's cases stay in one split and one fold; with
+    every case its own subject the split is the one without. fixed: nnU-Net's splits_final.json folds, used as listed.
     """
-    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
-    n_test = round(len(cases) * test_fraction(test, len(cases)))
-    held_out, rest = order[:n_test], order[n_test:]
+    if fixed is not None:
+        return listed_fold(cases, fixed, folds, fold)
+    units = subject_units(cases, subjects)
+    units = [units[i] for i in np.random.default_rng(seed).permutation(len(units))]
+    held_out, rest = take(units, round(len(cases) * test_fraction(test, len(cases))))
+    n_rest = sum(map(len, rest))
     if fold is None or fold == "all":
-        n_val = min(max(1, round(len(cases) * val)), len(rest) - 1)
-        parts = {"train": rest if fold == "all" else rest[n_val:], "val": rest[:n_val]}
+        val_units, train_units = take(rest, min(max(1, round(len(cases) * val)), n_rest - 1), keep=1)
+        parts = {"train": rest if fold == "all" else train_units, "val": val_units}
     else:
         if not isinstance(fold, int) or not 0 <= fold < folds:
             raise InputError(f"data.fold={fold}: must be in 0..{folds - 1}, or all")
-        chunks = np.array_split(np.arange(len(rest)), folds)
         if len(rest) < folds:
-            raise InputError(f"{len(cases)} cases are too few for {folds} folds after holding out {n_test} for test")
-        parts = {"train": [rest[i] for k, c in enumerate(chunks) if k != fold for i in c],
-                 "val": [rest[i] for i in chunks[fold]]}
+            raise InputError(f"{len(cases)} cases ({len(units)} subjects) are too few for {folds} folds after "
+                             f"holding out {sum(map(len, held_out))} for test")
+        chunks = fold_chunks(rest, folds)
+        parts = {"train": [u for k, c in enumerate(chunks) if k != fold for u in c], "val": chunks[fold]}
+    parts = {k: [case for unit in v for case in unit] for k, v in parts.items()}
     if not parts["train"] or not parts["val"]:
         raise InputError(f"{len(cases)} cases are too few for split val={val}, test={test}, folds={folds}")
-    return parts | {"test": held_out}
+    return parts | {"test": [case for unit in held_out for case in unit]}
+
+
+def subject_units(cases: list[dict], subjects: list[str] | None) -> list[list[dict]]:
+    """The cases as units that are never parted: one per subject, in order of first appearance."""
+    if subjects is None:
+        return [[case] for case in cases]
+    units: dict[str, list[dict]] = {}
+    for case, s in zip(cases, subjects, strict=True):
+        units.setdefault(s, []).append(case)
+    return list(units.values())
+
+
+def take(units: list[list[dict]], n: int, keep: int = 0) -> tuple[list, list]:
+    """(the first units holding at least n cases, the rest), leaving at least `keep` units in the rest."""
+    count, i = 0, 0
+    while count < n and i < len(units) - keep:
+        count, i = count + len(units[i]), i + 1
+    return units[:i], units[i:]
+
+
+def fold_chunks(units: list[list[dict]], folds: int) -> list[list[list[dict]]]:
+    """`folds` consecutive runs of units whose case counts are as close as whole units allow to np.array_split's
+    (the same folds where every unit is one case)."""
+    targets = np.cumsum([len(c) for c in np.array_split(np.arange(sum(map(len, units))), folds)])
+    ends, counts = [], np.cumsum([len(u) for u in units])
+    for k, target in enumerate(targets[:-1]):
+        low, high = (ends[-1] if ends else 0) + 1, len(units) - (folds - 1 - k)  # at least one unit a fold
+        ends.append(min(range(low, high + 1), key=lambda e: abs(counts[e - 1] - target)))
+    bounds = [0, *ends, len(units)]
+    return [units[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def listed_fold(cases: list[dict], fixed: list[dict], folds: int, fold) -> dict[str, list[dict]]:
+    """Fold `fold` of nnU-Net's splits_final.json, its train and val cases as listed (no fold: fold 0; `all`: every
+    listed case trains, fold 0's validation cases are watched); cases in no fold are the test split."""
+    if fold not in (None, "all") and (not isinstance(fold, int) or not 0 <= fold < len(fixed)):
+        raise InputError(f"data.fold={fold}: splits_final.json lists folds 0..{len(fixed) - 1}, or all")
+    if isinstance(fold, int) and folds != len(fixed):
+        raise InputError(f"data.split.folds={folds}, but splits_final.json lists {len(fixed)} folds "
+                         f"(make cv FOLDS={len(fixed)})")
+    listed = [c for c in cases if any(case_id(c) in part for f in fixed for part in f.values())]
+    by_id, chosen = {case_id(c): c for c in cases}, fixed[fold if isinstance(fold, int) else 0]
+    train = listed if fold == "all" else [by_id[c] for c in chosen["train"]]
+    return {"train": train, "val": [by_id[c] for c in chosen["val"]], "test": [c for c in cases if c not in listed]}
 
 
 def ensure_demo_data(data: DictConfig) -> None:
