@@ -156,6 +156,22 @@ def fitted_to_budget(trainer: DictConfig) -> bool:
     return trainer.get("max_minutes") is not None and trainer.get("fit_to_budget", True)
 
 
+# trainer.val_every=auto: validate so that whole-volume validations take at most this share of the training time
+# (a watch: the final model is last.pt, and make cv scores each fold's last); the first epoch's validation times one
+VAL_SHARE = 0.05
+
+
+def val_every(trainer: DictConfig, epoch_seconds: Sequence[float], val_seconds: Sequence[float]) -> int:
+    """trainer.val_every, or for `auto` the cadence whose validations cost VAL_SHARE of the training time at the
+    measured epoch and validation times (1 until a validation is timed)."""
+    if trainer.get("val_every") != "auto":
+        return trainer.get("val_every") or 1
+    if not epoch_seconds or not val_seconds:
+        return 1
+    epoch = sum(measured := epoch_seconds[1:] or epoch_seconds) / len(measured)
+    return max(1, math.ceil(sum(val_seconds) / len(val_seconds) / (VAL_SHARE * epoch)))
+
+
 def validations(first: int, end: int, every: int) -> int:
     """How many of the epochs first..end validate: every `every`-th, and the last."""
     return end // every - (first - 1) // every + (end % every != 0)
@@ -176,7 +192,7 @@ def budgeted_epochs(trainer: DictConfig, epoch: int, spent: float, epoch_seconds
     measured = epoch_seconds[1:] or epoch_seconds
     per_epoch = sum(measured) / len(measured) + overhead / len(epoch_seconds)
     val = sum(val_seconds) / len(val_seconds) if val_seconds else 0.0
-    every, left = trainer.get("val_every") or 1, 60 * trainer.max_minutes - spent
+    every, left = val_every(trainer, epoch_seconds, val_seconds), 60 * trainer.max_minutes - spent
 
     def cost(end: int) -> float:  # the rest of this epoch and the ones up to `end`, with their validations
         return (end - epoch) * per_epoch + val * validations(epoch, end, every)
@@ -310,14 +326,16 @@ def keep_to_budget(trainer: DictConfig, state: TrainState) -> dict:
 
 
 def validating(trainer: DictConfig, state: TrainState) -> bool:
-    """Every trainer.val_every epochs, at the last, at the first epoch end past each of trainer.val_minutes, and with
-    a time budget at the first epoch: until one is timed the budget cannot reserve the final validation (on whole
-    brains or tumours a large share of a short budget), and would end the run late by one."""
+    """Every trainer.val_every epochs (`auto`: planned from the measured costs), at the last, at the first epoch end
+    past each of trainer.val_minutes, and with a time budget or `auto` at the first epoch: until one is timed the
+    budget cannot reserve the final validation (on whole brains or tumours a large share of a short budget), and
+    would end the run late by one."""
     now, last = state.train_seconds, state.epoch_seconds[-1]
     passed = any(now - last < 60 * m <= now for m in trainer.get("val_minutes") or [])
-    untimed = fitted_to_budget(trainer) and trainer.get("budget_counts", "run") == "run" and not state.val_seconds
-    return (state.epoch % trainer.val_every == 0 or state.epoch >= state.end or state.stop is not None or passed
-            or untimed)
+    untimed = not state.val_seconds and (trainer.get("val_every") == "auto" or (
+        fitted_to_budget(trainer) and trainer.get("budget_counts", "run") == "run"))
+    every = val_every(trainer, state.epoch_seconds, state.val_seconds)
+    return state.epoch % every == 0 or state.epoch >= state.end or state.stop is not None or passed or untimed
 
 
 def step_scheduler(job: Job, state: TrainState, metrics: dict) -> None:

@@ -161,6 +161,28 @@ def test_a_time_budget_ends_the_run_with_its_validations_at_the_budget(tiny_phan
     assert [h["epoch"] for h in result["history"] if "val_dice_mean" in h] == [1, 2, 4]
 
 
+def test_an_auto_cadence_spends_a_twentieth_of_training_on_validation(tiny_phantom, tmp_path, monkeypatch):
+    """val_every=auto: 6-s epochs and 9-s validations validate every ceil(9 / (0.05 x 6)) = 30 epochs; a 60 s budget
+    then trains 7 epochs with only the timing validation after the first and the last (7 x 6 + 2 x 9 = 60 s), where
+    val_every=2 trained 4."""
+    auto = OmegaConf.create({"val_every": "auto"})
+    assert engine.val_every(auto, [10.0, 5.0], []) == 1  # no validation timed yet
+    assert engine.val_every(auto, [10.0, 5.0], [10.0]) == 40  # the first epoch's one-off costs left out
+    assert engine.val_every(auto, [60.0, 60.0], [2.0]) == 1
+    assert engine.val_every(OmegaConf.create({"val_every": 7}), [1.0], [100.0]) == 7
+    clock = [0.0]
+    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    step, validate = engine.batch_loss, engine.validate
+    monkeypatch.setattr(engine, "batch_loss", lambda *a: clock.__setitem__(0, clock[0] + 1) or step(*a))
+    monkeypatch.setattr(engine, "validate", lambda *a: clock.__setitem__(0, clock[0] + 9) or validate(*a))
+    overrides = ["tracking=none", "scheduler=cosine", "trainer.max_epochs=1000", "trainer.max_minutes=1",
+                 "trainer.val_every=auto"]
+    result = train(tiny_config(tiny_phantom, tmp_path, overrides=overrides))
+    assert result["epochs"] == 7
+    assert [h["epoch"] for h in result["history"] if "val_dice_mean" in h] == [1, 7]
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run_minutes"] * 60 == 60
+
+
 def test_a_resumed_budgeted_run_refits_its_schedule_as_an_unbroken_run_does(tiny_phantom, tmp_path, monkeypatch):
     """last.pt holds the resolved config (the schedule's length frozen at max_epochs=1000); a budget that changes
     the run's length after a resume must still end the schedule there (it once rebuilt it 1000 epochs long)."""
