@@ -11,15 +11,24 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 
 # make lists command-line variables last-first; reverse them so Hydra sees the user's order. Make's own variables
 # (the Python that creates .venv, the folder `make cv` writes) are not Hydra keys and stay here.
-MAKE_VARS := PYTHON TORCH CV_DIR FOLDS MODEL PORT
+MAKE_VARS := PYTHON TORCH VENV CV_DIR FOLDS MODEL PORT
 reverse = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 OVERRIDES := $(foreach o,$(call reverse,$(filter-out $(MAKE_VARS:%=%=%),$(MAKEOVERRIDES))),'$(o)')
 
 .PHONY: install train cv infer sweep evaluate promote serve test test-slow lint docs docs-check bench bench-infer \
 	bench-auto bench-hippocampus bench-serve mlflow-ui mlflow-server data clean
 
+# The torch in .venv (e.g. 2.13.0+cpu; empty before there is one), read when the install recipe is expanded.
+TORCH_INSTALLED = $(shell $(BIN)/python -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null)
+# $(1) is that version. Non-empty when TORCH asks for another build than its local tag (+cpu, +cu128; none for PyPI's
+# own wheel): pip takes any 2.13.0 for the pin, so `make install TORCH=cu128` over the CPU build would change nothing.
+torch_replaced = $(and $(TORCH),$(1),$(filter-out +$(TORCH),+$(word 2,$(subst +, ,$(1)))))
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# Another build than TORCH's is removed first (not --force-reinstall: it reinstalls every dependency; nor
+	# --no-deps: a CUDA build needs its nvidia-* packages, which the CPU build lacks).
+	$(if $(call torch_replaced,$(TORCH_INSTALLED)),$(BIN)/pip uninstall --disable-pip-version-check -q -y torch)
 	# torch first, at its exact pin: a looser spec would pull a multi-GB CUDA build.
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0 $(if $(TORCH),--index-url https://download.pytorch.org/whl/$(TORCH))
 	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev]'

@@ -1,8 +1,11 @@
-"""The Makefile as users call it: overrides reach Hydra unchanged and in order, `make help` lists every target, and
-`make install` replaces a torch build that differs from TORCH. Dry runs (`make -n`): nothing trains or installs."""
+"""The Makefile as users call it: overrides reach Hydra unchanged and in order, and `make install` replaces a torch
+build that differs from TORCH. Dry runs (`make -n`): nothing trains or installs."""
 
 import os
+import re
 import subprocess
+
+import pytest
 
 from pipeline import project_root
 
@@ -35,3 +38,27 @@ def test_make_cv_folds_sets_the_number_of_folds_and_is_no_hydra_key():
     train = make_dry_run("cv", "experiment=auto", "FOLDS=4", "CV_DIR=outputs/cv/x")[-3]
     assert "--multirun 'data.fold=range(0,4)' data.split.folds=4 hydra.sweep.dir=outputs/cv/x" in train, train
     assert train.endswith("'experiment=auto'") and "FOLDS=" not in train, train
+
+
+@pytest.mark.parametrize("installed,torch,replaced", [
+    ("2.13.0+cpu", "cu128", True),     # the CPU build, a CUDA one asked for: pip alone would keep the CPU build
+    ("2.13.0+cu128", "cpu", True),
+    ("2.13.0", "cu128", True),         # PyPI's own wheel has no local tag
+    ("2.13.0+cu128", "cu128", False),  # already that build
+    ("2.13.0+cpu", "", False),         # no TORCH: whatever pip's index gave is kept
+    (None, "cu128", False),            # no torch yet: nothing to remove
+])
+def test_make_install_removes_a_torch_build_other_than_the_one_torch_names(tmp_path, installed, torch, replaced):
+    """A stand-in .venv whose python answers with the installed torch's version; nothing is installed (dry run)."""
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!/bin/sh\necho {installed}\n" if installed else "#!/bin/sh\nexit 1\n")
+    python.chmod(0o755)
+    commands = make_dry_run("install", f"VENV={tmp_path / 'venv'}", f"TORCH={torch}")
+    uninstall = [i for i, c in enumerate(commands) if " uninstall " in c]
+    install = next(i for i, c in enumerate(commands) if "torch==2.13.0" in c)
+    assert bool(uninstall) == replaced, commands
+    assert all(i < install for i in uninstall)  # removed, then the build asked for installed
+    assert re.search(rf"/\.installed-\d+{torch}$", commands[-1]), commands[-1]  # the stamp records the build
+    if torch:
+        assert commands[install].endswith(f"--index-url https://download.pytorch.org/whl/{torch}")
