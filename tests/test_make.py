@@ -1,13 +1,15 @@
-"""The Makefile as users call it: overrides reach Hydra unchanged and in order, and `make install` replaces a torch
-build that differs from TORCH. Dry runs (`make -n`): nothing trains or installs."""
+"""The Makefile as users call it: overrides reach Hydra unchanged and in order, `make help` lists every target, and
+`make install` replaces a torch build that differs from TORCH. Dry runs (`make -n`): nothing trains or installs."""
 
 import os
 import re
+import shlex
 import subprocess
 
 import pytest
 
 from pipeline import project_root
+from pipeline.config import compose
 
 
 def make_dry_run(target: str, *args: str) -> list[str]:
@@ -38,6 +40,55 @@ def test_make_cv_folds_sets_the_number_of_folds_and_is_no_hydra_key():
     train = make_dry_run("cv", "experiment=auto", "FOLDS=4", "CV_DIR=outputs/cv/x")[-3]
     assert "--multirun 'data.fold=range(0,4)' data.split.folds=4 hydra.sweep.dir=outputs/cv/x" in train, train
     assert train.endswith("'experiment=auto'") and "FOLDS=" not in train, train
+
+
+def hydra_words(command: str, module: str) -> list[str]:
+    """The words the shell hands `python -m <module>` in a command make would run."""
+    words = shlex.split(command)
+    return words[words.index(module) + 1:]
+
+
+def test_overrides_with_spaces_quotes_dollars_and_a_leading_tilde_reach_hydra_as_typed():
+    args = "'data.class_names=[background, liver]' ~transforms.augment.noise"
+    command = make_dry_run("train", "data=folders", "tracking.experiment=\"it's mine\"", "paths.data=${oc.env:HOME}",
+                           f"ARGS={args}")[-1]
+    words = hydra_words(command, "pipeline.train")
+    assert words == ["data=folders", "tracking.experiment=\"it's mine\"", "paths.data=${oc.env:HOME}",
+                     "data.class_names=[background, liver]", "~transforms.augment.noise"], command
+    cfg = compose("train", words)  # and Hydra takes them
+    assert list(cfg.data.class_names) == ["background", "liver"] and "noise" not in cfg.transforms.augment
+    assert cfg.tracking.experiment == "it's mine" and cfg.paths.data == os.environ["HOME"]
+
+
+@pytest.mark.parametrize("target,module", [("train", "pipeline.train"), ("sweep", "pipeline.train"),
+                                           ("infer", "pipeline.infer"), ("evaluate", "pipeline.evaluate"),
+                                           ("promote", "pipeline.promote"), ("data", "pipeline.download"),
+                                           ("test", "pytest"), ("test-slow", "pytest")])
+def test_args_follow_the_overrides_of_every_target_that_runs_a_command_line(target, module):
+    command = make_dry_run(target, "task=Task04_Hippocampus", "ARGS=-k 'a b'")[-1]
+    assert hydra_words(command, module)[-3:] == ["task=Task04_Hippocampus", "-k", "a b"], command
+
+
+def test_make_cv_gives_args_to_its_training_and_their_tracking_overrides_to_its_evaluations():
+    train, cv, test = make_dry_run("cv", "data.batch_size=2", "CV_DIR=o/x",
+                                   "ARGS=tracking=none 'model.channels=[8, 16]' ~transforms.augment.noise")[-3:]
+    assert hydra_words(train, "pipeline.train")[-4:] == ["data.batch_size=2", "tracking=none", "model.channels=[8, 16]",
+                                                         "~transforms.augment.noise"], train
+    assert hydra_words(cv, "pipeline.evaluate") == ["ckpt=o/x", "split=cv", "output=o/x/cv", "tracking=none"], cv
+    assert hydra_words(test, "pipeline.evaluate")[-1] == "tracking=none", test
+
+
+def test_make_help_lists_every_phony_target_with_its_line_and_is_what_a_bare_make_prints():
+    text = (project_root() / "Makefile").read_text().replace("\\\n", " ")
+    phony = next(line for line in text.splitlines() if line.startswith(".PHONY:")).split()[1:]
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    shown = subprocess.run(["make", "--no-print-directory", "help"], capture_output=True, text=True,
+                           cwd=project_root(), env=env, check=True).stdout
+    bare = subprocess.run(["make", "--no-print-directory"], capture_output=True, text=True, cwd=project_root(),
+                          env=env, check=True).stdout
+    lines = {line.split()[0]: line.split(maxsplit=1)[1] for line in shown.splitlines()[1:]}
+    assert sorted(lines) == sorted(phony) and len(phony) > 20
+    assert all(lines.values()) and bare == shown
 
 
 @pytest.mark.parametrize("installed,torch,replaced", [
