@@ -1,6 +1,7 @@
 """The command line as users type it: a multirun gives one MLflow run per job (make's side: tests/test_make.py)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ import mlflow
 import pytest
 
 from pipeline import project_root
-from tests.conftest import TINY, TINY_MODEL, split_parent
+from pipeline.config import compose
+from pipeline.inference import mirrored_axes
+from tests.conftest import CONF, TINY, TINY_MODEL, split_parent
 
 
 def named(phantom: Path, folder: Path, name: str) -> Path:
@@ -56,3 +59,20 @@ def test_multirun_gives_each_job_its_own_folder_and_mlflow_run(tiny_phantom, tmp
     assert {line.split()[-1] for line in table[2:4]} == {"loss=dice", "loss=dicefocal"}
     assert parent.data.tags["best_overrides"] == table[2].split()[-1]
     assert parent.data.metrics["best_val_dice_mean"] == pytest.approx(best[first])
+
+
+def test_the_override_a_defaults_entry_s_comment_suggests_composes():
+    """`- augment: default   # transforms/augment=nnunet: ...`: the override a config's comment gives works as typed
+    (conf/<name>.yaml's own, other groups' in the training config)."""
+    hints = [(path, m.group(1)) for path in sorted(CONF.rglob("*.yaml")) for line in path.read_text().splitlines()
+             if (m := re.match(r"\s+- [\w/@]+: \w+\s+#\s*(\S+=[^\s:]+):", line))]
+    assert len(hints) >= 8 and (CONF / "transforms" / "default.yaml", "transforms/augment=nnunet") in hints
+    for path, override in hints:
+        compose(path.stem if path.parent == CONF else "train", [override])
+
+
+@pytest.mark.parametrize("recipe,axes", [(None, (0, 1, 2)), ("auto", (0, 1, 2)), ("hippocampus", (0,)),
+                                         ("hippocampus_quick", (0,))])
+def test_the_shipped_recipes_mirror_the_axes_conf_predict_says_tta_mirrors(recipe, axes):
+    cfg = compose("train", [f"experiment={recipe}"] if recipe else [])
+    assert mirrored_axes([cfg]) == axes
