@@ -8,12 +8,14 @@ Parses the config and calls pipeline.evaluation.evaluate.
 
 from omegaconf import DictConfig
 
+from pipeline import logs
 from pipeline.config import entry_point
 from pipeline.evaluation import evaluate
 
 
 @entry_point("evaluate")
 def main(cfg: DictConfig) -> float:
+    logs.quiet()  # known-harmless third-party lines (pipeline/logs.py)
     return evaluate(cfg)["mean"]["dice"]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from pipeline import logs
 from pipeline.config import entry_point
 from pipeline.inference import PredictOptions, infer
 
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 
 @entry_point("infer")
 def main(cfg: DictConfig) -> None:
+    logs.quiet()  # known-harmless third-party lines (pipeline/logs.py)
     report = infer(cfg.ckpt, cfg.input, cfg.output, PredictOptions.from_config(cfg), format=cfg.format,
                    overwrite=cfg.overwrite, save_probabilities=cfg.save_probabilities)
     log.info(f"{len(report['written'])} written, {len(report['skipped'])} skipped (exist; overwrite=true to redo), "

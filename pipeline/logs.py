@@ -7,7 +7,9 @@ logging (tests, benchmarks, notebooks), the `pipeline` logger prints through its
 """
 
 import logging
+import re
 import sys
+import warnings
 
 from tqdm.auto import tqdm
 
@@ -47,6 +49,48 @@ def _root_prints() -> bool:
     streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
     return any(isinstance(h, Console) or (type(h) is logging.StreamHandler and h.stream in streams)
                for h in logging.getLogger().handlers)
+
+
+# Third-party lines every run printed that say nothing about it, silenced where they come from by quiet() (the
+# entry points call it): (what says it: a warning, from its module, or a log record, from its logger; how it starts;
+# why it is harmless). Anything else these libraries say still shows.
+HARMLESS = [
+    ("log", "monai.data.nvimgcodec_pydicom_plugin", "nvImageCodec is not available",
+     "MONAI's GPU DICOM decoder, absent without CUDA's nvImageCodec: pydicom's own decoders read DICOM"),
+    ("warning", "monai.data.image_reader", "NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register",
+     "the same absence, warned again by the reader every LoadImage builds, whichever reader it then uses"),
+    ("warning", "mlflow.data.dataset_source_registry", "The specified dataset source can be interpreted in multiple",
+     "MLflow registers its local-file source for `` and `file:`: a data folder matches both, the same class"),
+    ("log", "mlflow.pyfunc", "Passing a Python object as `python_model`",
+     "the run's model is pipeline.serving's own class, pickled by reference to this package, which it requires"),
+    ("warning", "mlflow.pyfunc", "An input example was not provided",
+     "the model's signature is given (pipeline/serving.py); an example volume would add megabytes to every model"),
+]
+
+
+class Drop(logging.Filter):
+    """Drops a logger's records whose message starts with `start`."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+_DROPS = {(source, start): Drop(start) for kind, source, start, _ in HARMLESS if kind == "log"}
+
+
+def quiet() -> None:
+    """Silences the HARMLESS lines at their source (each logger, each warning's module and message); idempotent."""
+    for kind, source, start, _ in HARMLESS:
+        if kind == "log":
+            logging.getLogger(source).addFilter(_DROPS[source, start])  # the same filter object: added once
+        else:
+            # MLflow colours some of its warnings: an ANSI escape may come first
+            warnings.filterwarnings("ignore", message=r"(\x1b\[[\d;]*m)?" + re.escape(start), category=UserWarning,
+                                    module=re.escape(source) + "$")
 
 
 # A log file on a full or read-only disk must not print a traceback for every record (logging's default, meant for
