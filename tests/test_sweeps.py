@@ -74,6 +74,9 @@ def test_the_launching_process_names_the_dataset_as_its_jobs_will_from_dataset_j
     assert names == {"msd": ("Phantom", None), "nameless": ("Task09_Spleen", None), "given": ("Mine", None),
                      "auto": ("liver_study", None), "folders": ("liver_study", None)}
     assert read_dataset(compose("train", [f"data.root={nameless}"]).data).name == "Task09_Spleen"  # as the jobs read it
+    # the demo folder not made yet (data/phantom on a fresh clone): made once, here, before any job
+    demo_data = compose("train", [f"paths.data={tmp_path / 'fresh'}", "data.synthesize.num_cases=2"]).data
+    assert dataset_name(demo_data) == ("Phantom", None) and (tmp_path / "fresh" / "phantom" / "dataset.json").is_file()
     missing = compose("train", [f"data.root={tmp_path / 'nowhere'}"]).data
     assert dataset_name(missing) == (None, f"{tmp_path / 'nowhere' / 'dataset.json'}: not found; data.root must be "
                                            f"a dataset in msd layout (dataset.json, imagesTr/, labelsTr/)")
