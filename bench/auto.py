@@ -5,6 +5,7 @@ machine, into docs/results/auto.md and .json.
 
     .venv/bin/python bench/auto.py ibsr                     # the IBSR18 brains: 5 folds of 30 minutes
     .venv/bin/python bench/auto.py ibsr --folds 0           # one of them
+    .venv/bin/python bench/auto.py acdc                     # ACDC cine MRI: 5 folds of whole patients
     .venv/bin/python bench/auto.py brats --minutes 10       # BRATS subset: 4 folds (leave one out), tumour regions
     .venv/bin/python bench/auto.py hippocampus              # experiment=hippocampus: its test split, mirror TTA
     .venv/bin/python bench/auto.py ct --minutes 5           # TotalSegmentator's CTs: the final model, a DICOM-SEG
@@ -49,6 +50,8 @@ class Task:
 
 TASKS = {
     "ibsr": Task("ibsr18_brain_tissue"),
+    # 80 patients, two cine frames each: 5 folds of whole patients (experiment=auto groups them by case name)
+    "acdc": Task("acdc_cardiac"),
     # 260 cases, so a test split of 31 is held out: the final model scored there as its recipe says (docs/hippocampus)
     "hippocampus": Task("msd_hippocampus", folds=0, experiment="hippocampus", scored="test"),
     # four cases: leave-one-out; labels 1-4 scored as the challenge's regions as well

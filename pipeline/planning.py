@@ -96,14 +96,32 @@ def fit_patch(median_shape: np.ndarray, spacing, budget_voxels: int, min_batch: 
     return patch
 
 
+# A 2D network over axial slices where slices are this many times thicker than pixels (nnU-Net's anisotropy
+# threshold): through-plane context 10 mm away adds little, and a CPU budget trains many more in-plane samples
+# slice by slice (docs/auto.md: the 2D lever). nnU-Net trains both and keeps the better by cross-validation.
+TWO_D_FROM = 3.0
+
+
+def two_d(spacing) -> tuple[int, str]:
+    """(2 or 3, why) for plan.dims=auto: 2 where the axial slices (the last axis) are TWO_D_FROM times or more as far
+    apart as the in-plane pixels."""
+    ratio = spacing[2] / max(spacing[:2])
+    if ratio >= TWO_D_FROM and spacing[2] == max(spacing):
+        return 2, f"slices {ratio:.1f}x as far apart as pixels (2D from {TWO_D_FROM:g}x)"
+    return 3, f"slices {ratio:.1f}x as far apart as pixels (3D below {TWO_D_FROM:g}x)"
+
+
 def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2, divisor: int = 8,
-         planned_network: bool = True) -> dict:
+         planned_network: bool = True, dims: int | str = 3, max_batch_3d: int | None = None) -> dict:
     """The plan for one dataset.
 
     budget_voxels: patch voxels x batch size per step, the knob for activation memory and step time.
     divisor: patch sides are multiples of it (2 ** number of down-sampling stages of the network); with
     planned_network (the topology planned for the patch) an axis the network pools fewer times, such as 9 slices of
     10 mm, takes that axis's own, smaller divisor.
+    dims: 3, 2 (a 2D network over axial slices: patches one slice thick) or auto (two_d's rule).
+    max_batch_3d: a cap on a 3D plan's batch (where the budget should buy patch, not batch); a 2D patch cannot grow
+    past its slice, so a 2D plan's batch takes the rest of the budget.
     """
     spacings = np.array(fp["spacings"])
     target = np.median(spacings, axis=0)
@@ -118,8 +136,14 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
     crop = bool(np.median(nonzero.prod(axis=1) / shapes.prod(axis=1)) < CROP_BELOW)
     shapes = (nonzero if crop else shapes) * spacings / target  # case sizes after cropping and resampling
     median_shape = np.median(shapes, axis=0)
-    patch = fit_patch(median_shape, target, budget_voxels, min_batch, divisor, planned_network)
+    dims, why = (two_d(target) if dims == "auto" else (int(dims), "plan.dims"))
+    extent = median_shape.copy()
+    if dims == 2:  # one axial slice a patch, rotated in-plane
+        extent[2], rotate = 1, [0.0, 0.0, ROTATION]
+    patch = fit_patch(extent, target, budget_voxels, min_batch, divisor, planned_network)
     batch = max(min_batch, budget_voxels // int(patch.prod()))
+    if dims == 3 and max_batch_3d:
+        batch = min(batch, max(max_batch_3d, min_batch))
     # nnU-Net's cap: one step sees at most 5 percent of the dataset's voxels
     batch = int(min(batch, max(min_batch, 0.05 * shapes.prod(axis=1).sum() // patch.prod())))
 
@@ -138,6 +162,7 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
         "normalize": normalize,
         "rotate_range": rotate,
         "median_shape": [round(float(n)) for n in median_shape],
+        "dims": dims, "dims_why": why,
     }
 
 
@@ -168,14 +193,14 @@ def step_seconds(model: torch.nn.Module, shape: tuple, precision: hardware.Preci
 
 def auto_width(cfg: DictConfig, network: dict, patch: list[int]) -> tuple[int, str]:
     """(base width, why) for `plan.base_filters=auto`: 32 where trainer.max_minutes trains MIN_STEPS steps of the
-    32-wide `network` (model config values) on this machine, else 16; without a time budget, 32 where training runs
-    in reduced precision on hardware built for it (a GPU, a CPU with native bf16)."""
+    32-wide `network` (the whole model config) on this machine, else 16; without a time budget, 32 where training
+    runs in reduced precision on hardware built for it (a GPU, a CPU with native bf16)."""
     device = pick_device(cfg.trainer.device)
     precision = hardware.resolve(cfg.trainer.amp, device)
     if (minutes := cfg.trainer.get("max_minutes")) is None:
         fast = precision.dtype is not None
         return (FAST_BASE_FILTERS if fast else BASE_FILTERS), f"trains in {precision.name}, no time budget"
-    model = instantiate(OmegaConf.to_container(cfg.model, resolve=True) | network)
+    model = instantiate(network)
     batch = cfg.data.batch_size * cfg.transforms.patch.get("num_samples", 1)
     seconds = step_seconds(model, (batch, cfg.data.in_channels, *patch), precision, device)
     steps = 60 * minutes / seconds
@@ -191,8 +216,8 @@ def topology(patch: list[int], spacing: list[float], base_filters: int = BASE_FI
     base_filters."""
     spacing = list(spacing)
 
-    def kernel(previous):
-        return [3 if k == 3 or s / min(spacing) < 2 else 1 for k, s in zip(previous, spacing)]
+    def kernel(previous):  # 1 along an axis one voxel thick (a 2D patch): a wider kernel would see only padding
+        return [3 if (k == 3 or s / min(spacing) < 2) and n > 1 else 1 for k, s, n in zip(previous, spacing, patch)]
 
     kernels, strides = [kernel([1] * len(patch))], [[1] * len(patch), *poolings(patch, spacing)]
     for stride in strides[1:]:
@@ -215,8 +240,14 @@ def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]
     settings = cfg.get("plan") or {}
     fp = fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")
     p = plan(fp, modalities, settings.get("budget_voxels", 2**19), settings.get("min_batch", 2),
-             planned_network=any(_is_auto(cfg.model.get(key)) for key in TOPOLOGY))
+             planned_network=any(_is_auto(cfg.model.get(key)) for key in TOPOLOGY), dims=settings.get("dims", 3),
+             max_batch_3d=settings.get("max_batch_3d"))
     values = {f"data.{key}": p[key] for key in ("spacing", "patch_size", "batch_size") if f"data.{key}" in auto}
+    if "plan" in cfg:  # the network's dimensions as decided, for planned_topology and plans.json
+        values |= {"plan.dims": p["dims"], "plan.dims_why": p["dims_why"]}
+    if p["dims"] == 2 and OmegaConf.select(cfg, "transforms.augment.flip_z") is not None:
+        # a one-slice patch has nothing to mirror along z, nor has a slice-by-slice prediction: TTA mirrors in-plane
+        values["transforms.augment.flip_z"] = None
     if "transforms.augment.affine.rotate_range" in auto:
         values["transforms.augment.affine.rotate_range"] = p["rotate_range"]
     if "transforms.crop" in auto:
@@ -229,7 +260,8 @@ def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]
     cropped = f", cropped to the nonzero box {p['median_shape']}" if final["transforms.crop"] is not None else ""
     log.info(f"plan from {fp['num_cases']} training cases (median shape {[round(s) for s in fp['median_shape']]}, "
              f"spacing {fp['median_spacing']}{cropped}): spacing {final['data.spacing'] or 'native'}, "
-             f"patch {list(final['data.patch_size'])}, batch {final['data.batch_size']}, "
+             f"{p['dims']}D ({p['dims_why']}), patch {list(final['data.patch_size'])}, "
+             f"batch {final['data.batch_size']}, "
              f"normalize {final['transforms.normalize']._target_.rsplit('.', 1)[-1]}"
              f"{' over nonzero voxels' if final['transforms.normalize'].get('nonzero') else ''}")
     return values
@@ -237,11 +269,13 @@ def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]
 
 def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
     """The network's kernels, strides and widths (dotted key -> value) where the model config says `auto`, planned
-    for the (completed) patch and spacing; {} when none is auto."""
+    for the (completed) patch and spacing; {} when none is auto. Where the plan chose 2D (plan.dims), a DynUNet is
+    planned over the in-plane axes and applied slice by slice (the whole `model` node is replaced)."""
     if not any(_is_auto(cfg.model.get(key)) for key in TOPOLOGY):
         return {}
     spacing = cfg.data.spacing or fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")["median_spacing"]
-    dims = cfg.model.get("spatial_dims", 3)  # a 2D network plans over the first two axes
+    slices = (cfg.get("plan") or {}).get("dims") == 2 and cfg.model.get("spatial_dims", 3) == 3
+    dims = 2 if slices else cfg.model.get("spatial_dims", 3)  # a 2D network plans over the first two axes
     patch, spacing = list(cfg.data.patch_size)[:dims], list(spacing)[:dims]
 
     def planned(net: dict) -> dict:  # the model config's values for a topology: the auto keys, the heads that fit
@@ -251,15 +285,24 @@ def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
             values |= {"deep_supr_num": max(heads, 1), "deep_supervision": cfg.model.deep_supervision and heads > 0}
         return values
 
+    def model(net: dict) -> dict:  # the whole model config for a topology
+        values = OmegaConf.to_container(cfg.model, resolve=True) | planned(net)
+        if slices:  # models/slicewise.py: the 2D network on every axial slice of the (one-slice) patch
+            return {"_target_": "pipeline.models.slicewise.SliceWise", "net": values | {"spatial_dims": 2}}
+        return values
+
     setting = (cfg.get("plan") or {}).get("base_filters", BASE_FILTERS)
     if setting == "auto":
-        base, why = auto_width(cfg, planned(topology(patch, spacing, FAST_BASE_FILTERS)), patch)
+        base, why = auto_width(cfg, model(topology(patch, spacing, FAST_BASE_FILTERS)), list(cfg.data.patch_size))
     else:
         base, why = int(setting), "plan.base_filters"
     net = topology(patch, spacing, base)
     values = planned(net)
-    log.info(f"network: {len(net['strides'])} stages, strides {net['strides'][1:]}, kernels {net['kernel_size']}, "
+    log.info(f"network: {'2D slice by slice, ' if slices else ''}{len(net['strides'])} stages, strides "
+             f"{net['strides'][1:]}, kernels {net['kernel_size']}, "
              f"filters {list(values.get('filters', cfg.model.get('filters')))} (width {base}: {why})")
+    if slices:
+        return {"model": model(net)}
     return {f"model.{key}": value for key, value in values.items()}
 
 

@@ -57,7 +57,9 @@ def save_plans(cfg: DictConfig, job: engine.Job, run_dir: RunDir) -> Path:
     log.info(f"plan: {d['cases']['train']} training cases of {d['name']} ({d['cases']['test']} held out for test), "
              f"crop {'to nonzero' if p['preprocessing']['crop'] else 'none'}, "
              f"spacing {p['preprocessing']['spacing'] or 'native'}, patch {p['patch_size']} x {p['batch_size']}, "
-             f"{type(job.model).__name__} {net.get('filters', '')}, mirrors {p['augmentation']['mirror_axes']}, "
+             f"{getattr(job.model, 'run_name', type(job.model).__name__)} "
+             f"{net.get('filters') or net.get('net', {}).get('filters', '')}, "
+             f"mirrors {p['augmentation']['mirror_axes']}, "
              f"{p['loss'].rsplit('.', 1)[-1]}, {budget} in {p['hardware']['precision']}; split {d['subjects']}; "
              f"{run_dir.plans}")
     return run_dir.plans

@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from monai.networks.nets import DynUNet
 
+from pipeline import planning
 from pipeline.completion import complete
 from pipeline.data import fingerprint as fp_module
 from pipeline.data.fingerprint import fingerprint
@@ -17,7 +18,7 @@ from pipeline.errors import InputError
 from pipeline.models.adapters import training_outputs as outputs
 from pipeline.planning import plan, topology
 from pipeline.training import train
-from tests.conftest import hippocampus_subset, tiny_config
+from tests.conftest import compose_config, hippocampus_subset, shared_subset, tiny_config
 
 
 def test_fingerprint_is_cached_and_invalidated_when_a_file_changes(tiny_phantom, tmp_path, monkeypatch):
@@ -157,3 +158,35 @@ def test_thick_slices_no_longer_break_the_plan():
     p = plan(fp, ["MRI"], budget_voxels=2**19)
     assert p["patch_size"] == [168, 192, 8] and p["batch_size"] == 2
     assert topology(p["patch_size"], p["spacing"])["strides"][1:3] == [[2, 2, 1], [2, 2, 1]]  # in-plane first
+
+
+def test_thick_axial_slices_plan_a_2d_network_whose_batch_takes_the_budget():
+    fp = fake_fingerprint([[216, 256, 9]] * 136, [[1.5625, 1.5625, 10.0]] * 136)
+    p = plan(fp, ["MRI"], budget_voxels=2**19, dims="auto", max_batch_3d=2)
+    assert p["dims"] == 2 and p["dims_why"] == "slices 6.4x as far apart as pixels (2D from 3x)"
+    assert p["patch_size"] == [216, 256, 1] and p["batch_size"] == 2**19 // (216 * 256)  # 9 slices a step
+    assert p["rotate_range"] == [0.0, 0.0, 0.26]
+    net = topology(p["patch_size"], p["spacing"])
+    assert all(k[2] == 1 for k in net["kernel_size"]) and all(s[2] == 1 for s in net["strides"])
+    # near-isotropic data (IBSR's 1.5 mm against 0.94 mm, hippocampus) stay 3D, with the recipe's batch of 2
+    for shape, spacing in (([144, 115, 139], [0.9375, 1.5, 0.9375]), ([36, 50, 35], [1.0, 1.0, 1.0])):
+        p = plan(fake_fingerprint([shape] * 10, [spacing] * 10), ["MRI"], 2**19, dims="auto", max_batch_3d=2)
+        assert p["dims"] == 3 and p["batch_size"] == 2
+
+
+def test_the_auto_recipe_plans_acdc_as_a_2d_dynunet_applied_slice_by_slice(tmp_path, monkeypatch):
+    monkeypatch.setattr(planning, "step_seconds", lambda *_: 3.0)  # 16 wide
+    subset = shared_subset("acdc_cardiac", tmp_path / "acdc", 12)
+    cfg = compose_config("train", ["experiment=auto", f"data.root={subset}"], tmp_path)
+    complete(cfg)
+    assert cfg.plan.dims == 2 and list(cfg.data.patch_size)[2] == 1 and cfg.data.batch_size > 2
+    assert cfg.model._target_ == "pipeline.models.slicewise.SliceWise" and cfg.model.net.spatial_dims == 2
+    assert cfg.transforms.augment.flip_z is None and cfg.transforms.augment.flip_x is not None  # TTA: in-plane
+    model = instantiate(cfg.model)
+    assert model.run_name == "DynUNet2D"
+    x = torch.randn(2, 1, *cfg.data.patch_size[:2], 3)  # three slices of two cases
+    heads = outputs(model.train()(x), torch.zeros(2, 1, *x.shape[2:]))
+    assert [tuple(h.shape) for h in heads] == [(2, 4, *x.shape[2:])] * 3  # the main output and two heads
+    with torch.no_grad():  # slice by slice: a slice's prediction does not depend on its neighbours
+        model.eval()
+        assert torch.allclose(model(x)[..., 1], model(x[..., 1:2])[..., 0], atol=1e-5)

@@ -11,7 +11,7 @@ from pipeline.data.checks import check
 from pipeline.data.sources import case_id, read_msd, split
 from pipeline.data.subjects import fixed_folds, grouping, looks_grouped_warning, split_dataset
 from pipeline.errors import InputError
-from tests.conftest import compose_config, shared_dataset
+from tests.conftest import compose_config, shared_dataset, shared_subset
 
 
 def acdc_names() -> tuple[list[dict], list[str]]:
@@ -79,18 +79,9 @@ def test_the_check_warns_on_acdc_names_without_a_grouping():
     assert looks_grouped_warning("acdc", names, None, 5, has_fixed=True) is None  # splits_final.json or subject field
 
 
-def acdc_copy(tmp_path, pairs: int = 6):
-    """A small MSD dataset under ACDC's real case names (links to its files): pairs of frames."""
-    source = shared_dataset("acdc_cardiac")
-    meta = json.loads((source / "dataset.json").read_text())
-    meta["training"] = meta["training"][:2 * pairs]
-    for entry in meta["training"]:
-        for key in ("image", "label"):
-            target = tmp_path / entry[key]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(source / entry[key])
-    (tmp_path / "dataset.json").write_text(json.dumps(meta))
-    return tmp_path
+def acdc_copy(folder, pairs: int = 6):
+    """A small dataset of ACDC's first `pairs` patients under their real case names (links to the files)."""
+    return shared_subset("acdc_cardiac", folder, 2 * pairs)
 
 
 def test_pipeline_check_warns_and_split_keeps_pairs_on_a_dataset_with_acdc_names(tmp_path):
