@@ -54,7 +54,9 @@ def save_plans(cfg: DictConfig, job: engine.Job, run_dir: RunDir) -> Path:
         tmp.write_text(json.dumps(p, indent=1))
     d, net, minutes = p["dataset"], p["network"], p["budget"]["max_minutes"]
     budget = f"{minutes:g} min" if minutes else "no time budget"
-    log.info(f"plan: {d['cases']['train']} training cases of {d['name']} ({d['cases']['test']} held out for test), "
+    held = (f"{d['cases']['test']} held out for test" if d["cases"]["test"] else
+            "none held out: every case trains, make cv estimates")
+    log.info(f"plan: {d['cases']['train']} training cases of {d['name']} ({held}), "
              f"crop {'to nonzero' if p['preprocessing']['crop'] else 'none'}, "
              f"spacing {p['preprocessing']['spacing'] or 'native'}, patch {p['patch_size']} x {p['batch_size']}, "
              f"{getattr(job.model, 'run_name', type(job.model).__name__)} "

@@ -94,12 +94,12 @@ def test_one_training_step_is_timed_in_the_training_precision():
     assert 0 < seconds < 5 and model.weight.grad is not None  # forward and backward ran
 
 
-def test_the_hippocampus_recipe_is_the_auto_recipe_with_its_measured_overrides(tmp_path):
+def test_the_hippocampus_recipe_is_the_auto_recipe_with_its_measured_overrides_and_test_split(tmp_path):
     root = shared_dataset("msd_hippocampus")
     final = compose_config("train", ["experiment=hippocampus", f"data.root={root}"], tmp_path)
     auto = compose_config("train", ["experiment=auto", f"data.root={root}", "plan.base_filters=32",
                                     "transforms.augment.flip_y=null", "transforms.augment.flip_z=null",
-                                    "trainer.max_minutes=20"], tmp_path)
+                                    "trainer.max_minutes=20", "data.split.test=0.15"], tmp_path)
     assert OmegaConf.to_container(final) == OmegaConf.to_container(auto)
     splits = complete(final).splits
     # crops with tissue everywhere: no crop, whole-volume z-score, the median case whole in one patch

@@ -30,5 +30,7 @@ def test_one_brats_fold_is_trained_scored_by_class_and_region_and_tabulated(tmp_
     assert row["budget_minutes"] == 0.3 and row["epochs"][0] >= 1 and row["run_minutes"][0] > 0
     page = (tmp_path / "results" / "auto.md").read_text()
     assert "## brats (brats2015_subset)" in page and "| region whole_tumour |" in page
-    assert "| brats | folds 0 of 4, 1 cases | 0.3 |" in readme.read_text()
+    # four cases are a path check: on the results page, not in the README's table of estimates
+    table = readme.read_text().split("<!-- bench/auto.py writes this table -->")[1].split("<!-- end of")[0]
+    assert "| task | scored on |" in table and "| brats |" not in table
     assert row["machine"]["cpu"] in done.stdout  # the CPU class, printed first
