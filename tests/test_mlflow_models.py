@@ -247,3 +247,20 @@ def test_a_request_cell_is_checked_before_it_reaches_the_model(tiny_phantom, tmp
         with pytest.raises(MlflowException, match=fault) as caught:
             decode(cell, "row 3")
         assert caught.value.get_http_status_code() == 400 and "\n" not in caught.value.message
+
+
+def test_the_served_model_class_asks_mlflow_for_no_type_hints():
+    """MLflow warns, at class creation, of a `predict` without type hints (a warnings filter cannot stop it: MLflow
+    resets filters first); the served model opts out of that wrapping, as MLflow's own model classes do."""
+    import warnings
+
+    from pipeline.serving import SegmentationModel
+
+    def hinted_warnings(base) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            type("Served", (base,), {"predict": lambda self, context, model_input, params=None: model_input})
+        return [str(w.message) for w in caught if "Add type hints" in str(w.message)]
+
+    assert hinted_warnings(mlflow.pyfunc.PythonModel)  # what a plain PythonModel subclass prints
+    assert hinted_warnings(SegmentationModel) == []
