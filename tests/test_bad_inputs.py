@@ -149,7 +149,7 @@ ROWS = [corrupt_gzip, truncated, not_an_image, shape_mismatch, affine_mismatch, 
 
 def test_a_clean_dataset_has_no_faults(dataset):
     report = faults_of(dataset[0])
-    assert report == {"cases": 8, "faults": [], "empty": []}
+    assert report == {"cases": 8, "faults": [], "empty": [], "warnings": []}
 
 
 @pytest.mark.parametrize("fault", ROWS, ids=[f.__name__ for f in ROWS])

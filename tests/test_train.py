@@ -139,18 +139,23 @@ def test_a_rebuilt_schedule_continues_as_if_built_for_that_length(name, tmp_path
     assert rebuilt == pytest.approx(fresh, rel=1e-9)
 
 
-def test_a_time_budget_ends_the_run_with_its_validations_at_the_budget(tiny_phantom, tmp_path, monkeypatch):
-    """Each training step "takes" 1 s (6 steps an epoch) and each validation 9 s on a fake clock: a 60 s budget with a
-    validation after the first epoch (to time one) and every 2 epochs ends after epoch 4 (4 x 6 + 3 x 9 = 51 s; a
-    fifth epoch and its validation would end at 66 s)."""
+def train_on_a_fake_clock(phantom, run_dir, monkeypatch, *overrides: str) -> dict:
+    """A 60-s budgeted run on a fake clock: each training step takes 1 s (6 an epoch), each validation 9 s."""
     clock = [0.0]
     monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     step, validate = engine.batch_loss, engine.validate
     monkeypatch.setattr(engine, "batch_loss", lambda *a: clock.__setitem__(0, clock[0] + 1) or step(*a))
     monkeypatch.setattr(engine, "validate", lambda *a: clock.__setitem__(0, clock[0] + 9) or validate(*a))
-    overrides = ["tracking=none", "scheduler=cosine", "trainer.max_epochs=1000", "trainer.max_minutes=1",
-                 "trainer.val_every=2"]
-    result = train(tiny_config(tiny_phantom, tmp_path, overrides=overrides))
+    return train(tiny_config(phantom, run_dir, overrides=["tracking=none", "scheduler=cosine",
+                                                          "trainer.max_epochs=1000", "trainer.max_minutes=1",
+                                                          *overrides]))
+
+
+def test_a_time_budget_ends_the_run_with_its_validations_at_the_budget(tiny_phantom, tmp_path, monkeypatch):
+    """Each training step "takes" 1 s (6 steps an epoch) and each validation 9 s on a fake clock: a 60 s budget with a
+    validation after the first epoch (to time one) and every 2 epochs ends after epoch 4 (4 x 6 + 3 x 9 = 51 s; a
+    fifth epoch and its validation would end at 66 s)."""
+    result = train_on_a_fake_clock(tiny_phantom, tmp_path, monkeypatch, "trainer.val_every=2")
     assert result["epochs"] == 4  # though max_epochs allowed 1000
     last = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert last["run_minutes"] * 60 == 51 and last["val_seconds"] == [9.0] * 3 and last["overhead_seconds"] == 0
@@ -170,14 +175,7 @@ def test_an_auto_cadence_spends_a_twentieth_of_training_on_validation(tiny_phant
     assert engine.val_every(auto, [10.0, 5.0], [10.0]) == 40  # the first epoch's one-off costs left out
     assert engine.val_every(auto, [60.0, 60.0], [2.0]) == 1
     assert engine.val_every(OmegaConf.create({"val_every": 7}), [1.0], [100.0]) == 7
-    clock = [0.0]
-    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    step, validate = engine.batch_loss, engine.validate
-    monkeypatch.setattr(engine, "batch_loss", lambda *a: clock.__setitem__(0, clock[0] + 1) or step(*a))
-    monkeypatch.setattr(engine, "validate", lambda *a: clock.__setitem__(0, clock[0] + 9) or validate(*a))
-    overrides = ["tracking=none", "scheduler=cosine", "trainer.max_epochs=1000", "trainer.max_minutes=1",
-                 "trainer.val_every=auto"]
-    result = train(tiny_config(tiny_phantom, tmp_path, overrides=overrides))
+    result = train_on_a_fake_clock(tiny_phantom, tmp_path, monkeypatch, "trainer.val_every=auto")
     assert result["epochs"] == 7
     assert [h["epoch"] for h in result["history"] if "val_dice_mean" in h] == [1, 7]
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run_minutes"] * 60 == 60

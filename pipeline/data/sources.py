@@ -254,8 +254,9 @@ def split(cases: list[dict], val: float, test: float, seed: int, folds: int = 5,
         if not isinstance(fold, int) or not 0 <= fold < folds:
             raise InputError(f"data.fold={fold}: must be in 0..{folds - 1}, or all")
         if len(rest) < folds:
-            raise InputError(f"{len(cases)} cases ({len(units)} subjects) are too few for {folds} folds after "
-                             f"holding out {sum(map(len, held_out))} for test")
+            grouped = f" (in {len(units)} subjects, each kept in one fold)" if subjects is not None else ""
+            raise InputError(f"{len(cases)} cases are too few for {folds} folds after holding out "
+                             f"{sum(map(len, held_out))} for test{grouped}")
         chunks = fold_chunks(rest, folds)
         parts = {"train": [u for k, c in enumerate(chunks) if k != fold for u in c], "val": chunks[fold]}
     parts = {k: [case for unit in v for case in unit] for k, v in parts.items()}
