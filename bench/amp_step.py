@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (about a minute each)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where amp_step.md and amp_step.json go")
     args = parser.parse_args()
-    device = engine.pick_device(args.device)
+    device = hardware.pick_device(args.device)
     auto = hardware.resolve("auto", device)
     defaults = compose("train", ["data.root=unused"])
     print(hardware.describe(device))

@@ -228,7 +228,7 @@ def main() -> None:
                         help="where the runs, their checkpoints and the scores go")
     args = parser.parse_args()
     marks = sorted(set(args.marks) | {float(m) for m in range(1, int(args.fine) + 1)})
-    device = engine.pick_device()
+    device = hardware.pick_device()
     print(f"{hardware.describe(device)}; {hardware.resolve('auto', device)}; marks {args.marks} min of training"
           + (f"; (b, c, d) with {' '.join(args.set)}" if args.set else ""))
 

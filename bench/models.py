@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--amp", default="auto")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where models.md and models.json go")
     args = parser.parse_args()
-    device = engine.pick_device()
+    device = hardware.pick_device()
     chosen = hardware.resolve(args.amp, device)
     dtype = chosen.dtype
     print(hardware.describe(device))

@@ -29,10 +29,6 @@ from pipeline.rundir import RunDir
 log = logging.getLogger(__name__)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 @torch.no_grad()
 def predict(model, image: torch.Tensor, inferer, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
     """Float32 class logits (B, K, ...) for whole volumes, by the (sliding-window) inferer."""

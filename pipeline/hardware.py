@@ -49,6 +49,11 @@ class Precision:
         return {"amp": self.name, "reason": self.reason}
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """trainer.device, predict.device: `auto` is the GPU where torch sees one, else the CPU; other names as given."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """torch.autocast at `dtype`, or nothing for fp32."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()

@@ -121,7 +121,7 @@ class Predictor:
         cfg = OmegaConf.create(shared_preprocessing(bundles))
         self.num_classes, self.in_channels = cfg.data.num_classes, cfg.data.in_channels
         self.class_names = list(cfg.data.class_names)[: self.num_classes]  # DICOM-SEG segment labels
-        self.device = engine.pick_device(o.device)
+        self.device = hardware.pick_device(o.device)
         # amp=auto keeps fp32 on the CPU: bf16, where the CPU has it, is 2x faster but moves about 0.3% of the
         # boundary voxels (bench/infer.py: label-map Dice 0.997 against fp32), below the >= 0.999 a clinic may expect.
         self.precision = hardware.resolve(o.amp, self.device, inference=True)

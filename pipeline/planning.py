@@ -18,7 +18,6 @@ from pipeline import hardware
 from pipeline.config import option
 from pipeline.data.fingerprint import fingerprint
 from pipeline.data.transforms import augmentation
-from pipeline.engine import pick_device
 from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -195,7 +194,7 @@ def auto_width(cfg: DictConfig, network: dict, patch: list[int]) -> tuple[int, s
     """(base width, why) for `plan.base_filters=auto`: 32 where trainer.max_minutes trains MIN_STEPS steps of the
     32-wide `network` (the whole model config) on this machine, else 16; without a time budget, 32 where training
     runs in reduced precision on hardware built for it (a GPU, a CPU with native bf16)."""
-    device = pick_device(cfg.trainer.device)
+    device = hardware.pick_device(cfg.trainer.device)
     precision = hardware.resolve(cfg.trainer.amp, device)
     if (minutes := cfg.trainer.get("max_minutes")) is None:
         fast = precision.dtype is not None

@@ -91,7 +91,7 @@ def setup(cfg: DictConfig) -> engine.Job:
             raise InputError(f"data.patch_size={patch}: {type(model).__name__} needs sizes whose poolings are exact; "
                              f"the nearest valid patch is {valid}")
     optimizer = instantiate(cfg.optimizer)(model.parameters())
-    device = distributed.local_device(engine.pick_device(cfg.trainer.device))  # cuda:LOCAL_RANK under DDP
+    device = distributed.local_device(hardware.pick_device(cfg.trainer.device))  # cuda:LOCAL_RANK under DDP
 
     def schedule(epochs: int):
         """The configured scheduler for a run of `epochs` epochs (its length interpolates trainer.max_epochs)."""
@@ -185,7 +185,7 @@ def train(cfg: DictConfig) -> dict:
         cfg = OmegaConf.create(state["config"])
         if state.get("schedule"):  # as composed: its length follows trainer.max_epochs, which a budget refits
             cfg.scheduler = state["schedule"]
-    with distributed.session(cfg.trainer, engine.pick_device(cfg.trainer.device)):  # a process group under torchrun
+    with distributed.session(cfg.trainer, hardware.pick_device(cfg.trainer.device)):  # a process group under torchrun
         if state is not None:
             log.info(f"resuming {path} after epoch {state['epoch']}")
         return _train(cfg, state)
