@@ -73,7 +73,8 @@ def fit_patch(median_shape: np.ndarray, spacing, budget_voxels: int, min_batch: 
         return np.minimum(divisor, np.prod([[1] * len(patch), *poolings(patch, spacing, exact=False)], axis=0))
 
     def rounded(patch):  # up to each axis's divisor (a network pools it exactly)
-        return np.ceil(patch / divisors(patch)).astype(int) * divisors(patch)
+        step = divisors(patch)
+        return np.ceil(patch / step).astype(int) * step
 
     floor = np.minimum(np.ceil(median_shape), 2 * MIN_FEATURE_MAP)
     if planned_network:  # the largest of the finest axes carries the two poolings a three-stage network needs

@@ -38,7 +38,7 @@ def sweep_parent() -> str | None:
 def dataset_name(data: DictConfig) -> tuple[str | None, str | None]:
     """(the name each job's completion will give the dataset, None) or (None, the fault): data.name, else the
     "name" of its dataset.json, else its folder's name, as pipeline.data.sources reads it, from dataset.json alone."""
-    from pipeline.data.sources import dataset_json, detect_layout, ensure_demo_data
+    from pipeline.data.sources import dataset_json, declared_name, detect_layout, ensure_demo_data
 
     if data.get("name"):
         return str(data.name), None
@@ -52,7 +52,7 @@ def dataset_name(data: DictConfig) -> tuple[str | None, str | None]:
     _, meta, problems = dataset_json(root, f"a dataset in {layout} layout", str(layout))
     if not isinstance(meta, dict):
         return None, problems[0] if problems else f"{root / 'dataset.json'}: not a JSON object"
-    return str(meta.get("name") or root.name), None
+    return declared_name(root, meta), None
 
 
 def summary(uri: str, sweep_dir: str) -> list[dict]:

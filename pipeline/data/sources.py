@@ -46,6 +46,11 @@ def msd_tasks() -> set[str]:
     return set(DecathlonDataset.resource)
 
 
+def declared_name(root: Path, meta: dict) -> str:
+    """A dataset's name: its dataset.json's "name", else its folder's (what data.name and the MLflow experiment get)."""
+    return str(meta.get("name") or root.name)
+
+
 def dataset_json(root: Path, layout: str, kind: str) -> tuple[Path, dict | None, list[str]]:
     """(`<root>/dataset.json`, its content or None, the fault that stops reading it)."""
     spec = root / "dataset.json"
@@ -92,7 +97,7 @@ def msd_problems(root: str | Path) -> tuple[Dataset | None, list[str]]:
             problems.append(f"{spec}: case id {cid} listed twice")
         seen[cid] = True
         cases.append(case)
-    return Dataset(root, str(meta.get("name") or root.name), labels, modalities, cases), problems
+    return Dataset(root, declared_name(root, meta), labels, modalities, cases), problems
 
 
 def read_msd(root: str | Path) -> Dataset:
@@ -187,7 +192,7 @@ def nnunet_problems(root: str | Path, converted: str | Path) -> tuple[Dataset | 
             problems.append(str(err))
     if not label_files:
         problems.append(f"{root / 'labelsTr'}: holds no {ending} label files")
-    return Dataset(root, str(meta.get("name") or root.name), labels, channels, cases), problems
+    return Dataset(root, declared_name(root, meta), labels, channels, cases), problems
 
 
 def detect_layout(root: Path) -> str:
@@ -303,7 +308,8 @@ def listed_fold(cases: list[dict], fixed: list[dict], folds: int, fold) -> dict[
     if isinstance(fold, int) and folds != len(fixed):
         raise InputError(f"data.split.folds={folds}, but splits_final.json lists {len(fixed)} folds "
                          f"(make cv FOLDS={len(fixed)})")
-    listed = [c for c in cases if any(case_id(c) in part for f in fixed for part in f.values())]
+    ids = {c for f in fixed for part in f.values() for c in part}
+    listed = [c for c in cases if case_id(c) in ids]
     by_id, chosen = {case_id(c): c for c in cases}, fixed[fold if isinstance(fold, int) else 0]
     train = listed if fold == "all" else [by_id[c] for c in chosen["train"]]
     return {"train": train, "val": [by_id[c] for c in chosen["val"]], "test": [c for c in cases if c not in listed]}
