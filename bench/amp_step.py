@@ -28,8 +28,9 @@ import torch
 from hydra.utils import instantiate
 from monai.losses import DeepSupervisionLoss
 
-from pipeline import engine, hardware
-from pipeline.config import compose
+from pipeline.core import hardware
+from pipeline.core.config import compose
+from pipeline.training import engine
 
 from common import RESULTS, machine, machine_line, write
 

@@ -25,15 +25,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline import checkpoint, hardware, project_root
-from pipeline.config import compose, shared_data
-from pipeline.data.convert import BRATS_REGIONS, brats_as_msd, totalseg_as_folders
-from pipeline.evaluation import evaluate
-from pipeline.inference import infer
-from pipeline.rundir import RunDir
-from pipeline.training import train
+from pipeline import project_root
+from pipeline.core import hardware
+from pipeline.core.config import compose
+from pipeline.core.rundir import RunDir
+from pipeline.evaluation.scoring import evaluate
+from pipeline.inference.predictor import infer
+from pipeline.models import checkpoint
+from pipeline.training.run import train
 
-from common import RESULTS, machine, machine_line, write
+from common import RESULTS, machine, machine_line, shared_data, write
+from convert import BRATS_REGIONS, brats_as_msd, totalseg_as_folders
 
 
 @dataclass

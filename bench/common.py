@@ -1,16 +1,24 @@
-"""What the benchmarks share: the machine a figure was measured on, and the results pages they write into docs/."""
+"""What the benchmarks (and the tests) share: where the real data lies, the machine a figure was measured on, and the
+results pages they write into docs/."""
 
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
 import monai
 import torch
 
-from pipeline import hardware, project_root
+from pipeline import project_root
+from pipeline.core import hardware
 
 RESULTS = project_root() / "docs" / "results"
+
+
+def shared_data() -> Path:
+    """The real datasets for tests and benchmarks: $PIPELINE_SHARED_DATA, else ../shared/data beside the project."""
+    return Path(os.environ.get("PIPELINE_SHARED_DATA", project_root().parent / "shared" / "data"))
 
 
 def machine() -> dict:

@@ -39,18 +39,20 @@ from monai.transforms import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import engine, hardware, project_root
-from pipeline.callbacks import Checkpoints
-from pipeline.config import compose, shared_data
+from pipeline import project_root
+from pipeline.core import hardware
+from pipeline.core.config import compose
+from pipeline.core.rundir import RunDir
 from pipeline.data.transforms import loaders
-from pipeline.evaluation import evaluate
-from pipeline.metrics import SegmentationScores
+from pipeline.evaluation.metrics import SegmentationScores
+from pipeline.evaluation.scoring import evaluate
 from pipeline.models.adapters import training_outputs
-from pipeline.rundir import RunDir
-from pipeline.tracking import NullTracker
-from pipeline.training import save_splits, setup, train
+from pipeline.tracking.runs import NullTracker
+from pipeline.training import engine
+from pipeline.training.callbacks import Checkpoints
+from pipeline.training.run import save_splits, setup, train
 
-from common import RESULTS, machine, machine_line, write
+from common import RESULTS, machine, machine_line, shared_data, write
 
 TARGET = 0.85
 CLASSES = ["background", "Anterior", "Posterior"]

@@ -35,12 +35,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from pipeline import hardware, project_root
-from pipeline.config import compose, shared_data
-from pipeline.data.convert import brats_as_msd
-from pipeline.rundir import RunDir
+from pipeline import project_root
+from pipeline.core import hardware
+from pipeline.core.config import compose
+from pipeline.core.rundir import RunDir
 
-from common import RESULTS, machine, machine_line, write
+from common import RESULTS, machine, machine_line, shared_data, write
+from convert import brats_as_msd
 
 OUT = project_root() / "outputs" / "bench" / "infer"
 # Each project variant's fastest sw_batch_size here: 2 for eager fp32 (3.05 s against 3.70 with 1), 1 when compiled
@@ -62,7 +63,7 @@ def trained(task: str, overrides: list[str]) -> Path:
         return auto.last
     run = RunDir(OUT / task / "model")
     if not run.last.exists():
-        from pipeline.training import train
+        from pipeline.training.run import train
 
         train(compose("train", [*overrides, "tracking=none", "seed=0", "trainer.max_epochs=1000",
                                 "trainer.val_every=1000", f"paths.run_dir={run.root}"]))
@@ -95,9 +96,9 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
     from monai.transforms import Compose, Invertd
     from omegaconf import OmegaConf
 
-    from pipeline import checkpoint
     from pipeline.data.transforms import preprocess
-    from pipeline.inference import Predictor
+    from pipeline.inference.predictor import Predictor
+    from pipeline.models import checkpoint
     from pipeline.models.export import build_model
 
     bundle = checkpoint.load(ckpt)

@@ -10,14 +10,15 @@ the main process measured in the same run, and written to docs/results/loader.{m
 import argparse
 from pathlib import Path
 
-from pipeline import engine, project_root
-from pipeline.config import compose, shared_data
+from pipeline import project_root
+from pipeline.core.config import compose
+from pipeline.core.rundir import RunDir
 from pipeline.data.transforms import loaders
-from pipeline.rundir import RunDir
-from pipeline.tracking import NullTracker
-from pipeline.training import setup
+from pipeline.tracking.runs import NullTracker
+from pipeline.training import engine
+from pipeline.training.run import setup
 
-from common import RESULTS, machine, machine_line, write
+from common import RESULTS, machine, machine_line, shared_data, write
 
 SETTINGS = {
     "DataLoader, main process": ["data.loader=workers", "data.num_workers=0"],

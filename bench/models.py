@@ -16,8 +16,10 @@ import torch
 from hydra.utils import instantiate
 from monai.losses import DeepSupervisionLoss
 
-from pipeline import engine, hardware, planning, project_root
-from pipeline.config import compose
+from pipeline import project_root
+from pipeline.core import hardware
+from pipeline.core.config import compose
+from pipeline.training import engine, planning
 
 from common import RESULTS, machine, machine_line, write
 

@@ -27,12 +27,12 @@ import mlflow
 import nibabel as nib
 import numpy as np
 
-from pipeline.config import compose
+from pipeline.core.config import compose
 from pipeline.data.phantom import synthesize
-from pipeline.inference import infer
-from pipeline.serving import INPUT, OUTPUT, encode
-from pipeline.tracking import TRAINING_VIEW
-from pipeline.training import train
+from pipeline.inference.predictor import infer
+from pipeline.inference.serving import INPUT, OUTPUT, encode
+from pipeline.tracking.runs import TRAINING_VIEW
+from pipeline.training.run import train
 
 from common import RESULTS, machine, machine_line, write
 

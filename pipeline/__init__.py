@@ -35,4 +35,4 @@ def out_channels(num_classes: int | None, activation: str) -> int | None:
 
 OmegaConf.register_new_resolver("out_channels", out_channels, replace=True)
 
-from pipeline import logs  # noqa: E402, F401  (the console fallback for the `pipeline` loggers)
+from pipeline.core import logs  # noqa: E402, F401  (the console fallback for the `pipeline` loggers)

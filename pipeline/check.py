@@ -7,7 +7,7 @@ import sys
 
 from omegaconf import DictConfig
 
-from pipeline.config import entry_point
+from pipeline.core.config import entry_point
 from pipeline.data.checks import check, log_report
 
 

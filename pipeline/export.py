@@ -11,9 +11,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline import checkpoint
-from pipeline.config import entry_point
-from pipeline.files import atomic
+from pipeline.core.config import entry_point
+from pipeline.core.files import atomic
+from pipeline.models import checkpoint
 from pipeline.models.bundle import export_bundle
 from pipeline.models.export import SUFFIX, build_model, export_model
 

@@ -1,6 +1,6 @@
 """Inference entry point: `python -m pipeline.infer ckpt=best.pt input=<file or folder> output=<folder>`.
 
-Parses the config and calls pipeline.inference.infer (the library, also used by pipeline.evaluate).
+Parses the config and calls pipeline.inference.predictor.infer (the library, also used by pipeline.evaluate).
 """
 
 import logging
@@ -9,16 +9,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline import logs
-from pipeline.config import entry_point
-from pipeline.inference import PredictOptions, infer
+from pipeline.core import logs
+from pipeline.core.config import entry_point
+from pipeline.inference.predictor import PredictOptions, infer
 
 log = logging.getLogger(__name__)
 
 
 @entry_point("infer")
 def main(cfg: DictConfig) -> None:
-    logs.quiet()  # known-harmless third-party lines (pipeline/logs.py)
+    logs.quiet()  # known-harmless third-party lines (pipeline/core/logs.py)
     report = infer(cfg.ckpt, cfg.input, cfg.output, PredictOptions.from_config(cfg), format=cfg.format,
                    overwrite=cfg.overwrite, save_probabilities=cfg.save_probabilities)
     log.info(f"{len(report['written'])} written, {len(report['skipped'])} skipped (exist; overwrite=true to redo), "

@@ -5,9 +5,9 @@ import logging
 
 from omegaconf import DictConfig
 
-from pipeline.config import entry_point
-from pipeline.errors import InputError
-from pipeline.tracking import register_version, tracking_errors, using_store
+from pipeline.core.config import entry_point
+from pipeline.core.errors import InputError
+from pipeline.tracking.runs import register_version, tracking_errors, using_store
 
 log = logging.getLogger(__name__)
 

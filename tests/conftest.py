@@ -11,10 +11,12 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import checkpoint, project_root
-from pipeline.completion import complete
-from pipeline.config import compose, shared_data
+from bench.common import shared_data
+from pipeline import project_root
+from pipeline.core.config import compose
 from pipeline.data.phantom import synthesize
+from pipeline.models import checkpoint
+from pipeline.training.completion import complete
 
 CONF = project_root() / "conf"
 # The one setting that locates the real datasets (README of ../shared/data); CI=true turns "missing" into a failure.

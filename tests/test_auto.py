@@ -11,15 +11,16 @@ import torch
 from monai.transforms import Compose
 from omegaconf import OmegaConf
 
-from pipeline import hardware, planning
-from pipeline.completion import complete
+from pipeline.core import hardware
+from pipeline.core.rundir import RunDir
 from pipeline.data.checks import check, check_case
+from pipeline.data.io import ras_spacing, read_array
 from pipeline.data.sources import detect_layout
 from pipeline.data.transforms import preprocess
-from pipeline.inference import infer
-from pipeline.io import ras_spacing, read_array
-from pipeline.rundir import RunDir
-from pipeline.training import train
+from pipeline.inference.predictor import infer
+from pipeline.training import planning
+from pipeline.training.completion import complete
+from pipeline.training.run import train
 from tests.conftest import compose_config, shared_dataset, shared_subset
 
 

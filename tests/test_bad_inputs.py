@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline import project_root
+from pipeline.core.errors import first_line
 from pipeline.data.checks import check
-from pipeline.errors import first_line
 from tests.conftest import compose_config
 
 AFFINE = np.diag([0.9, 0.9, 2.0, 1.0])
@@ -204,7 +204,7 @@ def test_out_of_memory_and_bugs_stop_an_entry_point_in_one_line_and_debug_shows_
     entry point instead."""
     from omegaconf import OmegaConf
 
-    from pipeline.errors import exit_on_input_error
+    from pipeline.core.errors import exit_on_input_error
 
     def entry(error):
         @exit_on_input_error
@@ -236,7 +236,7 @@ def test_a_bug_keeps_its_traceback_in_the_run_log_and_the_console_says_where(tmp
 
     from omegaconf import OmegaConf
 
-    from pipeline.errors import exit_on_input_error
+    from pipeline.core.errors import exit_on_input_error
 
     @exit_on_input_error
     def main(cfg):

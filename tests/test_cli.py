@@ -10,8 +10,8 @@ import mlflow
 import pytest
 
 from pipeline import project_root
-from pipeline.config import compose
-from pipeline.inference import mirrored_axes
+from pipeline.core.config import compose
+from pipeline.inference.predictor import mirrored_axes
 from tests.conftest import CONF, TINY, TINY_MODEL, split_parent
 
 

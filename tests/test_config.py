@@ -9,10 +9,10 @@ from monai.transforms import Compose
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from pipeline.completion import complete
 from pipeline.data.transforms import preprocess, train_transforms
-from pipeline.losses import inverse_frequency_weights
 from pipeline.models.adapters import for_inference
+from pipeline.training.completion import complete
+from pipeline.training.losses import inverse_frequency_weights
 from tests.conftest import CONF, compose_config, shared_dataset, tiny_config
 
 
@@ -57,7 +57,7 @@ def test_model_options_build_and_segment_a_volume(model, tiny_phantom, tmp_path)
 @pytest.mark.parametrize("loss", options("loss"))
 def test_loss_options_score_a_perfect_prediction_below_a_wrong_one(loss, tmp_path):
     cfg = compose_config("train", [f"loss={loss}", "data.num_classes=2"], tmp_path)
-    if cfg.loss.get("weight") == "inverse_frequency":  # filled from the training data by pipeline.training.setup
+    if cfg.loss.get("weight") == "inverse_frequency":  # filled from the training data by pipeline.training.run.setup
         cfg.loss.weight = inverse_frequency_weights([0.9, 0.1])
     loss_fn = instantiate(cfg.loss)
     label = torch.zeros(1, 1, 8, 8, 8)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from pipeline import project_root
-from pipeline.completion import complete
+from pipeline.core.errors import InputError
 from pipeline.data.checks import check
 from pipeline.data.phantom import make_case
 from pipeline.data.sources import case_id, read_msd, split
-from pipeline.errors import InputError
+from pipeline.training.completion import complete
 from tests.conftest import compose_config, shared_dataset
 
 

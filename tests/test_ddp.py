@@ -1,7 +1,7 @@
 """trainer=ddp under torchrun on the CPU (gloo, 2 ranks): the ranks agree, rank 0 alone tracks and writes, the
 validation scores of uneven shares reduce to the mean over every volume, and one seed gives one result.
 
-Each rank reports what it validated through $PIPELINE_DDP_DEBUG_DIR (pipeline.distributed.debug): rank<r>.jsonl
+Each rank reports what it validated through $PIPELINE_DDP_DEBUG_DIR (pipeline.core.distributed.debug): rank<r>.jsonl
 with its cases, its own per-volume scores and the reduced metrics of every validation, and the log of every epoch.
 """
 
@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline import distributed, project_root
-from pipeline.metrics import SegmentationScores
+from pipeline import project_root
+from pipeline.core import distributed
+from pipeline.evaluation.metrics import SegmentationScores
 from tests.conftest import TINY, TINY_MODEL
 
 WORLD = 2
@@ -80,7 +81,7 @@ def test_only_rank_zero_speaks_on_the_console_and_in_the_job_log(ddp_run):
     lines = [f"epoch {e:3d}  loss" for e in (1, 2, 3)]  # the validation line of each epoch (val_every=1)
     assert [ddp_run["proc"].stdout.count(line) for line in lines] == [1, 1, 1]
     job_log = (ddp_run["run_dir"] / "train.log").read_text()
-    assert [job_log.count(f"[pipeline.engine][INFO] {line}") for line in lines] == [1, 1, 1]
+    assert [job_log.count(f"[pipeline.training.engine][INFO] {line}") for line in lines] == [1, 1, 1]
 
 
 def test_uneven_shares_reduce_to_the_mean_over_every_volume(ddp_run):

@@ -1,5 +1,6 @@
-"""Every command the README and docs/ give is one that works: each fenced shell block's `make` targets exist, its
-Hydra overrides compose, its scripts and their flags exist; the README's quickstart runs end to end."""
+"""Every command the README and docs/ give is one that works: each fenced shell block's and each quoted command's
+`make` targets exist, its Hydra overrides compose, its scripts and their flags exist; the README's quickstart runs end
+to end."""
 
 import json
 import re
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from pipeline import checkpoint, project_root
-from pipeline.config import compose
-from pipeline.rundir import RunDir
+from pipeline import project_root
+from pipeline.core.config import compose
+from pipeline.core.rundir import RunDir
+from pipeline.models import checkpoint
 
 ROOT = project_root()
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -37,7 +39,20 @@ def shell_commands(page: Path) -> list[tuple[int, str]]:
     return found
 
 
-COMMANDS = [(page, line, command) for page in PAGES for line, command in shell_commands(page)]
+# a command quoted in prose: a make target, an entry point or a benchmark (records name old recipes in words instead)
+INLINE = re.compile(r"`((?:make [a-z]|python -m pipeline\.[a-z]|\.venv/bin/python (?:-m pipeline\.[a-z]|bench/))"
+                    r"[^`]*)`")
+
+
+def inline_commands(page: Path) -> list[tuple[int, str]]:
+    """(line number, command) of every command quoted in the page's prose, outside its fenced blocks."""
+    fenced = re.compile(r"^```.*?^```", flags=re.M | re.S)
+    text = fenced.sub(lambda m: "\n" * m.group(0).count("\n"), page.read_text())  # blanked, the line numbers kept
+    return [(text[: m.start()].count("\n") + 1, " ".join(m.group(1).split())) for m in INLINE.finditer(text)]
+
+
+COMMANDS = [(page, line, command) for page in PAGES
+            for line, command in [*shell_commands(page), *inline_commands(page)]]
 
 
 def make_targets() -> set[str]:
@@ -63,7 +78,8 @@ def hydra_arguments(tokens: list[str]) -> list[str]:
 
 
 def test_the_docs_give_commands_to_check():
-    assert len(COMMANDS) > 40 and any(page.name == "README.md" for page, _, _ in COMMANDS)
+    assert len(COMMANDS) > 140 and any(page.name == "README.md" for page, _, _ in COMMANDS)
+    assert sum(len(inline_commands(page)) for page in PAGES) > 90  # those quoted in prose too
 
 
 @pytest.mark.parametrize("page,line,command", COMMANDS,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import project_root
+from pipeline.core.errors import InputError
 from pipeline.data.download import fetch, msd_source
-from pipeline.errors import InputError
 
 
 def archive(dataset: Path, path: Path, task: str) -> tuple[str, str]:

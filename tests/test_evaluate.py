@@ -16,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import checkpoint, project_root
-from pipeline.errors import InputError
-from pipeline.evaluation import evaluate
-from pipeline.inference import checkpoints
-from pipeline.metrics import case_scores, paired_difference, summarize
-from pipeline.plots import OVERLAY_SIZE
-from pipeline.training import train
+from pipeline import project_root
+from pipeline.core.errors import InputError
+from pipeline.evaluation.metrics import case_scores, paired_difference, summarize
+from pipeline.evaluation.plots import OVERLAY_SIZE
+from pipeline.evaluation.scoring import evaluate
+from pipeline.inference.predictor import checkpoints
+from pipeline.models import checkpoint
+from pipeline.training.run import train
 from tests.conftest import compose_config, tiny_config
 
 CLASSES = ["background", "a", "b"]

@@ -12,12 +12,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline import checkpoint, project_root
+from pipeline import project_root
 from pipeline.export import export
-from pipeline.inference import infer
+from pipeline.inference.predictor import infer
+from pipeline.models import checkpoint
 from pipeline.models.adapters import for_inference
 from pipeline.models.export import build_model, export_model
-from pipeline.training import train
+from pipeline.training.run import train
 from tests.conftest import TINY_MODEL, compose_config, hippocampus_subset, tiny_config
 
 

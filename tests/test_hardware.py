@@ -5,9 +5,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from pipeline import hardware
-from pipeline.config import compose
-from pipeline.errors import InputError
+from pipeline.core import hardware
+from pipeline.core.config import compose
+from pipeline.core.errors import InputError
 
 CPU = torch.device("cpu")
 

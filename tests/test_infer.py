@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, project_root
-from pipeline.errors import InputError, RunStopped
-from pipeline.inference import Predictor, infer
-from pipeline.training import train
+from pipeline import project_root
+from pipeline.core.errors import InputError, RunStopped
+from pipeline.inference.predictor import Predictor, infer
+from pipeline.models import checkpoint
+from pipeline.training.run import train
 from tests.conftest import hippocampus_subset, tiny_config
 
 
@@ -137,7 +138,7 @@ def test_hippocampus_checkpoint_predicts_on_the_input_grid(tmp_path):
 def test_an_interrupted_folder_run_says_how_many_it_wrote_and_a_rerun_skips_them(threshold_ckpt, tmp_path,
                                                                                   monkeypatch):
     """A real SIGINT to this process after the second volume: the run stops before the third."""
-    from pipeline import inference
+    from pipeline.inference import predictor as inference
 
     ckpt, images, out = threshold_ckpt(), tmp_path / "images", tmp_path / "out"
     images.mkdir()

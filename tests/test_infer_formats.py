@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline import checkpoint, project_root
-from pipeline.inference import Predictor, infer, postprocess
-from pipeline.io import find_inputs
+from pipeline import project_root
+from pipeline.data.io import find_inputs
+from pipeline.inference.predictor import Predictor, infer, postprocess
+from pipeline.models import checkpoint
 from tests.conftest import shared_dataset
 
 
@@ -177,7 +178,7 @@ def test_a_wrong_channel_count_is_a_bad_file_and_a_model_error_stops_the_run(thr
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: not enough memory")
 
-    monkeypatch.setattr("pipeline.engine.predict", out_of_memory)
+    monkeypatch.setattr("pipeline.inference.predictor.predict", out_of_memory)
     with pytest.raises(RuntimeError, match="not enough memory"):
         infer(threshold_ckpt(channels=2), inputs, tmp_path / "out2", amp=False)
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
@@ -197,7 +198,7 @@ def test_a_dicom_series_gets_a_dicom_seg_that_matches_its_nifti_and_its_slices(t
     import highdicom as hd
     import pydicom
 
-    from pipeline.dicomseg import source_slices
+    from pipeline.inference.dicomseg import source_slices
 
     study = shared_dataset("dicom_hippocampus_crops") / "Study1"
     shuffled = shuffled_copy(study, tmp_path / "shuffled", seed=1)
@@ -246,7 +247,7 @@ def test_a_de_identified_ct_dicom_series_gets_a_dicom_seg_with_a_segment_per_cla
     found, each frame referencing its slice; the study and series UIDs it references are derived, the same each run."""
     import highdicom as hd
 
-    from pipeline.dicomseg import source_slices
+    from pipeline.inference.dicomseg import source_slices
 
     series = shared_dataset("totalseg_ct_examples") / "ct_dicom"
     [nifti] = infer(threshold_ckpt(), series, tmp_path, amp=False, format="dicom-seg")["written"]

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from pipeline import distributed, logs
+from pipeline.core import distributed, logs
 
 log = logging.getLogger("pipeline.test_logs")
 
@@ -88,12 +88,12 @@ def test_quiet_silences_each_harmless_line_at_its_source_and_nothing_else(quiet)
 
 def test_quiet_silences_what_monai_and_mlflow_really_say_in_a_run(tmp_path):
     """The libraries themselves: MONAI's LoadImage, MLflow's dataset source for a data folder and the run's pyfunc
-    model saved as pipeline/serving.py logs it."""
+    model saved as pipeline/inference/serving.py logs it."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from monai.transforms import LoadImage
 
-    from pipeline.serving import SIGNATURE, SegmentationModel
+    from pipeline.inference.serving import SIGNATURE, SegmentationModel
 
     checkpoint = tmp_path / "best.pt"
     checkpoint.write_bytes(b"weights")

@@ -1,4 +1,4 @@
-"""The hand-written losses (pipeline/losses.py) against values worked out by hand, and every new loss config."""
+"""The hand-written losses (training/losses.py) against values worked out by hand, and every new loss config."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from monai.losses import GeneralizedDiceLoss, TverskyLoss
 
-from pipeline.losses import (
+from pipeline.training.losses import (
     BCETotalVariationLoss,
     BinaryCrossEntropyLoss,
     WeightedCrossEntropyLoss,
@@ -213,7 +213,7 @@ def test_loss_configs_compose_and_score_a_perfect_prediction_below_a_wrong_one(n
     if name == "ce_weighted":
         assert loss_fn.weight.tolist() == [approx(1 / 1.8), approx(5.0)]
     if sigmoid:
-        assert cfg.loss._target_ == f"pipeline.losses.{cls.__name__}"
+        assert cfg.loss._target_ == f"pipeline.training.losses.{cls.__name__}"
     if name == "bce_tv":
         assert loss_fn.tv_weight == 0.1
     # the check of tests/test_config.py, with one output channel (the foreground logit) for the sigmoid losses

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from pipeline import project_root
-from pipeline.config import compose
+from pipeline.core.config import compose
 
 
 def make_dry_run(target: str, *args: str) -> list[str]:

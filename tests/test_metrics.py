@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.metrics import SegmentationScores
+from pipeline.evaluation.metrics import SegmentationScores
 
 
 def volume(*boxes) -> torch.Tensor:

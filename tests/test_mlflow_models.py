@@ -20,16 +20,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import checkpoint
-from pipeline.config import compose
+from pipeline.core.config import compose
+from pipeline.core.errors import InputError
 from pipeline.data.fingerprint import cache_key
-from pipeline.errors import InputError
-from pipeline.evaluation import evaluate
-from pipeline.inference import checkpoints, infer
+from pipeline.evaluation.scoring import evaluate
+from pipeline.inference.predictor import checkpoints, infer
+from pipeline.inference.serving import INPUT, OUTPUT, decode, encode
+from pipeline.models import checkpoint
 from pipeline.promote import promote
-from pipeline.serving import INPUT, OUTPUT, decode, encode
-from pipeline.tracking import TRAINING_VIEW, using_store
-from pipeline.training import train
+from pipeline.tracking.runs import TRAINING_VIEW, using_store
+from pipeline.training.run import train
 from tests.conftest import tiny_config
 from tests.test_evaluate import chromium
 from tests.test_tracking_server import MLFLOW, Server, free_port
@@ -254,7 +254,7 @@ def test_the_served_model_class_asks_mlflow_for_no_type_hints():
     resets filters first); the served model opts out of that wrapping, as MLflow's own model classes do."""
     import warnings
 
-    from pipeline.serving import SegmentationModel
+    from pipeline.inference.serving import SegmentationModel
 
     def hinted_warnings(base) -> list[str]:
         with warnings.catch_warnings(record=True) as caught:

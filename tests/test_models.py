@@ -10,12 +10,13 @@ import torch
 from hydra.utils import instantiate
 from monai.losses import DeepSupervisionLoss
 
-from pipeline import checkpoint, engine
-from pipeline.errors import InputError
-from pipeline.inference import infer
+from pipeline.core.errors import InputError
+from pipeline.inference.predictor import infer
+from pipeline.models import checkpoint
 from pipeline.models.adapters import for_inference
 from pipeline.models.weights import initialise, kaiming_
-from pipeline.training import train
+from pipeline.training import engine
+from pipeline.training.run import train
 from tests.conftest import CONF, TINY_MODEL, compose_config, tiny_config
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))

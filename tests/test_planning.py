@@ -1,5 +1,6 @@
 """Fingerprint caching, nnU-Net-style planning, and a short planned training on real hippocampus MRI."""
 
+import json
 import os
 
 import mlflow
@@ -9,15 +10,17 @@ import torch
 from hydra.utils import instantiate
 from monai.networks.nets import DynUNet
 
-from pipeline import planning
-from pipeline.completion import complete
+from pipeline.core.errors import InputError
+from pipeline.core.rundir import RunDir
+from pipeline.data import checks, sources
 from pipeline.data import fingerprint as fp_module
 from pipeline.data.fingerprint import fingerprint
 from pipeline.data.sources import read_msd
-from pipeline.errors import InputError
 from pipeline.models.adapters import training_outputs as outputs
-from pipeline.planning import plan, topology
-from pipeline.training import train
+from pipeline.training import completion, planning
+from pipeline.training.completion import complete
+from pipeline.training.planning import plan, topology
+from pipeline.training.run import save_plans, setup, train
 from tests.conftest import compose_config, hippocampus_subset, shared_subset, tiny_config
 
 
@@ -95,6 +98,28 @@ def test_auto_topology_builds_a_dynunet_that_fits_the_patch(tiny_phantom, tmp_pa
     net = instantiate(cfg.model)
     heads = outputs(net(torch.randn(2, 1, 32, 32, 16)), torch.zeros(2, 1, 32, 32, 16))
     assert [tuple(h.shape) for h in heads] == [(2, 3, 32, 32, 16)] * 3  # the main output and two deep-supervision heads
+
+
+def test_a_run_reads_its_dataset_once_and_fingerprints_its_training_cases_once(tiny_phantom, tmp_path, monkeypatch):
+    """The check's reading of the dataset is the one completion splits and plans from; one fingerprint serves the
+    topology and plans.json."""
+    calls = {"read": 0, "fingerprint": 0}
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(checks, "dataset_problems", counted("read", checks.dataset_problems))
+    monkeypatch.setattr(sources, "dataset_problems", counted("read", sources.dataset_problems))  # read_dataset's
+    monkeypatch.setattr(completion, "fingerprint", counted("fingerprint", completion.fingerprint))
+    cfg = tiny_config(tiny_phantom, tmp_path, "dynunet", ["model.kernel_size=auto", "model.strides=auto",
+                                                          "model.upsample_kernel_size=auto", "model.filters=auto"])
+    job = setup(cfg)
+    plans = json.loads(save_plans(cfg, job, RunDir(tmp_path)).read_text())
+    assert calls == {"read": 1, "fingerprint": 1}
+    assert plans["fingerprint"]["num_cases"] == len(job.splits["train"]) and cfg.model.strides[0] == [1, 1, 1]
 
 
 def test_short_planned_training_on_real_hippocampus_improves_dice(tmp_path, mlflow_store):

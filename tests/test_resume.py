@@ -11,11 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import checkpoint, project_root
-from pipeline.completion import complete
+from pipeline import project_root
+from pipeline.core.errors import InputError
 from pipeline.data.transforms import cache_mode
-from pipeline.errors import InputError
-from pipeline.training import train
+from pipeline.models import checkpoint
+from pipeline.training.completion import complete
+from pipeline.training.run import train
 from tests.conftest import tiny_config, training_process
 
 DETERMINISTIC = ["trainer.amp=false", "trainer.deterministic=true", "trainer.max_epochs=4", "trainer.val_every=1"]
@@ -109,7 +110,7 @@ def test_an_interrupt_saves_last_pt_marks_the_run_killed_and_says_how_to_continu
 
 
 def test_a_second_ctrl_c_exits_at_once_without_a_traceback():
-    script = ("import os, signal, time\nfrom pipeline.interrupts import Interrupts\n"
+    script = ("import os, signal, time\nfrom pipeline.core.interrupts import Interrupts\n"
               "with Interrupts() as stop:\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n"
               "    assert stop.signal == signal.SIGINT\n"
@@ -123,7 +124,7 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback():
 
 
 def test_a_nan_loss_stops_with_one_line_naming_the_step_the_checkpoint_and_the_settings(tiny_phantom, tmp_path):
-    from pipeline.errors import RunStopped
+    from pipeline.core.errors import RunStopped
 
     cfg = tiny_config(tiny_phantom, tmp_path, overrides=["optimizer.lr=1e30", "trainer.grad_clip=null",
                                                          "trainer.max_epochs=3", "tracking=none"])
@@ -155,7 +156,7 @@ def test_a_truncated_last_pt_given_to_resume_is_one_line_naming_the_file(tmp_pat
 
 
 def test_resume_true_skips_a_newer_unreadable_last_pt_and_says_which_it_took(tmp_path, caplog):
-    from pipeline.training import resume_from
+    from pipeline.training.run import resume_from
 
     runs = tmp_path / "outputs" / "runs" / "train"
     good = checkpoint.save(runs / "2026-01-01_10-00-00" / "checkpoints" / "last.pt", torch.nn.Linear(4, 2),
@@ -174,7 +175,7 @@ def test_resume_true_skips_a_newer_unreadable_last_pt_and_says_which_it_took(tmp
 
 
 def test_resume_auto_continues_the_run_folders_own_last_pt_and_starts_afresh_without_one(tmp_path, caplog):
-    from pipeline.training import resume_from
+    from pipeline.training.run import resume_from
 
     def auto(run_dir):
         return resume_from(OmegaConf.create({"resume": "auto", "paths": {"run_dir": str(run_dir)}}))

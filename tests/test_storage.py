@@ -14,10 +14,10 @@ import nibabel as nib
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.completion import complete
+from pipeline.core.files import StorageError, atomic
 from pipeline.data.transforms import loaders
-from pipeline.files import StorageError, atomic
+from pipeline.models import checkpoint
+from pipeline.training.completion import complete
 from tests.conftest import tiny_config, training_process
 
 
@@ -139,7 +139,7 @@ def fill(disk: Path) -> None:
 
 def test_a_folder_inference_on_a_disk_that_fills_up_stops_at_the_first_refused_label_map(threshold_ckpt, tiny_phantom,
                                                                                         tmp_path, monkeypatch):
-    from pipeline import inference
+    from pipeline.inference import predictor as inference
 
     predict_one, done = inference.predict_one, []
 
@@ -172,7 +172,7 @@ def test_a_disk_cache_that_cannot_fit_is_refused_before_training(tiny_phantom, t
 
 def test_an_mlflow_store_on_a_read_only_disk_is_one_warning_and_training_goes_on(tmp_path, caplog):
     """Tracking never stops a run: its store failing is one warning (not MLflow's minute of retries and a trace)."""
-    from pipeline.tracking import MLflowTracker
+    from pipeline.tracking.runs import MLflowTracker
 
     with tmpfs(tmp_path / "ro", kilobytes=64, read_only=True) as disk:
         tracker = MLflowTracker(f"sqlite:///{disk}/mlflow.db", "storage-test", local_dir=str(tmp_path / "run"))

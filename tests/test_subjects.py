@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 from omegaconf import OmegaConf
 
+from pipeline.core.errors import InputError
 from pipeline.data.checks import check
 from pipeline.data.sources import case_id, read_msd, split
 from pipeline.data.subjects import fixed_folds, grouping, looks_grouped_warning, split_dataset
-from pipeline.errors import InputError
 from tests.conftest import compose_config, shared_dataset, shared_subset
 
 

@@ -11,8 +11,9 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline import checkpoint, project_root
-from pipeline.sweep import dataset_name
+from pipeline import project_root
+from pipeline.models import checkpoint
+from pipeline.tracking.sweep import dataset_name
 from tests.conftest import TINY, TINY_MODEL, split_parent, wait_for_epoch
 from tests.test_cli import named
 from tests.test_make import make_dry_run
@@ -59,7 +60,7 @@ def test_make_cv_on_data_named_by_its_dataset_json_nests_its_folds_in_a_parent_o
 
 
 def test_the_launching_process_names_the_dataset_as_its_jobs_will_from_dataset_json_alone(tiny_phantom, tmp_path):
-    from pipeline.config import compose
+    from pipeline.core.config import compose
     from pipeline.data.sources import read_dataset
 
     nameless = named(tiny_phantom, tmp_path / "Task09_Spleen", "")  # no name: the folder's

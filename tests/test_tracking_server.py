@@ -19,11 +19,12 @@ import mlflow
 import pytest
 import torch
 
-from pipeline import checkpoint, project_root
-from pipeline.errors import InputError
-from pipeline.inference import checkpoints
-from pipeline.tracking import HTTP_SETTINGS, MLflowTracker, NullTracker
-from pipeline.training import train
+from pipeline import project_root
+from pipeline.core.errors import InputError
+from pipeline.inference.predictor import checkpoints
+from pipeline.models import checkpoint
+from pipeline.tracking.runs import HTTP_SETTINGS, MLflowTracker, NullTracker
+from pipeline.training.run import train
 from tests.conftest import tiny_config
 
 MLFLOW = Path(sys.executable).parent / "mlflow"

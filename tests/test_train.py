@@ -11,11 +11,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline import checkpoint, engine, hardware
+from pipeline.core import hardware
+from pipeline.core.errors import RunStopped
 from pipeline.data.transforms import loaders
-from pipeline.errors import RunStopped
-from pipeline.metrics import SegmentationScores
-from pipeline.training import setup, train
+from pipeline.evaluation.metrics import SegmentationScores
+from pipeline.models import checkpoint
+from pipeline.training import engine
+from pipeline.training.run import setup, train
 from tests.conftest import compose_config, tiny_config
 
 RUN_NAMES = {

@@ -16,10 +16,10 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from pipeline.core.errors import InputError
+from pipeline.data.io import label_fault, spatial
 from pipeline.data.sources import case_id, data_facts, dataset_problems
 from pipeline.data.subjects import SPLITS_FILE, looks_grouped_warning, split_dataset
-from pipeline.errors import InputError
-from pipeline.io import label_fault, spatial
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,13 @@ def check_case(case: dict, num_classes: int, channels: int) -> tuple[list[str], 
 
 
 def check(cfg: DictConfig, *, progress: bool = True) -> dict:
-    """Every fault of the dataset at cfg.data; returns {"cases", "faults": [...], "empty": [...]}."""
+    """Every fault of the dataset at cfg.data; returns {"cases", "faults": [...], "empty": [...], "warnings": [...],
+    "dataset": the cases as read (None where its listing cannot be read), which training hands on to its completion}."""
     d = cfg.data
     root = Path(d.root).expanduser()
     dataset, faults = dataset_problems(d)
     if dataset is None:
-        return {"cases": 0, "faults": faults, "empty": []}
+        return {"cases": 0, "faults": faults, "empty": [], "warnings": [], "dataset": None}
     facts = data_facts(d, dataset)
     num_classes, channels = facts["num_classes"], facts["in_channels"]
     empty = []
@@ -96,7 +97,8 @@ def check(cfg: DictConfig, *, progress: bool = True) -> dict:
     grouped = (root / SPLITS_FILE).is_file() or any("subject" in c for c in dataset.cases)
     warning = looks_grouped_warning(root, [case_id(c) for c in dataset.cases], d.split.get("group"), d.split.folds,
                                     has_fixed=grouped)
-    return {"cases": len(dataset.cases), "faults": faults, "empty": empty, "warnings": [warning] if warning else []}
+    return {"cases": len(dataset.cases), "faults": faults, "empty": empty, "warnings": [warning] if warning else [],
+            "dataset": dataset}
 
 
 def log_report(root, report: dict, then: str = "") -> None:

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 from monai.apps import DecathlonDataset
 from monai.apps.utils import HashCheckError, download_url, extractall
 
-from pipeline.errors import InputError, first_line
+from pipeline.core.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 

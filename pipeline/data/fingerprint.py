@@ -16,9 +16,9 @@ import numpy as np
 from nibabel.orientations import io_orientation
 from tqdm.auto import tqdm
 
-from pipeline.errors import InputError
-from pipeline.files import atomic
-from pipeline.io import spatial
+from pipeline.core.errors import InputError
+from pipeline.core.files import atomic
+from pipeline.data.io import spatial
 
 SAMPLES_PER_CASE = 10_000
 VERSION = 3  # bumped when a fingerprint gains a field: older cached ones are measured again

@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import InputError, faults_error
-from pipeline.io import as_nifti
+from pipeline.core.errors import InputError, faults_error
+from pipeline.data.io import as_nifti
 
 log = logging.getLogger(__name__)
 

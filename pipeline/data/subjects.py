@@ -11,8 +11,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.errors import InputError
 from pipeline.data.sources import case_id, split
-from pipeline.errors import InputError
 
 # The case name without its last `_` part (patient001_frame01 -> patient001, sub-01_ses-02 -> sub-01), or, in a name
 # without `_`, its last `-` part. `data.split.group: auto` uses it only where the names look grouped (see grouped_names)

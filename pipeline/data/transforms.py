@@ -12,9 +12,9 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, Thr
 from monai.transforms import Compose, EnsureTyped
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import distributed
-from pipeline.errors import InputError
-from pipeline.files import StorageError, free_bytes, megabytes
+from pipeline.core import distributed
+from pipeline.core.errors import InputError
+from pipeline.core.files import StorageError, free_bytes, megabytes
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from pipeline import __version__
+from pipeline.core.files import atomic
 from pipeline.data.transforms import preprocessing_stages
-from pipeline.files import atomic
 from pipeline.models.export import export_model
 
 # The official schema of bundle metadata, downloaded by `python -m monai.bundle verify_metadata`.

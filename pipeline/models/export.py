@@ -1,6 +1,6 @@
 """A checkpoint's network as inference runs it, written as ONNX or TorchScript for a fixed window size, and exported
-networks run on CPU runtimes (ONNX Runtime, OpenVINO) for pipeline.inference. `python -m pipeline.export` (pipeline/
-export.py) writes them, or a MONAI bundle (pipeline/models/bundle.py, which builds on this module)."""
+networks run on CPU runtimes (ONNX Runtime, OpenVINO) for the predictor (inference/predictor.py). `python -m
+pipeline.export` writes them, or a MONAI bundle (pipeline/models/bundle.py, which builds on this module)."""
 
 import logging
 import warnings
@@ -10,8 +10,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline.errors import InputError
-from pipeline.files import atomic
+from pipeline.core.errors import InputError
+from pipeline.core.files import atomic
 from pipeline.models import adapters
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from pathlib import Path
 from monai.networks.utils import copy_model_state
 from torch import nn
 
-from pipeline import checkpoint
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
+from pipeline.models import checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ maps out.
 
 Each volume goes through the checkpoint's own preprocessing, a sliding-window pass (optionally mirrored for TTA and
 averaged over several checkpoints), and MONAI's inverse of the preprocessing, so the label map lands on the input's
-exact grid (shape, affine, orientation). Inputs: NIfTI, NRRD, MHA, DICOM series folders (see pipeline/io.py).
+exact grid (shape, affine, orientation). Inputs: NIfTI, NRRD, MHA, DICOM series folders (see pipeline/data/io.py).
 """
 
 import importlib.util
@@ -21,14 +21,16 @@ from monai.transforms import Compose, FillHoles, Invertd, KeepLargestConnectedCo
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint, engine, hardware
+from pipeline.core import hardware
+from pipeline.core.errors import InputError, RunStopped
+from pipeline.core.files import StorageError, atomic
+from pipeline.core.interrupts import Interrupts
+from pipeline.core.rundir import RunDir
+from pipeline.data.io import Reference, Volume, find_inputs, label_dtype, ras_spacing
 from pipeline.data.transforms import preprocess, preprocessing_config
-from pipeline.errors import InputError, RunStopped
-from pipeline.files import StorageError, atomic
-from pipeline.interrupts import Interrupts
-from pipeline.io import Reference, Volume, find_inputs, label_dtype, ras_spacing
+from pipeline.models import checkpoint
+from pipeline.models.adapters import for_inference
 from pipeline.models.export import OnnxRuntimeModel, OpenVinoModel, build_model, export_model
-from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def checkpoints(ckpt, cache: Path | None = None, final: bool = False) -> list[Pa
     paths = []
     for p in ckpt if isinstance(ckpt, (list, tuple, ListConfig)) else [ckpt]:
         if str(p).startswith("models:/"):
-            from pipeline.tracking import download_registered  # imports mlflow: only when asked for
+            from pipeline.tracking.runs import download_registered  # imports mlflow: only when asked for
 
             paths += download_registered(str(p), cache)
         else:
@@ -85,6 +87,14 @@ class PredictOptions:
         given = {f.name: OmegaConf.to_object(cfg[f.name]) if OmegaConf.is_config(cfg[f.name]) else cfg[f.name]
                  for f in fields(cls) if f.name in cfg}
         return cls(**given | ({"tta_axes": tuple(given["tta_axes"])} if given.get("tta_axes") is not None else {}))
+
+
+@torch.no_grad()
+def predict(model, image: torch.Tensor, inferer, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Float32 class logits (B, K, ...) for whole volumes, by the (sliding-window) inferer."""
+    model.eval()
+    with hardware.autocast(device, dtype):
+        return inferer(image.to(device), for_inference(model)).float()
 
 
 def mirrored_axes(configs) -> tuple[int, ...]:
@@ -206,7 +216,7 @@ class Predictor:
         for model, inferer in self.members:
             for dims in self.flips:
                 flips = [d + 2 for d in dims]
-                logits = engine.predict(model, torch.flip(image, flips) if dims else image, inferer,
+                logits = predict(model, torch.flip(image, flips) if dims else image, inferer,
                                         self.device, self.dtype)
                 probs = torch.as_tensor(logits[0]).cpu()  # plain tensor: MetaTensor bookkeeping costs here
                 del logits
@@ -332,7 +342,7 @@ def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, *
         ref.write(uncertainty.astype(np.float32), target.parent / volume.output_name("nifti", "_uncertainty"))
     ref.write(labels.astype(label_dtype(predictor.num_classes)), target)
     if dicom_seg and volume.kind == "dicom":  # after the NIfTI: a series DICOM-SEG cannot describe keeps that
-        from pipeline.dicomseg import write_seg
+        from pipeline.inference.dicomseg import write_seg
 
         try:
             write_seg(volume.path, labels, predictor.class_names, target.with_name(f"{volume.stem}.seg.dcm"))

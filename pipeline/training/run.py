@@ -14,21 +14,23 @@ from hydra.utils import instantiate
 from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import callbacks, checkpoint, distributed, engine, hardware, plots
-from pipeline.completion import complete
+from pipeline.core import distributed, hardware
+from pipeline.core.errors import InputError, RunStopped, faults_error
+from pipeline.core.files import atomic
+from pipeline.core.interrupts import Interrupts, submitit_job
+from pipeline.core.rundir import RunDir
 from pipeline.data.checks import check
 from pipeline.data.fingerprint import cache_key, profile
 from pipeline.data.sources import case_id, ensure_demo_data
 from pipeline.data.transforms import loaders
-from pipeline.errors import InputError, RunStopped, faults_error, first_line
-from pipeline.files import StorageError, atomic
-from pipeline.interrupts import Interrupts, submitit_job
+from pipeline.evaluation import plots
+from pipeline.models import checkpoint
 from pipeline.models.adapters import ValidNetwork
 from pipeline.models.weights import initialise
-from pipeline.planning import plans
-from pipeline.rundir import RunDir
-from pipeline.sweep import sweep_tags
-from pipeline.tracking import NullTracker, VolumeDataset, git_dirty
+from pipeline.tracking.runs import NullTracker, VolumeDataset, finishing, git_dirty, sweep_tags
+from pipeline.training import callbacks, engine
+from pipeline.training.completion import complete
+from pipeline.training.planning import plans
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def save_splits(splits: dict[str, list[dict]], run_dir: str | Path) -> Path:
 
 def save_plans(cfg: DictConfig, job: engine.Job, run_dir: RunDir) -> Path:
     """plans.json beside the checkpoints, and its gist in a few lines."""
-    p = plans(cfg, job.splits, job.precision)
+    p = plans(cfg, job.splits, job.precision, job.fingerprint())
     with atomic(run_dir.plans) as tmp:
         tmp.write_text(json.dumps(p, indent=1))
     d, net, minutes = p["dataset"], p["network"], p["budget"]["max_minutes"]
@@ -75,13 +77,15 @@ def setup(cfg: DictConfig) -> engine.Job:
     """
     with distributed.main_first():
         ensure_demo_data(cfg.data)
+        report = {}
         if cfg.data.get("check", True) and distributed.is_main():  # every fault, before anything is cached or trained
             report = check(cfg, progress=False)
             if report["faults"]:
                 raise faults_error(report["faults"], cfg.data.root)
             for warning in report["warnings"]:
                 log.warning(warning)
-        splits = complete(cfg).splits  # the gate: every value left to the data, the plan or the training cases
+        # the gate: every value left to the data, the plan or the training cases, from the dataset the check read
+        done = complete(cfg, report.get("dataset"))
     set_determinism(seed=cfg.seed)  # python, numpy, torch and MONAI transform states
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic", False)), warn_only=True)
     model = initialise(instantiate(cfg.model), cfg.get("init"))  # the same weights on every rank (seed, not rank)
@@ -98,7 +102,8 @@ def setup(cfg: DictConfig) -> engine.Job:
         return instantiate(OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs}}).scheduler)(optimizer)
 
     return engine.Job(
-        splits=splits,
+        splits=done.splits,
+        fingerprint=done.fingerprint,
         model=model,
         loss_fn=instantiate(cfg.loss),
         optimizer=optimizer,
@@ -171,6 +176,22 @@ def run_tags(cfg: DictConfig, device, chosen: hardware.Precision, cases: list[di
     }
 
 
+def publish(cfg: DictConfig, tracker: NullTracker, run_dir: RunDir, result: dict) -> str | None:
+    """A finished run's record in the tracker: best Dice, checkpoints, curves, and the checkpoint that stands for the
+    run (best.pt; last.pt for data.fold=all) as its MLflow model; with tracking.register=true a version of the
+    registered model, whose URI it returns (None otherwise)."""
+    tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
+    for ckpt in (run_dir.best, run_dir.last):
+        tracker.log_artifact(ckpt, "checkpoints")
+    if distributed.is_main():
+        tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, run_dir.curves))
+    model = run_dir.model()
+    from pipeline.inference import serving  # imports mlflow: only where a run logs its model
+
+    tracker.log_model(model, serving.log_model)
+    return tracker.register(model)
+
+
 def train(cfg: DictConfig) -> dict:
     """Build every component from the config, train, and return {"best": metrics, "step_losses": [...], ...}.
 
@@ -217,37 +238,19 @@ def _train(cfg: DictConfig, state: dict | None) -> dict:
     log.info(f"{name}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test cases "
              f"from {cfg.data.root} on {job.device}{ranks}")
     log.info(job.precision)
-    status, reason, start = "FAILED", None, time.perf_counter()
-    try:
+    start = time.perf_counter()
+    with finishing(tracker, run_dir.last_good) as end:  # the MLflow run's status, however this block ends
         with Interrupts() as job.interrupts:  # SIGINT/SIGTERM: stop at the next step, save, say how to continue
             result = engine.fit(cfg.trainer, job, callbacks.from_config(cfg.trainer), resume=state)
         if result["interrupted"]:
-            status = "KILLED"
+            end.status = "KILLED"
             if job.interrupts.requeues():  # submitit's signal: its handler requeues the job, which resumes last.pt
-                reason = f"preempted or out of time: requeued by submitit to resume from {run_dir.last}"
-                log.info(reason)
+                end.reason = f"preempted or out of time: requeued by submitit to resume from {run_dir.last}"
+                log.info(end.reason)
                 job.interrupts.hand_over()  # exits
             raise RunStopped(f"interrupted after epoch {result['epochs']} (step {result['steps']}); continue with: "
                              f"make train resume={run_dir.root}", code=128 + result["interrupted"], prefix="")
-        tracker.log_metrics({"best_val_dice_mean": result["best"]["val_dice_mean"]}, step=result["epochs"])
-        for ckpt in (run_dir.best, run_dir.last):
-            tracker.log_artifact(ckpt, "checkpoints")
-        if distributed.is_main():
-            tracker.log_artifact(plots.curves(result["history"], cfg.data.class_names, run_dir.curves))
-        # the checkpoint that stands for the run (best.pt; last.pt for data.fold=all) as the run's MLflow model, and
-        # with tracking.register=true a version of the registered model (model_uri None otherwise)
-        model = run_dir.model()
-        tracker.log_model(model)
-        result["model_uri"] = tracker.register(model)
-        status = "FINISHED"
-    except StorageError as err:  # the disk, not the run: say which checkpoint survived it
-        reason = f"{err}; last good checkpoint: {run_dir.last_good() or 'none yet'}"
-        raise StorageError(reason) from err
-    except BaseException as err:
-        reason = reason or first_line(err)
-        raise
-    finally:
-        tracker.finish(status, reason)
+        result["model_uri"] = publish(cfg, tracker, run_dir, result)
     minutes = (time.perf_counter() - start) / 60
     done = state["epoch"] if state else 0  # epochs finished before this process began
     took = f"{result['epochs']} epochs in {minutes:.1f} min"

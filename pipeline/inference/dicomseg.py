@@ -9,8 +9,8 @@ import pydicom
 import SimpleITK as sitk
 
 from pipeline import __version__
-from pipeline.errors import InputError, first_line
-from pipeline.files import atomic
+from pipeline.core.errors import InputError, first_line
+from pipeline.core.files import atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,24 +1,23 @@
 """nnU-Net-style planning: derive spacing, patch size, batch size and normalization from the dataset fingerprint.
 
 Any config value set to `auto` (what `plan=auto` does) gets a planned one (the functions here return them;
-pipeline.completion.complete writes them); values given explicitly, e.g. on the command line, are kept. MONAI has no
-planner, hence this module.
+completion.complete writes them); values given explicitly, e.g. on the command line, are kept. MONAI has no planner,
+hence this module.
 """
 
 import logging
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import hardware
-from pipeline.config import option
-from pipeline.data.fingerprint import fingerprint
+from pipeline.core import hardware
+from pipeline.core.config import option
+from pipeline.core.errors import InputError
 from pipeline.data.transforms import augmentation
-from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +230,15 @@ def _is_auto(value) -> bool:
     return value == "auto" or (isinstance(value, DictConfig) and value.get("name") == "auto")
 
 
-def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]) -> dict:
+def planned_data(cfg: DictConfig, modalities: list[str], fingerprint: Callable[[], dict]) -> dict:
     """The planned value (dotted key -> value) of every data setting left `auto` (spacing, patch, batch, crop,
-    normalization, rotation axes), from the fingerprint of the training cases; {} when none is auto."""
+    normalization, rotation axes), from the fingerprint of the training cases (asked for only then); {} when none is
+    auto."""
     auto = [key for key in PLANNED if _is_auto(OmegaConf.select(cfg, key))]
     if not auto:
         return {}
     settings = cfg.get("plan") or {}
-    fp = fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")
+    fp = fingerprint()
     p = plan(fp, modalities, settings.get("budget_voxels", 2**19), settings.get("min_batch", 2),
              planned_network=any(_is_auto(cfg.model.get(key)) for key in TOPOLOGY), dims=settings.get("dims", 3),
              max_batch_3d=settings.get("max_batch_3d"))
@@ -267,13 +267,13 @@ def planned_data(cfg: DictConfig, modalities: list[str], train_cases: list[dict]
     return values
 
 
-def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
+def planned_topology(cfg: DictConfig, fingerprint: Callable[[], dict]) -> dict:
     """The network's kernels, strides and widths (dotted key -> value) where the model config says `auto`, planned
     for the (completed) patch and spacing; {} when none is auto. Where the plan chose 2D (plan.dims), a DynUNet is
     planned over the in-plane axes and applied slice by slice (the whole `model` node is replaced)."""
     if not any(_is_auto(cfg.model.get(key)) for key in TOPOLOGY):
         return {}
-    spacing = cfg.data.spacing or fingerprint(train_cases, Path(cfg.paths.outputs) / "fingerprints")["median_spacing"]
+    spacing = cfg.data.spacing or fingerprint()["median_spacing"]
     slices = (cfg.get("plan") or {}).get("dims") == 2 and cfg.model.get("spatial_dims", 3) == 3
     dims = 2 if slices else cfg.model.get("spatial_dims", 3)  # a 2D network plans over the first two axes
     patch, spacing = list(cfg.data.patch_size)[:dims], list(spacing)[:dims]
@@ -306,10 +306,9 @@ def planned_topology(cfg: DictConfig, train_cases: list[dict]) -> dict:
     return {f"model.{key}": value for key, value in values.items()}
 
 
-def plans(cfg: DictConfig, splits: dict[str, list[dict]], precision: hardware.Precision) -> dict:
-    """What the run was planned to be (nnU-Net's plans.json): the training cases' fingerprint and every decision taken
-    from it and from this machine, as plain data; training saves it beside the checkpoints and logs it."""
-    fp = fingerprint(splits["train"], Path(cfg.paths.outputs) / "fingerprints")
+def plans(cfg: DictConfig, splits: dict[str, list[dict]], precision: hardware.Precision, fp: dict) -> dict:
+    """What the run was planned to be (nnU-Net's plans.json): the training cases' fingerprint `fp` and every decision
+    taken from it and from this machine, as plain data; training saves it beside the checkpoints and logs it."""
     c, augment = OmegaConf.to_container(cfg, resolve=True), augmentation(cfg, quiet=True)
     flips = [a.spatial_axis for k, a in augment.items() if k.startswith("flip")]
     return {

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

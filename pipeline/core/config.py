@@ -1,8 +1,5 @@
 """Compose configs as the entry points do, from tests, benchmarks, notebooks or inside a running Hydra app."""
 
-import os
-from pathlib import Path
-
 import hydra
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -30,14 +27,9 @@ def option(group: str, name: str) -> DictConfig:
 def entry_point(config_name: str):
     """`python -m pipeline.<name>`: Hydra composes conf/<config_name>.yaml with the command line's overrides, and
     errors stop it in one line (errors.exit_on_input_error)."""
-    from pipeline.errors import exit_on_input_error
+    from pipeline.core.errors import exit_on_input_error
 
     def decorate(main):
         return hydra.main(config_path="../conf", config_name=config_name, version_base="1.3")(exit_on_input_error(main))
 
     return decorate
-
-
-def shared_data() -> Path:
-    """The real datasets for tests and benchmarks: $PIPELINE_SHARED_DATA, else ../shared/data beside the project."""
-    return Path(os.environ.get("PIPELINE_SHARED_DATA", project_root().parent / "shared" / "data"))

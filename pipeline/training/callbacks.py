@@ -6,10 +6,13 @@ import logging
 import nibabel as nib
 from omegaconf import DictConfig
 
-from pipeline import checkpoint, distributed, plots
-from pipeline.engine import Job, TrainState, predict
-from pipeline.files import free_bytes, megabytes
-from pipeline.io import ras_spacing
+from pipeline.core import distributed
+from pipeline.core.files import free_bytes, megabytes
+from pipeline.data.io import ras_spacing
+from pipeline.evaluation import plots
+from pipeline.inference.predictor import predict
+from pipeline.models import checkpoint
+from pipeline.training.engine import Job, TrainState
 
 log = logging.getLogger(__name__)
 

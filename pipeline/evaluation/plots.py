@@ -9,7 +9,7 @@ from matplotlib.figure import Figure  # a Figure, not pyplot: no backend, no glo
 from matplotlib.patches import Patch
 from scipy import ndimage
 
-from pipeline.files import atomic
+from pipeline.core.files import atomic
 
 # pixels (width, height) of an overlay PNG: 3x3 panels and a legend row (two columns, 600 wide, without an image)
 OVERLAY_SIZE = (900, 960)

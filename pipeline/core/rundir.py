@@ -11,7 +11,7 @@
 import json
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 
 class RunDir:

@@ -6,34 +6,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.tracking.runs import PARENT_FILE
+
 log = logging.getLogger(__name__)
-
-# The parent run's id, in this file of the sweep folder: every job reads it, whichever launcher runs it (in this
-# process, joblib's workers, SLURM through submitit) as long as the folder is shared
-PARENT_FILE = "mlflow_parent_run_id"
-
-
-def sweep_tags() -> dict[str, str]:
-    """{"sweep": <sweep folder>, "sweep_job": <job number>} inside a multirun job, else {}: the shared tag that
-    groups a sweep's MLflow runs (`tags.sweep = '...'` in the MLflow UI search box)."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return {}
-    hydra = HydraConfig.get()
-    return {"sweep": str(hydra.sweep.dir), "sweep_job": str(hydra.job.num)}
-
-
-def sweep_parent() -> str | None:
-    """Inside a multirun job: its sweep's parent run id (None outside a sweep, or where no parent was opened)."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    path = Path(HydraConfig.get().sweep.dir) / PARENT_FILE
-    return path.read_text().strip() if path.is_file() else None
-
 
 def dataset_name(data: DictConfig) -> tuple[str | None, str | None]:
     """(the name each job's completion will give the dataset, None) or (None, the fault): data.name, else the
@@ -79,7 +57,7 @@ class SweepRun(Callback):
         tracking = config.get("tracking", {})
         if not tracking.get("uri"):
             return  # tracking=none: no runs to group
-        from pipeline.tracking import MLflowTracker
+        from pipeline.tracking.runs import MLflowTracker  # imports mlflow: only where a sweep is tracked
 
         folder = Path(config.hydra.sweep.dir)
         (folder / PARENT_FILE).unlink(missing_ok=True)  # a sweep folder run again (make cv resume=auto): a new parent

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import InputError, first_line
-from pipeline.files import atomic
+from pipeline.core.errors import InputError, first_line
+from pipeline.core.files import atomic
 
 
 def save(path: str | Path, model: torch.nn.Module, config: dict, **extra) -> Path:

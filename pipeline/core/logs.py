@@ -20,7 +20,7 @@ class RankZero(logging.Filter):
     """Drops records below ERROR on DDP ranks other than 0: one process speaks for the run."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from pipeline import distributed  # imports torch.distributed: only when a record is filtered
+        from pipeline.core import distributed  # imports torch.distributed: only when a record is filtered
 
         return record.levelno >= logging.ERROR or distributed.is_main()
 
@@ -62,9 +62,9 @@ HARMLESS = [
     ("warning", "mlflow.data.dataset_source_registry", "The specified dataset source can be interpreted in multiple",
      "MLflow registers its local-file source for `` and `file:`: a data folder matches both, the same class"),
     ("log", "mlflow.pyfunc", "Passing a Python object as `python_model`",
-     "the run's model is pipeline.serving's own class, pickled by reference to this package, which it requires"),
+     "the run's model is our serving class, pickled by reference to this package, which it requires"),
     ("warning", "mlflow.pyfunc", "An input example was not provided",
-     "the model's signature is given (pipeline/serving.py); an example volume would add megabytes to every model"),
+     "the model's signature is given (inference/serving.py); an example volume would add megabytes to every model"),
 ]
 
 
@@ -94,7 +94,7 @@ def quiet() -> None:
 
 
 # A log file on a full or read-only disk must not print a traceback for every record (logging's default, meant for
-# development): the write that matters fails as one StorageError line instead (pipeline/files.py).
+# development): the write that matters fails as one StorageError line instead (pipeline/core/files.py).
 logging.raiseExceptions = False
 
 _pipeline = logging.getLogger("pipeline")

@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.errors import InputError, first_line
-from pipeline.files import atomic
+from pipeline.core.errors import InputError, first_line
+from pipeline.core.files import atomic
 
 NIFTI = (".nii", ".nii.gz")
 SITK = (".nrrd", ".mha")

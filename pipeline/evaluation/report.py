@@ -6,8 +6,8 @@ import html
 import math
 from pathlib import Path
 
-from pipeline.files import atomic
-from pipeline.metrics import EMPTY_RULES, METRICS
+from pipeline.core.files import atomic
+from pipeline.evaluation.metrics import EMPTY_RULES, METRICS
 
 # Click a column heading to sort the per-case table; on load the page counts the images that decoded (a test reads it).
 SCRIPT = """

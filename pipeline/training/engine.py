@@ -1,7 +1,7 @@
 """The training and validation loop: plain torch, readable top to bottom. It reports to a Tracker, never to MLflow.
 
 `fit` runs epochs of: train steps -> (budget) -> validate -> decide (best, stale, schedule) -> callbacks (checkpoints,
-overlays, early stopping; pipeline/callbacks.py). Where a run stands lives in one TrainState, which last.pt saves and
+overlays, early stopping; training/callbacks.py). Where a run stands lives in one TrainState, which last.pt saves and
 resume restores.
 """
 
@@ -18,23 +18,17 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint, distributed
+from pipeline.core import distributed
+from pipeline.core.errors import RunStopped
+from pipeline.core.hardware import Precision, autocast, channels_last
+from pipeline.core.rundir import RunDir
 from pipeline.data.sources import case_id
-from pipeline.errors import RunStopped
-from pipeline.hardware import Precision, autocast, channels_last
-from pipeline.metrics import SegmentationScores
-from pipeline.models.adapters import centre_crop, for_inference, training_outputs
-from pipeline.rundir import RunDir
+from pipeline.evaluation.metrics import SegmentationScores
+from pipeline.inference.predictor import predict
+from pipeline.models import checkpoint
+from pipeline.models.adapters import centre_crop, training_outputs
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def predict(model, image: torch.Tensor, inferer, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    """Float32 class logits (B, K, ...) for whole volumes, by the (sliding-window) inferer."""
-    model.eval()
-    with autocast(device, dtype):
-        return inferer(image.to(device), for_inference(model)).float()
 
 
 def validate(model, loader, inferer, scores: SegmentationScores, device, dtype) -> dict[str, float]:
@@ -75,6 +69,7 @@ class Job:
     precision: Precision
     class_names: list[str]
     splits: dict[str, list[dict]] = field(default_factory=dict)
+    fingerprint: Callable[[], dict] | None = None  # the training cases' (completion's): plans.json records it
     train_loader: object = None
     val_loader: object = None
     tracker: object = None
@@ -346,10 +341,44 @@ def step_scheduler(job: Job, state: TrainState, metrics: dict) -> None:
             job.scheduler, state.scheduled = reschedule(job.schedule, job.optimizer, state.end, state.epoch), state.end
 
 
+def validation(job: Job, state: TrainState, train_loss: float, min_delta: float) -> dict:
+    """Validate the kept weights (and with EMA the last step's as raw_val_*), print the line, record it in the state."""
+    began = time.perf_counter()
+    scores = SegmentationScores(job.class_names)
+    metrics = validate(job.kept, job.val_loader, job.inferer, scores, job.device, job.precision.dtype)
+    if job.ema is not None:  # the last step's weights too, as raw_val_*: what the average adds
+        raw = validate(job.model, job.val_loader, job.inferer, scores, job.device, job.precision.dtype)
+        metrics |= {f"raw_{k}": v for k, v in raw.items()}
+    per_class = ", ".join(f"{n} {metrics[f'val_dice_{n}']:.3f}" for n in job.class_names[1:])
+    log.info(f"epoch {state.epoch:3d}  loss {train_loss:.4f}  "
+             f"val dice {metrics['val_dice_mean']:.3f} ({per_class})  iou {metrics['val_iou_mean']:.3f}")
+    state.record(metrics, min_delta)
+    state.val_seconds.append(distributed.maximum(time.perf_counter() - began))
+    return metrics
+
+
+def end_epoch(job: Job, state: TrainState, metrics: dict, start: float, callbacks: Sequence) -> None:
+    """Log the epoch, run the callbacks (checkpoints: last.pt saves the state as it stands), and count the time that
+    was neither training nor validation as overhead, which the budget reserves."""
+    metrics["epoch_time"] = time.perf_counter() - start
+    job.tracker.log_metrics(metrics, step=state.epoch)
+    state.history.append({"epoch": state.epoch} | metrics)
+    distributed.debug("epoch", epoch=state.epoch, log=metrics)
+    callbacks_start = time.perf_counter()
+    took = distributed.maximum(callbacks_start - start)
+    validated = state.val_seconds[-1] if "val_dice_mean" in metrics else 0.0
+    state.overhead_seconds += took - state.epoch_seconds[-1] - validated
+    state.run_seconds += took
+    for callback in callbacks:
+        callback.on_epoch_end(job, state, metrics)
+    saving = distributed.maximum(time.perf_counter() - callbacks_start)
+    state.overhead_seconds, state.run_seconds = state.overhead_seconds + saving, state.run_seconds + saving
+
+
 def fit(trainer: DictConfig, job: Job, callbacks: Sequence = (), resume: dict | None = None) -> dict:
     """Train until epoch state.end (trainer.max_epochs, or fitted to trainer.max_minutes of training on this machine)
     or a callback stops the run; validate every trainer.val_every epochs and after the last. `callbacks`
-    (pipeline/callbacks.py) act after every epoch: checkpoints, overlays, early stopping. `resume`: a loaded last.pt.
+    (training/callbacks.py) act after every epoch: checkpoints, overlays, early stopping. `resume`: a loaded last.pt.
 
     Under DDP (trainer=ddp) every rank runs this on its own share of the cases: gradients, the training loss and the
     validation scores are averaged over ranks, so every rank takes the same decisions; rank 0 alone writes files.
@@ -373,33 +402,10 @@ def fit(trainer: DictConfig, job: Job, callbacks: Sequence = (), resume: dict | 
             metrics |= keep_to_budget(trainer, state)
             bar.total = state.end
             if validating(trainer, state):
-                validation = time.perf_counter()
-                scores = SegmentationScores(job.class_names)
-                metrics |= validate(job.kept, job.val_loader, job.inferer, scores, job.device, job.precision.dtype)
-                if job.ema is not None:  # the last step's weights too, as raw_val_*: what the average adds
-                    raw = validate(job.model, job.val_loader, job.inferer, scores, job.device, job.precision.dtype)
-                    metrics |= {f"raw_{k}": v for k, v in raw.items()}
-                per_class = ", ".join(f"{n} {metrics[f'val_dice_{n}']:.3f}" for n in job.class_names[1:])
-                log.info(f"epoch {state.epoch:3d}  loss {metrics['train_loss']:.4f}  "
-                         f"val dice {metrics['val_dice_mean']:.3f} ({per_class})  iou {metrics['val_iou_mean']:.3f}")
-                state.record(metrics, min_delta)
-                state.val_seconds.append(distributed.maximum(time.perf_counter() - validation))
+                metrics |= validation(job, state, metrics["train_loss"], min_delta)
             step_scheduler(job, state, metrics)
-            metrics["epoch_time"] = time.perf_counter() - start
-            job.tracker.log_metrics(metrics, step=state.epoch)
-            state.history.append({"epoch": state.epoch} | metrics)
+            end_epoch(job, state, metrics, start, callbacks)
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", best_dice=f"{state.best['val_dice_mean']:.3f}")
-            distributed.debug("epoch", epoch=state.epoch, log=metrics)
-            # the epoch's time so far, in the state before last.pt saves it; then the callbacks' own (the saving)
-            callbacks_start = time.perf_counter()
-            took = distributed.maximum(callbacks_start - start)
-            state.overhead_seconds += took - state.epoch_seconds[-1] - (state.val_seconds[-1] if "val_dice_mean"
-                                                                        in metrics else 0.0)
-            state.run_seconds += took
-            for callback in callbacks:
-                callback.on_epoch_end(job, state, metrics)
-            saving = distributed.maximum(time.perf_counter() - callbacks_start)
-            state.overhead_seconds, state.run_seconds = state.overhead_seconds + saving, state.run_seconds + saving
             bar.update()
             if state.stop:
                 log.info(state.stop)

@@ -7,18 +7,20 @@ normalization and network topology (`auto`), the loss's inverse-frequency class 
 `complete` fails on the missing `data.in_channels` instead of building a wrong network.
 """
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline.core.errors import InputError
 from pipeline.data.fingerprint import fingerprint
 from pipeline.data.sources import Dataset, data_facts, ensure_demo_data, read_dataset, test_fraction
 from pipeline.data.subjects import split_dataset
-from pipeline.errors import InputError
-from pipeline.losses import inverse_frequency_weights
-from pipeline.planning import planned_data, planned_topology
+from pipeline.training.losses import inverse_frequency_weights
+from pipeline.training.planning import planned_data, planned_topology
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 class Completed:
     dataset: Dataset
     splits: dict[str, list[dict]]  # train / val / test cases
+    fingerprint: Callable[[], dict]  # the training cases' fingerprint, computed at its first call (cached on disk)
 
 
 def fill(cfg: DictConfig, values: dict) -> None:
@@ -36,11 +39,13 @@ def fill(cfg: DictConfig, values: dict) -> None:
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
 
 
-def complete(cfg: DictConfig) -> Completed:
-    """Read the dataset (generating the demo one if it is missing), split it, and fill the config in order: data
-    facts, planned data settings, planned network topology, derived loss weights."""
-    ensure_demo_data(cfg.data)
-    dataset = read_dataset(cfg.data)
+def complete(cfg: DictConfig, dataset: Dataset | None = None) -> Completed:
+    """Read the dataset (generating the demo one if it is missing) unless the check read it already (`dataset`),
+    split it, and fill the config in order: data facts, planned data settings, planned network topology, derived loss
+    weights, all from one fingerprint of the training cases."""
+    if dataset is None:
+        ensure_demo_data(cfg.data)
+        dataset = read_dataset(cfg.data)
     fill(cfg, {f"data.{key}": value for key, value in data_facts(cfg.data, dataset).items()})
     if cfg.get("activation") == "sigmoid" and cfg.data.num_classes != 2:
         raise InputError(f"{cfg.data.root}: activation=sigmoid (loss=bce, bce_tv) needs binary labels; "
@@ -51,12 +56,13 @@ def complete(cfg: DictConfig) -> Completed:
     fill(cfg, {"data.split.subjects": grouped})  # how the cases were grouped, for the plan and the checkpoint
     log.info(f"split: {grouped}; {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} "
              f"test")
-    fill(cfg, planned_data(cfg, dataset.modalities, splits["train"]))
-    fill(cfg, planned_topology(cfg, splits["train"]))  # after the data plan: it depends on the patch and spacing
+    fp = functools.cache(functools.partial(fingerprint, splits["train"], Path(cfg.paths.outputs) / "fingerprints"))
+    fill(cfg, planned_data(cfg, dataset.modalities, fp))
+    fill(cfg, planned_topology(cfg, fp))  # after the data plan: it depends on the patch and spacing
     if cfg.loss.get("weight") == "inverse_frequency":  # loss=ce_weighted: class weights from the training cases
-        frequencies = fingerprint(splits["train"], Path(cfg.paths.outputs) / "fingerprints")["class_frequency"]
+        frequencies = list(fp()["class_frequency"])
         frequencies += [0.0] * (cfg.data.num_classes - len(frequencies))  # classes absent from every training label
         fill(cfg, {"loss.weight": inverse_frequency_weights(frequencies)})
         log.info(f"loss.weight (inverse class frequency of the training voxels): "
                  f"{[round(w, 3) for w in cfg.loss.weight]}")
-    return Completed(dataset, splits)
+    return Completed(dataset, splits, fp)

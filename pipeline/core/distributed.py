@@ -16,7 +16,7 @@ import torch.distributed as dist
 from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def session(trainer, device: torch.device):
     dist.init_process_group(backend, timeout=timedelta(minutes=ddp.get("timeout_min", 30)),
                             device_id=bound if backend == "nccl" else None)
     try:
-        yield  # ranks other than 0 log errors only (pipeline.logs.RankZero) and show no progress bars
+        yield  # ranks other than 0 log errors only (pipeline.core.logs.RankZero) and show no progress bars
     finally:
         dist.destroy_process_group()
 

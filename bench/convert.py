@@ -8,8 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.errors import InputError
-from pipeline.files import atomic
+from pipeline.core.errors import InputError
+from pipeline.core.files import atomic
 
 # BRATS 2015's labels, and the regions its challenge scores (whole tumour, tumour core, enhancing tumour)
 BRATS_LABELS = {"0": "background", "1": "necrosis", "2": "edema", "3": "non-enhancing", "4": "enhancing"}

@@ -7,7 +7,7 @@ import shutil
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from pipeline.errors import RunStopped
+from pipeline.core.errors import RunStopped
 
 # The OS errors that come from the storage rather than from the data written.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

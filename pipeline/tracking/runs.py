@@ -7,15 +7,21 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 from pipeline import project_root
-from pipeline.errors import InputError
-from pipeline.files import StorageError, appending, ensure_writable
-from pipeline.sweep import sweep_parent
+from pipeline.core.errors import InputError, first_line
+from pipeline.core.files import StorageError, appending, ensure_writable
 
 log = logging.getLogger(__name__)
+
+# (checkpoint, run id, tracking URI) -> the logged MLflow model's id: inference/serving.py's log_model
+ModelWriter = Callable[[str | Path, str, str], str]
 
 # The experiment tag that picks MLflow 3's UI view: its model-training view (runs table, metrics, models), not GenAI's.
 EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -29,6 +35,28 @@ HTTP_SETTINGS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
+
+
+# The parent run's id, in this file of the sweep folder: every job reads it, whichever launcher runs it (in this
+# process, joblib's workers, SLURM through submitit) as long as the folder is shared
+PARENT_FILE = "mlflow_parent_run_id"
+
+
+def sweep_tags() -> dict[str, str]:
+    """{"sweep": <sweep folder>, "sweep_job": <job number>} inside a multirun job, else {}: the shared tag that
+    groups a sweep's MLflow runs (`tags.sweep = '...'` in the MLflow UI search box)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return {}
+    hydra = HydraConfig.get()
+    return {"sweep": str(hydra.sweep.dir), "sweep_job": str(hydra.job.num)}
+
+
+def sweep_parent() -> str | None:
+    """Inside a multirun job: its sweep's parent run id (None outside a sweep, or where no parent was opened)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    path = Path(HydraConfig.get().sweep.dir) / PARENT_FILE
+    return path.read_text().strip() if path.is_file() else None
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -87,7 +115,7 @@ class NullTracker:
     def log_datasets(self, datasets: dict[str, "VolumeDataset"]) -> None:
         """No dataset inputs."""
 
-    def log_model(self, checkpoint: str | Path) -> str | None:
+    def log_model(self, checkpoint: str | Path, writer: ModelWriter) -> str | None:
         """No model store."""
         return None
 
@@ -100,6 +128,32 @@ class NullTracker:
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """Nothing to close."""
+
+
+@dataclass
+class Ending:
+    """How a tracked run ended: set by the block inside `finishing` where it knows better (a stop is KILLED)."""
+    status: str | None = None
+    reason: str | None = None
+
+
+@contextlib.contextmanager
+def finishing(tracker: NullTracker, last_good: Callable[[], Path | None]) -> Iterator[Ending]:
+    """The run's end status kept in one place (as lightning-hydra-template's task_wrapper): FINISHED when the block
+    ends, FAILED with the error's first line when it raises, unless the block said otherwise on the Ending it gets; a
+    storage error also names the last good checkpoint (`last_good()`), in the run and in the error raised."""
+    end = Ending()
+    try:
+        yield end
+        end.status = end.status or "FINISHED"
+    except StorageError as err:  # the disk, not the run: say which checkpoint survived it
+        end.status, end.reason = "FAILED", f"{err}; last good checkpoint: {last_good() or 'none yet'}"
+        raise StorageError(end.reason) from err
+    except BaseException as err:
+        end.status, end.reason = end.status or "FAILED", end.reason or first_line(err)
+        raise
+    finally:
+        tracker.finish(end.status, end.reason)
 
 
 def tracking_errors() -> tuple[type[BaseException], ...]:
@@ -139,7 +193,7 @@ class VolumeDataset:
 
 class MLflowTracker(NullTracker):
     """One MLflow run per training run: flattened config as params, config.yaml, its datasets, metrics per epoch,
-    checkpoints, and the model (a pyfunc LoggedModel that `mlflow models serve` serves; pipeline/serving.py).
+    checkpoints, and the model (a pyfunc LoggedModel that `mlflow models serve` serves; pipeline/inference/serving.py).
 
     Every call talks to the store through its own MlflowClient (no global MLflow state). A store or server that fails
     never stops training: the first failure prints one warning line and the tracker stops trying; metrics.jsonl and the
@@ -295,15 +349,14 @@ class MLflowTracker(NullTracker):
         except tracking_errors() as err:
             self._fail("log_datasets", err)
 
-    def log_model(self, checkpoint: str | Path) -> str | None:
-        """The checkpoint as this run's MLflow model (pipeline/serving.py): its model id, also kept as model_id. None
-        when off (tracking.log_model=false) or failed."""
+    def log_model(self, checkpoint: str | Path, writer: ModelWriter) -> str | None:
+        """The checkpoint as this run's MLflow model, written by `writer` (inference/serving.py's log_model, handed in
+        by the training run: tracking sits below inference): its model id, also kept as model_id. None when off
+        (tracking.log_model=false) or failed."""
         if not (self.logs_model and self._live()):
             return None
-        from pipeline.serving import log_model
-
         try:
-            self.model_id = log_model(checkpoint, self.run_id, self.uri)
+            self.model_id = writer(checkpoint, self.run_id, self.uri)
         except tracking_errors() as err:
             self._fail("log_model", err)
             return None
@@ -311,14 +364,12 @@ class MLflowTracker(NullTracker):
         return self.model_id
 
     def register(self, checkpoint: str | Path) -> str | None:
-        """With `register: true`, this run's MLflow model (logged from `checkpoint` unless it is already) becomes the
-        next version of the registered model `model_name`, and `alias` moves to it; returns and prints
-        "models:/<name>/<version>". None when off or failed."""
+        """With `register: true`, this run's MLflow model (log_model first) becomes the next version of the registered
+        model `model_name`, and `alias` moves to it; returns and prints "models:/<name>/<version>". None when off or
+        failed."""
         if not (self.registers and self._live()):
             return None
-        if self.model_id is None:  # not logged yet (training logs it first)
-            self.log_model(checkpoint)
-        if self.model_id is None:
+        if self.model_id is None:  # training logs it first: off, or its logging failed
             if not (self.failed or self.logs_model):
                 log.warning("tracking.register=true needs the run's MLflow model: set tracking.log_model=true")
             return None
@@ -407,7 +458,7 @@ def using_store(uri: str) -> Iterator[None]:
 def tracking_uri() -> str:
     """The store conf/tracking/mlflow.yaml names (MLFLOW_TRACKING_URI, else the project's sqlite file), read from
     the config itself so the two never disagree."""
-    from pipeline.config import option  # composes a config: only for the registry's models:/ URIs
+    from pipeline.core.config import option  # composes a config: only for the registry's models:/ URIs
 
     return str(option("tracking", "mlflow").uri)
 

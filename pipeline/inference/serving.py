@@ -68,15 +68,16 @@ def requirements() -> list[str]:
 
 
 class SegmentationModel(mlflow.pyfunc.PythonModel):
-    """The checkpoint artifact behind pipeline.inference's Predictor, with its default options (as pipeline.infer)."""
+    """The checkpoint artifact behind the Predictor (inference/predictor.py), with its default options (as
+    pipeline.infer)."""
 
     # MLflow wraps `predict` to validate inputs against its type hints, and warns (resetting any warnings filter first)
     # where there are none; ours has a signature given (SIGNATURE), so the class opts out as MLflow's own models do
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        from pipeline import checkpoint
-        from pipeline.inference import Predictor
+        from pipeline.inference.predictor import Predictor
+        from pipeline.models import checkpoint
 
         path = Path(context.artifacts["checkpoint"])
         self.predictor = Predictor({path: checkpoint.load(path)})
@@ -88,9 +89,9 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would derive a signature from them
         """A frame of base64 NIfTI (column `nifti`) -> a frame of base64 .nii.gz label maps (column `label_map`),
         each written by pipeline.infer's own writer."""
-        from pipeline.errors import InputError
-        from pipeline.inference import predict_one
-        from pipeline.io import Volume
+        from pipeline.core.errors import InputError
+        from pipeline.data.io import Volume
+        from pipeline.inference.predictor import predict_one
 
         if INPUT not in model_input.columns:
             raise bad_request(f"the request has no '{INPUT}' column (it has {list(model_input.columns)})")
@@ -113,8 +114,8 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
 def log_model(checkpoint: str | Path, run_id: str, tracking_uri: str, name: str = "model") -> str:
     """The checkpoint logged as an MLflow 3 model (a LoggedModel, the output of run `run_id`): returns its model id.
     Its URI `models:/<model id>` loads with mlflow.pyfunc and registers as a model version."""
-    from pipeline.checkpoint import read
-    from pipeline.tracking import using_store
+    from pipeline.models.checkpoint import read
+    from pipeline.tracking.runs import using_store
 
     # the run's metrics at the checkpoint's epoch (its validation Dice) become the model's own, on its page
     epoch = read(checkpoint).get("epoch", 0)

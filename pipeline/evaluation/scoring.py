@@ -5,7 +5,7 @@
 
 Writes per_case.csv, summary.json, overlay PNGs, report.html and (optionally) postprocessing.json and comparison.json
 into `output`, prints a table, and logs everything to MLflow: into the run that trained the checkpoint when it is
-known, else into a new evaluation run. Metrics and the handling of empty structures: pipeline/metrics.py.
+known, else into a new evaluation run. Metrics and the handling of empty structures: pipeline/evaluation/metrics.py.
 """
 
 import csv
@@ -22,16 +22,17 @@ from monai.metrics import compute_dice
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint, plots, report
+from pipeline.core.errors import InputError
+from pipeline.core.files import atomic
+from pipeline.core.rundir import RunDir
 from pipeline.data.fingerprint import files_key, profile
+from pipeline.data.io import NIFTI, SITK, Volume, in_ras, label_fault, ras_spacing, read_array
 from pipeline.data.sources import case_id, read_dataset, read_msd
-from pipeline.errors import InputError
-from pipeline.files import atomic
-from pipeline.inference import PredictOptions, checkpoints, infer, postprocess
-from pipeline.io import NIFTI, SITK, Volume, in_ras, label_fault, ras_spacing, read_array
-from pipeline.metrics import METRICS, case_scores, paired_difference, summarize
-from pipeline.rundir import RunDir
-from pipeline.tracking import VolumeDataset
+from pipeline.evaluation import plots, report
+from pipeline.evaluation.metrics import METRICS, case_scores, paired_difference, summarize
+from pipeline.inference.predictor import PredictOptions, checkpoints, infer, postprocess
+from pipeline.models import checkpoint
+from pipeline.tracking.runs import VolumeDataset
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,8 @@ class WeightedCrossEntropyLoss(torch.nn.Module):
         if isinstance(weight, str):
             raise ValueError(
                 f"loss.weight={weight!r} is a placeholder: replace it by a list of per-class weights, e.g. "
-                "pipeline.losses.inverse_frequency_weights(fingerprint['class_frequency']), before instantiating"
+                "pipeline.training.losses.inverse_frequency_weights(fingerprint['class_frequency']), before "
+                "instantiating"
             )
         # a buffer, so that it follows the module to the GPU; list() also takes Hydra's ListConfig
         self.register_buffer("weight", None if weight is None else torch.tensor([float(w) for w in weight]))
