@@ -7,6 +7,7 @@ from pathlib import Path
 import mlflow
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from monai.transforms import Compose
 from omegaconf import OmegaConf
@@ -110,6 +111,7 @@ def test_the_hippocampus_recipe_is_the_auto_recipe_with_its_measured_overrides_a
     assert list(final.model.filters) == [32, 64, 128, 256]
 
 
+@pytest.mark.slow  # two whole brains trained (~2 min alone): `make test-slow`
 def test_a_short_auto_training_on_two_ibsr_brains_learns_and_records_its_plan(tmp_path, mlflow_store):
     subset = shared_subset("ibsr18_brain_tissue", tmp_path / "ibsr", 2)
     cfg = compose_config("train", [

@@ -27,6 +27,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
+@pytest.mark.slow  # two exports and their runtimes: `make test-slow`
 def test_onnx_and_torchscript_exports_agree_with_pytorch(tiny_phantom, tmp_path):
     train(tiny_config(tiny_phantom, tmp_path, overrides=["tracking=none", "trainer.max_epochs=2"]))
     ckpt = tmp_path / "checkpoints" / "best.pt"

@@ -61,6 +61,7 @@ def test_compiled_network_gives_the_same_labels_and_cpu_inference_defaults_to_fp
     assert Predictor(bundle).dtype is None and Predictor(bundle, amp="bf16").dtype == torch.bfloat16
 
 
+@pytest.mark.slow  # an OpenVINO compile: `make test-slow`
 def test_auto_backend_runs_openvino_on_a_cpu_in_fp32_with_the_labels_of_torch(tiny_phantom, tmp_path):
     train(tiny_config(tiny_phantom, tmp_path, overrides=["tracking=none", "trainer.max_epochs=3", "optimizer.lr=0.01"]))
     ckpt = tmp_path / "checkpoints" / "best.pt"

@@ -173,6 +173,7 @@ def test_promote_moves_an_alias_and_registers_an_unregistered_run(trained, tiny_
     assert path.name == "best.pt" and checkpoint.load(path)["run_id"] == result["run_id"]
 
 
+@pytest.mark.slow  # MLflow's sampler needs seconds of run: `make test-slow`
 def test_system_metrics_switch_samples_the_machine_into_the_run(tiny_phantom, tmp_path, mlflow_store, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     result = train(tiny_config(tiny_phantom, tmp_path, overrides=[

@@ -122,6 +122,7 @@ def test_a_run_reads_its_dataset_once_and_fingerprints_its_training_cases_once(t
     assert plans["fingerprint"]["num_cases"] == len(job.splits["train"]) and cfg.model.strides[0] == [1, 1, 1]
 
 
+@pytest.mark.slow  # a planned training on real data: `make test-slow`
 def test_short_planned_training_on_real_hippocampus_improves_dice(tmp_path, mlflow_store):
     subset = hippocampus_subset(tmp_path / "hippo", 12)
     cfg = tiny_config(subset, tmp_path, overrides=[

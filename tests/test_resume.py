@@ -26,6 +26,7 @@ def history(store: str, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(mlflow.MlflowClient(store).get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+@pytest.mark.slow  # two full runs compared: `make test-slow`
 def test_two_runs_with_one_seed_are_identical(tiny_phantom, tmp_path, mlflow_store):
     runs = [train(tiny_config(tiny_phantom, tmp_path / name, overrides=DETERMINISTIC[:2] + ["trainer.max_epochs=2"]))
             for name in "ab"]
@@ -38,7 +39,8 @@ def test_two_runs_with_one_seed_are_identical(tiny_phantom, tmp_path, mlflow_sto
     assert tags["torch"] == torch.__version__
 
 
-@pytest.mark.parametrize("extra", [[], ["trainer.ema=0.5"]], ids=["weights", "ema"])
+@pytest.mark.parametrize("extra", [pytest.param([], marks=pytest.mark.slow),  # the EMA case resumes the weights too
+                                   ["trainer.ema=0.5"]], ids=["weights", "ema"])
 def test_resume_after_sigkill_matches_an_unbroken_run(extra, tiny_phantom, tmp_path, mlflow_store, caplog):
     unbroken = train(tiny_config(tiny_phantom, tmp_path / "unbroken", overrides=DETERMINISTIC + extra))
 

@@ -40,6 +40,7 @@ def server_uri(tmp_path):
     server.kill()
 
 
+@pytest.mark.slow  # an MLflow server and a make cv (the launcher's naming is tested fast below): `make test-slow`
 def test_make_cv_on_data_named_by_its_dataset_json_nests_its_folds_in_a_parent_on_a_server(tiny_phantom, tmp_path,
                                                                                               server_uri):
     """make cv's multirun without tracking.experiment, on a server no run has used: the launching process names the
@@ -83,6 +84,7 @@ def test_the_launching_process_names_the_dataset_as_its_jobs_will_from_dataset_j
                                            f"a dataset in msd layout (dataset.json, imagesTr/, labelsTr/)")
 
 
+@pytest.mark.slow  # an Optuna sweep of several runs: `make test-slow`
 def test_optuna_search_maximizes_the_best_val_dice_that_train_returns(tiny_phantom, tmp_path, mlflow_store):
     experiment = f"optuna-{tmp_path.name}"
     done = run_train("hparams_search=optuna", "hydra.sweeper.n_trials=2", f"data.root={tiny_phantom}", *TINY,
@@ -144,6 +146,7 @@ def task_processes(folder: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # submitit processes: `make test-slow`
 def test_a_preempted_submitit_job_is_requeued_and_resumes_from_last_pt(tiny_phantom, tmp_path, mlflow_store):
     """submitit's preemption signal (USR2, what SLURM sends before a time limit) to the running job, as SLURM would:
     the job saves last.pt, submitit requeues it, and the requeued job finishes the one MLflow run."""

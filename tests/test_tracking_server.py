@@ -170,6 +170,7 @@ def test_training_through_a_server_is_read_back_over_rest_registered_and_fetched
         checkpoints("models:/phantom-seg/7", cache=tmp_path / "registry")
 
 
+@pytest.mark.slow  # a server killed mid-run: `make test-slow`
 def test_a_server_gone_mid_run_warns_once_and_training_finishes(server, tiny_phantom, tmp_path, capfd, monkeypatch):
     srv = server()
     killed = {}

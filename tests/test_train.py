@@ -183,6 +183,7 @@ def test_an_auto_cadence_spends_a_twentieth_of_training_on_validation(tiny_phant
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run_minutes"] * 60 == 60
 
 
+@pytest.mark.slow  # two runs of 8 epochs: `make test-slow`
 def test_a_resumed_budgeted_run_refits_its_schedule_as_an_unbroken_run_does(tiny_phantom, tmp_path, monkeypatch):
     """last.pt holds the resolved config (the schedule's length frozen at max_epochs=1000); a budget that changes
     the run's length after a resume must still end the schedule there (it once rebuilt it 1000 epochs long)."""
