@@ -60,6 +60,7 @@ def ddp_run(tiny_phantom, tmp_path_factory, mlflow_store) -> dict:
     return torchrun(tiny_phantom, tmp_path_factory.mktemp("ddp"))
 
 
+@pytest.mark.slow  # the 2-rank run (every test of it): `make test-slow`
 def test_ranks_share_the_cases_and_agree_on_every_metric(ddp_run):
     splits = json.loads((ddp_run["run_dir"] / "splits.json").read_text())
     (first,), (second,) = (of_kind(r, "shares") for r in ddp_run["records"])
@@ -77,6 +78,7 @@ def test_ranks_share_the_cases_and_agree_on_every_metric(ddp_run):
     assert [e["lr"] for e in logs[0]] == [e["lr"] for e in logs[1]]
 
 
+@pytest.mark.slow  # the 2-rank run: `make test-slow`
 def test_only_rank_zero_speaks_on_the_console_and_in_the_job_log(ddp_run):
     lines = [f"epoch {e:3d}  loss" for e in (1, 2, 3)]  # the validation line of each epoch (val_every=1)
     assert [ddp_run["proc"].stdout.count(line) for line in lines] == [1, 1, 1]
@@ -84,6 +86,7 @@ def test_only_rank_zero_speaks_on_the_console_and_in_the_job_log(ddp_run):
     assert [job_log.count(f"[pipeline.training.engine][INFO] {line}") for line in lines] == [1, 1, 1]
 
 
+@pytest.mark.slow  # the 2-rank run: `make test-slow`
 def test_uneven_shares_reduce_to_the_mean_over_every_volume(ddp_run):
     for validations in zip(*(of_kind(r, "validation") for r in ddp_run["records"])):
         for metric in ("dice", "iou"):
@@ -96,6 +99,7 @@ def test_uneven_shares_reduce_to_the_mean_over_every_volume(ddp_run):
             assert reduced[f"val_{metric}_mean"] == pytest.approx(float(torch.nanmean(per_class)), abs=1e-6)
 
 
+@pytest.mark.slow  # the 2-rank run: `make test-slow`
 def test_the_loss_falls_and_rank_zero_alone_tracks_prints_and_writes(ddp_run, mlflow_store):
     losses = [e["log"]["train_loss"] for e in of_kind(ddp_run["records"][0], "epoch")]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
@@ -199,6 +203,7 @@ def _helpers_worker(rank: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a two-process group: `make test-slow`
 def test_reduction_and_partition_helpers_in_a_two_process_group(tmp_path):
     mp.spawn(_helpers_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]

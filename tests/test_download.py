@@ -20,6 +20,7 @@ def archive(dataset: Path, path: Path, task: str) -> tuple[str, str]:
     return path.as_uri(), hashlib.md5(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # a download served and checked end to end: `make test-slow`
 def test_an_archive_is_downloaded_checked_and_unpacked_in_one_command(tiny_phantom, tmp_path):
     url, md5 = archive(tiny_phantom, tmp_path / "Task99_Tiny.tar", "Task99_Tiny")
     done = subprocess.run([sys.executable, "-m", "pipeline.download", "task=Task99_Tiny", f"url={url}", f"md5={md5}",

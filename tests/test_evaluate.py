@@ -368,6 +368,7 @@ def two_folds(tiny_phantom, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # a two-fold multirun: `make test-slow`
 def test_the_folds_of_a_multirun_are_scored_as_one_ensemble_on_the_test_split(two_folds, tmp_path, mlflow_store):
     members = [two_folds / str(fold) / "checkpoints" / "best.pt" for fold in (0, 1)]
     cfg = compose_config("evaluate", [f"ckpt={two_folds}", "split=test", f"output={tmp_path / 'eval'}"], tmp_path)
@@ -382,6 +383,7 @@ def test_the_folds_of_a_multirun_are_scored_as_one_ensemble_on_the_test_split(tw
         evaluate(compose_config("evaluate", [f"ckpt={two_folds}", "split=val", f"output={tmp_path / 'val'}"], tmp_path))
 
 
+@pytest.mark.slow  # a two-fold multirun: `make test-slow`
 def test_split_cv_scores_each_fold_on_its_own_validation_cases_with_its_final_model(two_folds, tmp_path):
     """nnU-Net's cross-validation score: fold k's last.pt (its best.pt was picked on these very cases) predicts the
     cases fold k validated on, and the pooled cases are scored as one set."""

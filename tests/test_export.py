@@ -87,7 +87,8 @@ def monai_bundle(*args, cwd) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.parametrize("data", ["phantom", pytest.param("hippocampus", marks=pytest.mark.slow)])  # slow: ~60 s
+@pytest.mark.slow  # a MONAI bundle run by MONAI alone (~30 s on the phantom, ~60 s on hippocampus)
+@pytest.mark.parametrize("data", ["phantom", "hippocampus"])
 def test_a_monai_bundle_runs_in_monai_alone_and_labels_as_pipeline_infer(data, tiny_phantom, tmp_path):
     """Our own network (conv3d) on the phantom, MONAI's DynUNet (experiment=hippocampus) on real MRI."""
     if data == "phantom":

@@ -107,6 +107,7 @@ def run_infer_cli(*args):
                           capture_output=True, text=True, cwd=project_root())
 
 
+@pytest.mark.slow  # CLI processes (the README quickstart runs the same path): `make test-slow`
 def test_cli_on_a_trained_checkpoint_and_on_a_missing_one(tiny_phantom, tmp_path):
     train(tiny_config(tiny_phantom, tmp_path, overrides=["tracking=none"]))
     images = tiny_phantom / "imagesTr"

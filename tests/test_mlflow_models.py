@@ -88,6 +88,7 @@ def test_the_run_logs_a_model_that_registers_under_an_alias_and_loads_with_pyfun
     assert set(np.unique(ours)) > {0}  # a label map, not an empty one
 
 
+@pytest.mark.slow  # an mlflow models serve process: `make test-slow`
 def test_mlflow_models_serve_answers_a_volume_and_a_bad_payload_in_one_line(trained, tiny_phantom, tmp_path):
     server, result, root = trained
     port = free_port()

@@ -106,6 +106,7 @@ def test_a_failure_that_is_not_the_storage_is_left_as_it_is(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a training run on a filling disk: `make test-slow`
 def test_training_on_a_disk_that_fills_up_stops_with_one_line_and_the_last_good_checkpoint(tiny_phantom, tmp_path,
                                                                                           mlflow_store):
     """The run folder on a 4 MB tmpfs; once epoch 1's checkpoints are written, a file takes the rest of it."""

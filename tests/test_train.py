@@ -153,6 +153,7 @@ def train_on_a_fake_clock(phantom, run_dir, monkeypatch, *overrides: str) -> dic
                                                           *overrides]))
 
 
+@pytest.mark.slow  # a real clock (the fake-clock tests stay): `make test-slow`
 def test_a_time_budget_ends_the_run_with_its_validations_at_the_budget(tiny_phantom, tmp_path, monkeypatch):
     """Each training step "takes" 1 s (6 steps an epoch) and each validation 9 s on a fake clock: a 60 s budget with a
     validation after the first epoch (to time one) and every 2 epochs ends after epoch 4 (4 x 6 + 3 x 9 = 51 s; a
