@@ -12,10 +12,15 @@ from pipeline import project_root
 from pipeline.core.config import compose
 
 
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS")}
+
+
 def make_dry_run(target: str, *args: str) -> list[str]:
     """The commands `make -n <target> <args>` would run."""
-    # A clean environment: under `make test` the parent make's MAKEFLAGS would otherwise reach this make too.
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    # A clean environment: under `make test` the parent make's MAKEFLAGS (and `make test ARGS=...`'s ARGS, which make
+    # exports) would otherwise reach this make too.
+    env = clean_env()
     dry = subprocess.run(["make", "--no-print-directory", "-n", target, *args],
                          capture_output=True, text=True, cwd=project_root(), env=env, check=True)
     return dry.stdout.strip().splitlines()
@@ -81,7 +86,7 @@ def test_make_cv_gives_args_to_its_training_and_their_tracking_overrides_to_its_
 def test_make_help_lists_every_phony_target_with_its_line_and_is_what_a_bare_make_prints():
     text = (project_root() / "Makefile").read_text().replace("\\\n", " ")
     phony = next(line for line in text.splitlines() if line.startswith(".PHONY:")).split()[1:]
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env = clean_env()
     shown = subprocess.run(["make", "--no-print-directory", "help"], capture_output=True, text=True,
                            cwd=project_root(), env=env, check=True).stdout
     bare = subprocess.run(["make", "--no-print-directory"], capture_output=True, text=True, cwd=project_root(),
