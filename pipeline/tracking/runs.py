@@ -53,10 +53,8 @@ def sweep_tags() -> dict[str, str]:
 
 def sweep_parent() -> str | None:
     """Inside a multirun job: its sweep's parent run id (None outside a sweep, or where no parent was opened)."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    path = Path(HydraConfig.get().sweep.dir) / PARENT_FILE
-    return path.read_text().strip() if path.is_file() else None
+    path = Path(tags["sweep"]) / PARENT_FILE if (tags := sweep_tags()) else None
+    return path.read_text().strip() if path is not None and path.is_file() else None
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:

@@ -9,7 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.tracking.runs import PARENT_FILE
+from pipeline.tracking.runs import PARENT_FILE, MLflowTracker
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ class SweepRun(Callback):
         tracking = config.get("tracking", {})
         if not tracking.get("uri"):
             return  # tracking=none: no runs to group
-        from pipeline.tracking.runs import MLflowTracker  # imports mlflow: only where a sweep is tracked
-
         folder = Path(config.hydra.sweep.dir)
         (folder / PARENT_FILE).unlink(missing_ok=True)  # a sweep folder run again (make cv resume=auto): a new parent
         # tracking.experiment is ${data.name}, which each job fills from its dataset: null in this process unless given
