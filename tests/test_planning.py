@@ -186,6 +186,25 @@ def test_thick_slices_no_longer_break_the_plan():
     assert topology(p["patch_size"], p["spacing"])["strides"][1:3] == [[2, 2, 1], [2, 2, 1]]  # in-plane first
 
 
+def test_the_low_resolution_grid_coarsens_until_the_patch_covers_a_quarter_of_the_median_case():
+    # a BraTS-sized case: the full-resolution patch covers 72*72*48 / (240*240*155) = 2.8% of it
+    fp = fake_fingerprint([[240, 240, 155]] * 4, [[1.0, 1.0, 1.0]] * 4)
+    full, low = (plan(fp, ["MRI"], 2**19, max_batch_3d=2, grid=g) for g in ("full", "low"))
+    assert full["grid"] == "full grid" and full["spacing"] == [1.0, 1.0, 1.0]
+    assert np.prod(low["patch_size"]) >= 0.25 * np.prod(low["median_shape"])  # the rule, on the grid it chose
+    step = low["spacing"][0] / planning.LOWRES_STEP  # one step finer, the patch still covered under a quarter
+    assert np.prod(low["patch_size"]) < 0.25 * np.prod(np.array([240, 240, 155]) / step) * 1.04
+    assert low["spacing"][0] == low["spacing"][2] > 1.5 and low["grid"].startswith("low grid: ")  # isotropic stays so
+    # a thick-slice CT: the in-plane axes coarsen first (nnU-Net's order) until within 2x of the 5-mm axis, then all
+    fp = fake_fingerprint([[512, 512, 60]] * 4, [[0.7, 0.7, 5.0]] * 4)
+    low = plan(fp, ["CT"], 2**19, max_batch_3d=2, grid="low")
+    assert low["spacing"][2] / low["spacing"][0] <= 2 and low["spacing"][0] / 0.7 > 3 * low["spacing"][2] / 5.0
+    # a patch that covers the case already (hippocampus crops; a 2D slice whole): the grid stays full
+    for shape, spacing, dims in (([36, 50, 35], [1.0, 1.0, 1.0], 3), ([216, 256, 9], [1.5625, 1.5625, 10.0], 2)):
+        p = plan(fake_fingerprint([shape] * 10, [spacing] * 10), ["MRI"], 2**19, dims=dims, grid="low")
+        assert p["grid"] == "full grid" and p["spacing"] == spacing
+
+
 def test_thick_axial_slices_plan_a_2d_network_whose_batch_takes_the_budget():
     fp = fake_fingerprint([[216, 256, 9]] * 136, [[1.5625, 1.5625, 10.0]] * 136)
     p = plan(fp, ["MRI"], budget_voxels=2**19, dims="auto", max_batch_3d=2)

@@ -110,8 +110,14 @@ def two_d(spacing) -> tuple[int, str]:
     return 3, f"slices {ratio:.1f}x as far apart as pixels (3D below {TWO_D_FROM:g}x)"
 
 
+# nnU-Net's 3d_lowres rule: a coarser grid where the full-resolution patch covers under a quarter of the median case;
+# the spacing grows (the axes over 2x finer than the coarsest first) until the planned patch covers a quarter of it
+LOWRES_COVER, LOWRES_STEP = 0.25, 1.03
+
+
 def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2, divisor: int = 8,
-         planned_network: bool = True, dims: int | str = 3, max_batch_3d: int | None = None) -> dict:
+         planned_network: bool = True, dims: int | str = 3, max_batch_3d: int | None = None,
+         grid: str = "full") -> dict:
     """The plan for one dataset.
 
     budget_voxels: patch voxels x batch size per step, the knob for activation memory and step time.
@@ -121,6 +127,8 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
     dims: 3, 2 (a 2D network over axial slices: patches one slice thick) or auto (two_d's rule).
     max_batch_3d: a cap on a 3D plan's batch (where the budget should buy patch, not batch); a 2D patch cannot grow
     past its slice, so a 2D plan's batch takes the rest of the budget.
+    grid: full (the target spacing) or low (nnU-Net's low-resolution grid where the patch covers under LOWRES_COVER
+    of the median case; predictions are resampled back to each case's own grid).
     """
     spacings = np.array(fp["spacings"])
     target = np.median(spacings, axis=0)
@@ -133,13 +141,25 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
     shapes = np.array(fp["shapes"])
     nonzero = np.array(fp.get("nonzero_shapes", shapes))
     crop = bool(np.median(nonzero.prod(axis=1) / shapes.prod(axis=1)) < CROP_BELOW)
-    shapes = (nonzero if crop else shapes) * spacings / target  # case sizes after cropping and resampling
-    median_shape = np.median(shapes, axis=0)
+    native = (nonzero if crop else shapes) * spacings  # case extents in mm after cropping
     dims, why = (two_d(target) if dims == "auto" else (int(dims), "plan.dims"))
-    extent = median_shape.copy()
-    if dims == 2:  # one axial slice a patch, rotated in-plane
-        extent[2], rotate = 1, [0.0, 0.0, ROTATION]
-    patch = fit_patch(extent, target, budget_voxels, min_batch, divisor, planned_network)
+
+    def fitted(target):  # the cases' sizes on this grid, the extent one patch may cover, its patch
+        shapes = native / target
+        extent = np.median(shapes, axis=0)
+        if dims == 2:  # one axial slice a patch
+            extent[2] = 1
+        return shapes, extent, fit_patch(extent, target, budget_voxels, min_batch, divisor, planned_network)
+
+    shapes, extent, patch = fitted(target)
+    full = target.copy()
+    while grid == "low" and patch.prod() < LOWRES_COVER * extent.prod():
+        coarse = target.max() / target > 2  # nnU-Net: the fine axes of anisotropic data first, then every axis
+        target = target * np.where(coarse if coarse.any() else True, LOWRES_STEP, 1.0)
+        shapes, extent, patch = fitted(target)
+    if dims == 2:
+        rotate = [0.0, 0.0, ROTATION]  # rotated in-plane
+    median_shape = np.median(shapes, axis=0)
     batch = max(min_batch, budget_voxels // int(patch.prod()))
     if dims == 3 and max_batch_3d:
         batch = min(batch, max(max_batch_3d, min_batch))
@@ -162,6 +182,7 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
         "rotate_range": rotate,
         "median_shape": [round(float(n)) for n in median_shape],
         "dims": dims, "dims_why": why,
+        "grid": "full grid" if np.allclose(target, full) else f"low grid: {np.prod(target / full):.1f}x fewer voxels",
     }
 
 
@@ -241,7 +262,7 @@ def planned_data(cfg: DictConfig, modalities: list[str], fingerprint: Callable[[
     fp = fingerprint()
     p = plan(fp, modalities, settings.get("budget_voxels", 2**19), settings.get("min_batch", 2),
              planned_network=any(_is_auto(cfg.model.get(key)) for key in TOPOLOGY), dims=settings.get("dims", 3),
-             max_batch_3d=settings.get("max_batch_3d"))
+             max_batch_3d=settings.get("max_batch_3d"), grid=settings.get("grid", "full"))
     values = {f"data.{key}": p[key] for key in ("spacing", "patch_size", "batch_size") if f"data.{key}" in auto}
     if "plan" in cfg:  # the network's dimensions as decided, for planned_topology and plans.json
         values |= {"plan.dims": p["dims"], "plan.dims_why": p["dims_why"]}
@@ -259,7 +280,7 @@ def planned_data(cfg: DictConfig, modalities: list[str], fingerprint: Callable[[
     final = {key: values.get(key, OmegaConf.select(cfg, key)) for key in PLANNED}
     cropped = f", cropped to the nonzero box {p['median_shape']}" if final["transforms.crop"] is not None else ""
     log.info(f"plan from {fp['num_cases']} training cases (median shape {[round(s) for s in fp['median_shape']]}, "
-             f"spacing {fp['median_spacing']}{cropped}): spacing {final['data.spacing'] or 'native'}, "
+             f"spacing {fp['median_spacing']}{cropped}): spacing {final['data.spacing'] or 'native'} ({p['grid']}), "
              f"{p['dims']}D ({p['dims_why']}), patch {list(final['data.patch_size'])}, "
              f"batch {final['data.batch_size']}, "
              f"normalize {final['transforms.normalize']._target_.rsplit('.', 1)[-1]}"
