@@ -18,12 +18,19 @@ Each is segmented several ways, each in a fresh process so peak RSS is its own, 
   project-compile     the same with `compile=true` (torch.compile, frozen weights), sw_batch_size 1
   project-onnxruntime the same with `backend=onnxruntime` (ONNX Runtime's CPU kernels)
   project-bf16        the same with `amp=bf16` on torch (30-90x slower where the CPU has no native bf16: skipped there)
-All share the window size, overlap and blending (only speed may differ). Prints and writes to
+All share the window size, overlap and blending (only speed may differ). With --tta, mirror test-time augmentation,
+each timed on one volume (its first, an export included), scored against the truth as well:
+  baseline-tta        the obvious way: the baseline on each of the 8 mirrored volumes, softmax averaged
+  project-tta         `tta=true` (each window's mirrors averaged inside one sliding window) with the baseline's windows
+  project-tta-recipe  `tta=true` as shipped: the checkpoint's windows (overlap 0.5, Gaussian weights)
+  project-tta-0.25    the same at overlap 0.25 (about 2.4x fewer windows on a brain)
+  project-recipe      no TTA, as shipped Prints and writes to
 docs/results/infer.{md,json} the machine, seconds, voxels/s and peak RSS of each, the speed ratios and the Dice between
 each label map and the baseline's. `--large` adds the peak RSS of the project path on a synthetic 512x512x400 volume.
 """
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -54,11 +61,21 @@ PROJECT = {
     "project-onnxruntime": {"sw_batch_size": 2, "backend": "onnxruntime"},
     "project-bf16": {"amp": "bf16", "sw_batch_size": 2, "backend": "torch"},
 }
+# With --tta (timed once each: eight passes a volume); "recipe": the checkpoint's own windows, else the baseline's.
+TTA = {
+    "project-tta": {"tta": True},
+    "project-tta-recipe": {"tta": True, "recipe": True},
+    "project-tta-0.25": {"tta": True, "recipe": True, "overlap": 0.25},
+    "project-recipe": {"recipe": True},
+}
+MIRRORS = [list(c) for r in range(4) for c in itertools.combinations(range(3), r)]  # the baseline-tta's 8
 
 
 def trained(task: str, overrides: list[str]) -> Path:
-    """experiment=auto's model of the task: bench/auto.py's fold 0, else one trained here once (seed 0, fold 0, no
-    validation) into outputs/bench/infer/<task>/model."""
+    """experiment=auto's model of the task: --model's, else bench/auto.py's fold 0, else one trained here once (seed
+    0, fold 0, no validation) into outputs/bench/infer/<task>/model."""
+    if task in MODELS:
+        return MODELS[task]
     if (auto := RunDir(project_root() / "outputs" / "bench" / "auto" / task / "folds" / "0")).last.is_file():
         return auto.last
     run = RunDir(OUT / task / "model")
@@ -75,7 +92,8 @@ def brats(data: Path) -> tuple[Path, Path]:
     root = brats_as_msd(data / "brats2015_subset", OUT / "brats" / "dataset")
     ckpt = trained("brats", ["experiment=auto", f"data.root={root}", "data.split.folds=4", "data.fold=0",
                              "trainer.max_minutes=3"])
-    return ckpt, sorted((root / "imagesTr").iterdir())[-1]
+    case = json.loads((ckpt.parent.parent / "splits.json").read_text())["val"][0]
+    return ckpt, root / "imagesTr" / f"{case}.nii.gz"
 
 
 def ibsr(data: Path) -> tuple[Path, Path]:
@@ -87,6 +105,7 @@ def ibsr(data: Path) -> tuple[Path, Path]:
 
 
 TASKS = {"brats": brats, "ibsr": ibsr}
+MODELS = {}  # task -> checkpoint, from --model
 
 
 def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
@@ -103,26 +122,36 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
 
     bundle = checkpoint.load(ckpt)
     cfg = OmegaConf.create(bundle["config"])
-    if mode == "baseline":
+    if mode.startswith("baseline"):
         model, pre = build_model(bundle), Compose(preprocess(cfg))
+        flips = MIRRORS if mode == "baseline-tta" else [[]]
 
         def segment():
             data = pre({"image": str(volume)})
+            probs = 0
             with torch.no_grad():
-                logits = sliding_window_inference(data["image"][None], list(cfg.data.patch_size), 1, model)
-            data["pred"] = logits[0].argmax(0, keepdim=True).to(torch.uint8)
+                for f in flips:  # the whole volume mirrored, predicted, mirrored back
+                    dims = [d + 2 for d in f]
+                    logits = sliding_window_inference(torch.flip(data["image"][None], dims),
+                                                      list(cfg.data.patch_size), 1, model)
+                    probs = probs + torch.flip(torch.softmax(logits, 1), dims)
+            data["pred"] = probs[0].argmax(0, keepdim=True).to(torch.uint8)
             return Invertd(keys="pred", transform=pre, orig_keys="image")(data)["pred"].numpy()[0]
     else:
-        bundle["config"]["trainer"]["inferer"]["mode"] = "constant"  # the baseline's blending: only speed may differ
+        options = dict(PROJECT.get(mode) or TTA[mode])
+        if not options.pop("recipe", False):  # the baseline's windows and blending: only speed may differ
+            bundle["config"]["trainer"]["inferer"]["mode"] = "constant"
+            options.setdefault("overlap", 0.25)
         predictor = None
 
         def segment():
             nonlocal predictor
             if predictor is None:  # built inside the first call: an export or a compile counts there
-                predictor = Predictor({ckpt: bundle}, overlap=0.25, **PROJECT[mode])
+                predictor = Predictor({ckpt: bundle}, **options)
             return predictor(volume)[0]
     times = []
-    for _ in range(1 if "512" in volume.name else 2):  # a fresh process, then warm (kernels chosen, memory mapped)
+    once = "512" in volume.name or "tta" in mode or mode in TTA  # a large volume, eight passes: one timed call
+    for _ in range(1 if once else 2):  # a fresh process, then warm (kernels chosen, memory mapped)
         start = time.perf_counter()
         labels = segment()
         times.append(time.perf_counter() - start)
@@ -158,24 +187,29 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([2 * ((a == c) & (b == c)).sum() / ((a == c).sum() + (b == c).sum()) for c in classes]))
 
 
-def measure(task: str, ckpt: Path, volume: Path, native_bf16: bool, why: str) -> dict:
-    """Every path on one volume: the baseline first, then each project variant against it."""
+def measure(task: str, ckpt: Path, volume: Path, native_bf16: bool, why: str, tta: bool = False) -> dict:
+    """Every path on one volume: each baseline first, then each project variant against it (and the truth)."""
     shape = nib.load(volume).shape
     print(f"{task}: volume {volume.name} {shape}, model {ckpt}")
-    base, base_labels = run("baseline", ckpt, volume)
-    print(f"  {'MONAI sliding_window_inference, fp32':36s} {line(base)}")
-    rows = {"baseline": base}
-    for mode in PROJECT:
-        if mode == "project-bf16" and not native_bf16:
-            rows[mode] = {"skipped": f"{why} (oneDNN would emulate bf16, 30-90x slower)"}
-            print(f"  {mode:36s} skipped: {rows[mode]['skipped']}")
-            continue
-        r, labels = run(mode, ckpt, volume)
-        r.update(speedup_warm=base["seconds"] / r["seconds"], speedup_first=base["first"] / r["first"],
-                 dice_to_baseline=dice(base_labels, labels), voxels_equal=float((base_labels == labels).mean()))
-        rows[mode] = r
-        print(f"  {mode:36s} {line(r)}  speed ratio x{r['speedup_warm']:.2f} warm (x{r['speedup_first']:.2f} first)"
-              f"  Dice to baseline {r['dice_to_baseline']:.4f}, voxels equal {r['voxels_equal']:.5f}")
+    truth = np.asarray(nib.load(volume.parent.parent / "labelsTr" / volume.name).dataobj)
+    rows = {}
+    for baseline, modes in (("baseline", PROJECT), *((("baseline-tta", TTA),) if tta else ())):
+        base, base_labels = run(baseline, ckpt, volume)
+        rows[baseline] = base | {"dice_to_truth": dice(truth.reshape(base_labels.shape), base_labels)}
+        print(f"  {baseline:36s} {line(base)}  Dice to truth {rows[baseline]['dice_to_truth']:.4f}")
+        for mode in modes:
+            if mode == "project-bf16" and not native_bf16:
+                rows[mode] = {"skipped": f"{why} (oneDNN would emulate bf16, 30-90x slower)"}
+                print(f"  {mode:36s} skipped: {rows[mode]['skipped']}")
+                continue
+            r, labels = run(mode, ckpt, volume)
+            r.update(against=baseline, speedup_warm=base["seconds"] / r["seconds"],
+                     speedup_first=base["first"] / r["first"], dice_to_baseline=dice(base_labels, labels),
+                     voxels_equal=float((base_labels == labels).mean()),
+                     dice_to_truth=dice(truth.reshape(labels.shape), labels))
+            rows[mode] = r
+            print(f"  {mode:36s} {line(r)}  speed ratio x{r['speedup_warm']:.2f} warm (x{r['speedup_first']:.2f} "
+                  f"first)  Dice to {baseline} {r['dice_to_baseline']:.4f}, to truth {r['dice_to_truth']:.4f}")
     return {"volume": volume.name, "shape": list(shape), "model": str(ckpt.relative_to(project_root())),
             "paths": rows}
 
@@ -184,7 +218,12 @@ NAMES = {"baseline": "MONAI `sliding_window_inference`, fp32 (the baseline)",
          "project": "default: OpenVINO at f32 (`backend=auto` on a CPU), `sw_batch_size` 2",
          "project-torch": "`backend=torch`: eager fp32, channels_last_3d weights",
          "project-ncdhw": "`backend=torch`, NCDHW weights", "project-compile": "`compile=true` (torch)",
-         "project-onnxruntime": "`backend=onnxruntime`", "project-bf16": "`amp=bf16` (torch)"}
+         "project-onnxruntime": "`backend=onnxruntime`", "project-bf16": "`amp=bf16` (torch)",
+         "baseline-tta": "MONAI `sliding_window_inference` on 8 mirrored volumes, fp32 (the TTA baseline)",
+         "project-tta": "`tta=true`: 8 mirrors per window, the baseline's windows",
+         "project-tta-recipe": "`tta=true` as shipped: the checkpoint's windows (overlap 0.5, Gaussian)",
+         "project-tta-0.25": "`tta=true overlap=0.25`, Gaussian", "project-recipe": "no TTA, as shipped (overlap "
+         "0.5, Gaussian)"}
 
 
 def page(results: dict) -> str:
@@ -192,20 +231,23 @@ def page(results: dict) -> str:
     lines = ["# Whole-volume inference", "",
              "Written by `bench/infer.py` (do not edit by hand). Each path in a fresh process: *first* is its first "
              "volume (an export or compile included), *warm* a second volume in the same process; peak RSS is the "
-             "process's. Speed-ups are against the baseline's time in the same run; Dice is each label map's mean "
-             "foreground Dice to the baseline's.", "", machine_line(results["machine"]), ""]
+             "process's; a TTA path (eight passes) is timed once, on its first volume. Speed-ups are against the "
+             "baseline's time in the same run (a TTA path's: the TTA baseline's); Dice is each label map's mean "
+             "foreground Dice to that baseline's, and to the volume's truth.", "", machine_line(results["machine"]),
+             ""]
     for task, r in results["tasks"].items():
         lines += [f"## {task}: {r['volume']} {'x'.join(map(str, r['shape']))}", "", f"Model: `{r['model']}`.", "",
-                  "| path | warm s | first s | M voxels/s | peak RSS MB | speed-up warm / first | Dice to baseline |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| path | warm s | first s | M voxels/s | peak RSS MB | speed-up warm / first | Dice to baseline | "
+                  "Dice to truth |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for mode, m in r["paths"].items():
             if "skipped" in m:
-                lines.append(f"| {NAMES[mode]} | skipped: {m['skipped']} | | | | | |")
+                lines.append(f"| {NAMES[mode]} | skipped: {m['skipped']} | | | | | | |")
                 continue
             ratio = f"x{m['speedup_warm']:.2f} / x{m['speedup_first']:.2f}" if "speedup_warm" in m else "1"
             agree = f"{m['dice_to_baseline']:.4f}" if "dice_to_baseline" in m else ""
+            truth = f"{m['dice_to_truth']:.4f}" if "dice_to_truth" in m else ""
             lines.append(f"| {NAMES[mode]} | {m['seconds']:.2f} | {m['first']:.2f} | "
-                         f"{m['voxels'] / m['seconds'] / 1e6:.2f} | {m['rss_mb']:.0f} | {ratio} | {agree} |")
+                         f"{m['voxels'] / m['seconds'] / 1e6:.2f} | {m['rss_mb']:.0f} | {ratio} | {agree} | {truth} |")
         lines.append("")
     if "large" in results:
         g = results["large"]
@@ -220,7 +262,10 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     parser.add_argument("--large", action="store_true", help="also the project path's peak RSS on 512x512x400x2")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where infer.md and infer.json go")
-    parser.add_argument("--worker", choices=["baseline", *PROJECT])
+    parser.add_argument("--model", nargs="+", default=[], metavar="TASK=CKPT", help="a task's model (default: "
+                        "bench/auto.py's fold 0, else one trained here)")
+    parser.add_argument("--tta", action="store_true", help="also mirror TTA: the obvious way against the project's")
+    parser.add_argument("--worker", choices=["baseline", "baseline-tta", *PROJECT, *TTA])
     parser.add_argument("--ckpt", type=Path)
     parser.add_argument("--volume", type=Path)
     parser.add_argument("--out", type=Path)
@@ -228,10 +273,12 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.ckpt, args.volume, args.out)
 
+    MODELS.update({task: Path(ckpt) for task, ckpt in (m.split("=", 1) for m in args.model)})
     models = {task: TASKS[task](args.data) for task in args.tasks}  # trained first: timings run on a quiet machine
     print(hardware.describe(torch.device("cpu")))
     native_bf16, why = hardware.cpu_bf16()
-    results = {"machine": machine(), "tasks": {t: measure(t, *m, native_bf16, why) for t, m in models.items()}}
+    results = {"machine": machine(),
+               "tasks": {t: measure(t, *m, native_bf16, why, args.tta) for t, m in models.items()}}
     if args.large:
         big = OUT / "synthetic_512x512x400x2.nii"
         if not big.exists():

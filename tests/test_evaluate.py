@@ -324,7 +324,8 @@ def test_checkpoint_split_is_predicted_and_logged_as_an_evaluation_of_the_traini
     before = client.get_run(trained["run_id"])
     summary = evaluate(cfg)
     test_ids = json.loads((tmp_path / "splits.json").read_text())["test"]
-    assert sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir()) == [f"{i}.nii.gz" for i in test_ids]
+    predicted = sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir())
+    assert predicted == [*(f"{i}.nii.gz" for i in test_ids), "predicted_with.json"]
     assert summary["cases"] == len(test_ids) == 1
     # the scores go to a run of their own that names the training run; the training run stays as it ended
     (run,) = client.search_runs([before.info.experiment_id], f"tags.scored_run_id = '{trained['run_id']}'")
@@ -374,7 +375,8 @@ def test_the_folds_of_a_multirun_are_scored_as_one_ensemble_on_the_test_split(tw
     cfg = compose_config("evaluate", [f"ckpt={two_folds}", "split=test", f"output={tmp_path / 'eval'}"], tmp_path)
     summary = evaluate(cfg)
     test_ids = json.loads((two_folds / "0" / "splits.json").read_text())["test"]
-    assert sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir()) == [f"{i}.nii.gz" for i in test_ids]
+    predicted = sorted(p.name for p in (tmp_path / "eval" / "predictions").iterdir())
+    assert predicted == [*(f"{i}.nii.gz" for i in test_ids), "predicted_with.json"]
     assert summary["source"]["ckpt"] == ", ".join(str(m.resolve()) for m in members)
     runs = mlflow.MlflowClient(mlflow_store).search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(mlflow_store).search_experiments()], "tags.evaluation = 'true'")
@@ -395,7 +397,11 @@ def test_split_cv_scores_each_fold_on_its_own_validation_cases_with_its_final_mo
     assert cv["source"]["ckpt"] == ", ".join(str(p.resolve()) for p in last)
     assert cv["cases"] == len(validated[0]) + len(validated[1])
     predicted = tmp_path / "out" / "predictions"
-    assert sorted(p.name for p in predicted.iterdir()) == sorted(f"{i}.nii.gz" for ids in validated for i in ids)
+    assert sorted(p.name for p in predicted.iterdir()) == sorted(
+        [*(f"{i}.nii.gz" for ids in validated for i in ids), "predicted_with.json"])
+    record = json.loads((predicted / "predicted_with.json").read_text())  # each case by its own fold's model
+    assert [r["checkpoints"] for r in record["runs"]] == [[str(p.resolve())] for p in last]
+    assert record["volumes"] == {f"{i}.nii.gz": fold for fold, ids in enumerate(validated) for i in ids}
     alone = [evaluate(compose_config("evaluate", [f"ckpt={ckpt}", "split=val", f"output={tmp_path / str(fold)}",
                                                   "tracking=none"], tmp_path)) for fold, ckpt in zip(folds, last)]
     for fold, ids in zip(folds, validated):  # each case's labels are its own fold's, alone

@@ -159,7 +159,15 @@ def test_an_interrupted_folder_run_says_how_many_it_wrote_and_a_rerun_skips_them
         infer(ckpt, images, out)
     assert stop.value.code == 130
     assert str(stop.value) == f"interrupted after 2 of 5 volumes (2 written to {out}); a re-run skips them"
-    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case1.nii.gz"]  # whole files, no temp ones
+    # whole files, no temp ones; beside them the record of the path that made them
+    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case1.nii.gz", "predicted_with.json"]
+    record = json.loads((out / "predicted_with.json").read_text())
+    assert record["volumes"] == {"case0.nii.gz": 0, "case1.nii.gz": 0} and len(record["runs"]) == 1
+    run = record["runs"][0]
+    assert run["checkpoints"] == [str(ckpt)] and run["precision"] == "fp32" and run["tta_mirrors"] == [[]]
+    assert run["backend"] in ("openvino", "torch") and run["backend_why"].startswith("auto: ")
     monkeypatch.undo()
     report = infer(ckpt, images, out)
     assert [p.name for p in report["skipped"]] == ["case0.nii.gz", "case1.nii.gz"] and len(report["written"]) == 3
+    record = json.loads((out / "predicted_with.json").read_text())  # the skipped two keep the first run's entry
+    assert len(record["runs"]) == 2 and record["volumes"] == {f"case{i}.nii.gz": int(i > 1) for i in range(5)}

@@ -8,10 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from pipeline import project_root
 from pipeline.data.io import find_inputs
-from pipeline.inference.predictor import Predictor, infer, postprocess
+from pipeline.inference.predictor import MirrorAveraged, Predictor, infer, postprocess
 from pipeline.models import checkpoint
 from tests.conftest import shared_dataset
 
@@ -92,6 +93,22 @@ def test_tta_and_ensembles_change_nothing_for_a_flip_invariant_model(threshold_c
     assert variance.shape == (22, 18, 9) and variance.max() < 1e-5  # identical members: no spread
 
 
+def test_mirror_averaged_windows_are_the_mean_of_the_mirrored_passes_at_any_batch():
+    """Hand-computed: for each window, the mean over mirrors of flip(softmax(net(flip(x)))), and its mean square."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(2, 3, 3, padding=1).eval()  # not mirror-invariant: a random 3x3x3 kernel
+    x = torch.randn(2, 2, 8, 6, 5)
+    flips = [[], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]]
+    with torch.no_grad():
+        each = torch.stack([torch.flip(torch.softmax(net(torch.flip(x, [d + 2 for d in f])), 1), [d + 2 for d in f])
+                            for f in flips])
+        for batch in (1, 3, 16):
+            out = MirrorAveraged(net, flips, batch, squares=True).eval()(x)
+            torch.testing.assert_close(out[:, :3], each.mean(0), atol=1e-6, rtol=0)
+            torch.testing.assert_close(out[:, 3:], each.square().mean(0), atol=1e-6, rtol=0)
+    assert (out[:, 3:] - out[:, :3].square()).max() > 1e-4  # the mirrors disagree: a spread to report
+
+
 def test_postprocessing_on_hand_built_masks():
     labels = np.zeros((20, 20, 20), np.uint8)
     labels[1:6, 1:6, 1:6] = 1          # 125 voxels
@@ -131,7 +148,8 @@ def test_folder_run_skips_existing_goes_on_after_a_bad_file_and_exits_nonzero(th
     assert "b.nii.gz: not a readable image" in first.stderr
     assert first.stderr.strip().splitlines()[-1].startswith("error: 1 of 3 inputs failed")
     assert "2 written, 0 skipped (exist; overwrite=true to redo), 1 failed" in first.stdout
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "c.nii.gz"]  # nothing half-written
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["a.nii.gz", "c.nii.gz", "predicted_with.json"]  # nothing half-written
     stamp = (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns
     (inputs / "b.nii.gz").unlink()
     # The re-runs in this process: the command's exit status and error line are checked above, and a start costs ~10 s.

@@ -8,8 +8,10 @@ exact grid (shape, affine, orientation). Inputs: NIfTI, NRRD, MHA, DICOM series 
 
 import importlib.util
 import itertools
+import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from pipeline.core.rundir import RunDir
 from pipeline.data.io import Reference, Volume, find_inputs, label_dtype, ras_spacing
 from pipeline.data.transforms import preprocess, preprocessing_config
 from pipeline.models import checkpoint
-from pipeline.models.adapters import for_inference
+from pipeline.models.adapters import ForInference, for_inference
 from pipeline.models.export import OnnxRuntimeModel, OpenVinoModel, build_model, export_model
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ BACKENDS = ("auto", "torch", *EXPORTED)
 # nifti: <name>.nii.gz; input: the input's own format (a DICOM-SEG beside the NIfTI for a DICOM series);
 # dicom-seg: a DICOM-SEG beside the NIfTI for a DICOM series, NIfTI for the rest
 FORMATS = ("nifti", "input", "dicom-seg")
+RECORD = "predicted_with.json"  # beside the predictions: checkpoints, precision, backend, mirrors, windows, CPU
 
 
 def checkpoints(ckpt, cache: Path | None = None, final: bool = False) -> list[Path]:
@@ -97,6 +100,34 @@ def predict(model, image: torch.Tensor, inferer, device: torch.device, dtype: to
         return inferer(image.to(device), for_inference(model)).float()
 
 
+class MirrorAveraged(ForInference):
+    """A network's softmax averaged over mirrors of each window: nnU-Net's test-time mirroring done inside the sliding
+    window, so that each window is cut, weighted and stitched once for all its mirrors (not once per mirror, as a
+    mirrored whole volume is) and its mirrored copies pass the network `batch` at a time. Returns (B, K) mean
+    probabilities, followed with `squares` by their (B, K) mean squares (the spread across mirrors)."""
+
+    def __init__(self, net: torch.nn.Module, flips: list[list[int]], batch: int, squares: bool = False):
+        super().__init__(net)
+        self.flips, self.batch, self.squares = flips, max(1, batch), squares
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        views = torch.cat([torch.flip(x, [d + 2 for d in f]) if f else x for f in self.flips])  # mirror by mirror
+        total = squares = None
+        for start in range(0, len(views), self.batch):
+            probs = torch.softmax(super().forward(views[start:start + self.batch]).float(), 1)
+            if total is None:  # running sums: a network of many classes holds no stack of every mirror's output
+                total = probs.new_zeros((n, *probs.shape[1:]))
+                squares = torch.zeros_like(total) if self.squares else None
+            for k, p in enumerate(probs, start):  # view k: mirror k // n of window k % n
+                p = torch.flip(p, [d + 1 for d in self.flips[k // n]])
+                total[k % n] += p
+                if squares is not None:
+                    squares[k % n] += p.square()
+        total /= len(self.flips)
+        return torch.cat([total, squares / len(self.flips)], 1) if squares is not None else total
+
+
 def mirrored_axes(configs) -> tuple[int, ...]:
     """The spatial axes that every one of these training configs mirrors (a RandFlipd with prob > 0): test-time
     augmentation mirrors only these, as nnU-Net keeps its training's mirror axes for inference. A network never shown
@@ -137,7 +168,7 @@ class Predictor:
         self.precision = hardware.resolve(o.amp, self.device, inference=True)
         self.backend = self.pick_backend(o.backend, o.compile)
         self.dtype = self.precision.dtype
-        self.members = self.load_members(bundles)
+        self.members, self.paths = self.load_members(bundles), list(bundles)
         # nnU-Net-style mirroring: every subset of the chosen axes, the unflipped pass included
         axes = self.tta_axes(bundles) if o.tta else ()
         self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
@@ -149,17 +180,38 @@ class Predictor:
 
     def pick_backend(self, backend: str, compile: bool) -> str:
         """backend=auto: the fastest path whose labels match fp32's (bench/infer.py); compile=true asks for torch.
-        A CPU runtime moves the model to the CPU at fp32."""
+        A CPU runtime moves the model to the CPU at fp32. Sets backend_why."""
         if backend not in BACKENDS:
             raise InputError(f"backend={backend}: must be one of {', '.join(BACKENDS)}")
+        self.backend_why = f"backend={backend}"
         if backend == "auto":
             cpu_fp32 = self.device.type == "cpu" and self.precision.dtype is None and not compile
-            backend = "openvino" if cpu_fp32 and importlib.util.find_spec("openvino") else "torch"  # no wheel: torch
+            openvino = importlib.util.find_spec("openvino") is not None
+            backend = "openvino" if cpu_fp32 and openvino else "torch"
+            self.backend_why = ("auto: OpenVINO's fused CPU kernels, fp32's labels" if backend == "openvino" else
+                                "auto: " + ("compile=true" if compile else "not an fp32 CPU path" if not cpu_fp32
+                                            else "no openvino installed"))
         if backend in EXPORTED:  # CPU runtimes, run at fp32
             self.device = torch.device("cpu")
             if self.precision.dtype is not None:
                 self.precision = hardware.Precision(None, f"{backend} runs fp32 on the CPU")
         return backend
+
+    def record(self) -> dict:
+        """How this predictor predicts: logged, and written beside its predictions (pipeline.infer's
+        predicted_with.json) so that a label map says which path made it."""
+        inferer = self.members[0][1]
+        return {"checkpoints": [str(p) for p in self.paths], "device": str(self.device),
+                "precision": self.precision.name, "precision_why": self.precision.reason, "backend": self.backend,
+                "backend_why": self.backend_why, "tta_mirrors": self.flips, "overlap": inferer.overlap,
+                "blending": str(inferer.mode), "sw_batch_size": inferer.sw_batch_size, "cpu": hardware.cpu_class(),
+                "torch": torch.__version__}
+
+    def __str__(self) -> str:
+        r = self.record()
+        tta = f"TTA {len(self.flips)} mirrors a window" if self.flips != [[]] else "no TTA"
+        return (f"predict: {r['precision']} ({r['precision_why']}); backend {r['backend']} ({r['backend_why']}); "
+                f"{tta}; overlap {r['overlap']}, {r['blending']} blending")
 
     def load_members(self, bundles: dict[Path, dict]) -> list[tuple]:
         """(network on its backend, sliding-window inferer) per checkpoint."""
@@ -209,25 +261,24 @@ class Predictor:
             raise InputError(f"{source or nifti_path}: {channels} image channel{'s' * (channels != 1)}; "
                              f"the model takes {self.in_channels}")
         # Running sums rather than a stack of every member's output: a large volume holds only two copies.
-        total, squares, n = None, None, 0
+        total, squares, variance = None, None, self.uncertainty == "variance"
+        mirrored = self.flips != [[]]  # tta (or any mirror set a caller gives)
         # One pass and labels only: the argmax of the logits is the answer; a softmax would change nothing.
-        logits_will_do = (len(self.members) * len(self.flips) == 1
-                          and not (probabilities or self.uncertainty or resampled))
+        logits_will_do = len(self.members) == 1 and not (mirrored or probabilities or self.uncertainty or resampled)
         for model, inferer in self.members:
-            for dims in self.flips:
-                flips = [d + 2 for d in dims]
-                logits = predict(model, torch.flip(image, flips) if dims else image, inferer,
-                                        self.device, self.dtype)
-                probs = torch.as_tensor(logits[0]).cpu()  # plain tensor: MetaTensor bookkeeping costs here
-                del logits
-                if not logits_will_do:  # softmax in place: no second K-channel copy
-                    probs = probs.sub_(probs.amax(0, keepdim=True)).exp_()
-                    probs = probs.div_(probs.sum(0, keepdim=True))
-                probs = torch.flip(probs, [d + 1 for d in dims]) if dims else probs
-                total = probs if total is None else total.add_(probs)
-                if self.uncertainty == "variance":
-                    squares = probs.square() if squares is None else squares.add_(probs.square())
-                n += 1
+            if mirrored:  # the window's mirrors averaged inside the sliding window, sw_batch_size views a call
+                model = MirrorAveraged(model, self.flips, inferer.sw_batch_size, squares=variance)
+            # a plain tensor on the CPU: MetaTensor bookkeeping costs here
+            out = torch.as_tensor(predict(model, image, inferer, self.device, self.dtype)[0]).cpu()
+            if mirrored:  # probabilities already (and their mean squares)
+                probs, square = out.chunk(2) if variance else (out, None)
+            else:
+                probs = out if logits_will_do else softmax_(out)
+                square = probs.square() if variance else None
+            total = probs if total is None else total.add_(probs)
+            if square is not None:
+                squares = square if squares is None else squares.add_(square)
+        n = len(self.members)
         mean = total.div_(n)
         if self.uncertainty == "entropy":
             extra = -(mean * torch.log(mean.clamp_min(1e-8))).sum(0, keepdim=True)
@@ -252,6 +303,12 @@ class Predictor:
         # Invertd silently skips a plain tensor: wrap it so the image's transform record applies.
         data["pred"] = MetaTensor(pred)
         return torch.as_tensor(self.invert(data)["pred"])
+
+
+def softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """The softmax over the first (class) axis, in place: a whole volume holds no second K-channel copy."""
+    exp = logits.sub_(logits.amax(0, keepdim=True)).exp_()
+    return exp.div_(exp.sum(0, keepdim=True))
 
 
 def argmax_channels(x: torch.Tensor) -> torch.Tensor:
@@ -303,27 +360,60 @@ def infer(ckpt, input, output, options: PredictOptions | None = None, *, format:
     # Ctrl-C / SIGTERM stop between volumes: every label map on disk is whole, and a re-run skips them.
     with tempfile.TemporaryDirectory(prefix="pipeline-infer-") as tmp, Interrupts() as interrupts:
         predictor = Predictor(bundles, options)
-        log.info(f"{predictor.precision}; backend {predictor.backend}")
-        for done, volume in enumerate(tqdm(volumes, desc="infer", unit="volume")):
-            if interrupts.signal:
-                raise RunStopped(f"interrupted after {done} of {len(volumes)} volumes ({len(report['written'])} "
-                                 f"written to {out_dir}); a re-run skips them", code=128 + interrupts.signal,
-                                 prefix="")
-            target = out_dir / volume.output_name(format if format == "input" else "nifti")
-            if target.exists() and not overwrite:
-                report["skipped"].append(target)
-                continue
-            try:
-                predict_one(predictor, volume, target, Path(tmp), save_probabilities=save_probabilities,
-                            post=options.postprocess, dicom_seg=format in ("input", "dicom-seg"))
-                report["written"].append(target)
-            except InputError as err:  # one bad file must not stop a folder run
-                report["failed"][volume.path] = str(err)
-                log.error(str(err))
-            except StorageError as err:  # a full or read-only disk stops them all
-                raise StorageError(f"{err}; {len(report['written'])} volumes written before it (a re-run skips "
-                                   "them)") from err
+        log.info(str(predictor))
+        try:
+            predict_all(predictor, volumes, out_dir, Path(tmp), interrupts, report, options, format,
+                        overwrite=overwrite, save_probabilities=save_probabilities)
+        finally:  # the label maps written, even those of a stopped run, say which path made them
+            record(out_dir, predictor, report["written"])
     return report
+
+
+def predict_all(predictor: Predictor, volumes: list[Volume], out_dir: Path, tmp: Path, interrupts: Interrupts,
+                report: dict, options: PredictOptions, format: str, *, overwrite: bool,
+                save_probabilities: bool) -> None:
+    """Every volume into out_dir, filling `report`; stops between volumes on a signal."""
+    for done, volume in enumerate(tqdm(volumes, desc="infer", unit="volume")):
+        if interrupts.signal:
+            raise RunStopped(f"interrupted after {done} of {len(volumes)} volumes ({len(report['written'])} "
+                             f"written to {out_dir}); a re-run skips them", code=128 + interrupts.signal, prefix="")
+        target = out_dir / volume.output_name(format if format == "input" else "nifti")
+        if target.exists() and not overwrite:
+            report["skipped"].append(target)
+            continue
+        try:
+            predict_one(predictor, volume, target, tmp, save_probabilities=save_probabilities,
+                        post=options.postprocess, dicom_seg=format in ("input", "dicom-seg"))
+            report["written"].append(target)
+        except InputError as err:  # one bad file must not stop a folder run
+            report["failed"][volume.path] = str(err)
+            log.error(str(err))
+        except StorageError as err:  # a full or read-only disk stops them all
+            raise StorageError(f"{err}; {len(report['written'])} volumes written before it (a re-run skips "
+                               "them)") from err
+
+
+def record(out_dir: Path, predictor: Predictor, written: list[Path]) -> None:
+    """predicted_with.json in out_dir: for each label map there, the path that made it (checkpoints, precision,
+    backend, mirrors, windows, CPU). A folder may hold several runs' maps (a cross-validation's folds, a re-run that
+    skipped some): earlier entries stay for the maps this run did not write. Best effort: a full disk loses the
+    record, never a label map."""
+    path = out_dir / RECORD
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        old = {}
+    if not (written or old):
+        return
+    runs = old.get("runs", []) + [predictor.record() | {"date": time.strftime("%Y-%m-%d %H:%M")}]
+    volumes = old.get("volumes", {}) | {p.name: len(runs) - 1 for p in written}
+    used = sorted(set(volumes.values()))
+    try:
+        with atomic(path) as tmp:
+            tmp.write_text(json.dumps({"runs": [runs[i] for i in used],
+                                       "volumes": {v: used.index(i) for v, i in sorted(volumes.items())}}, indent=1))
+    except StorageError as err:
+        log.warning(f"{err}: {RECORD} not written")
 
 
 def predict_one(predictor: Predictor, volume: Volume, target: Path, tmp: Path, *, save_probabilities: bool,

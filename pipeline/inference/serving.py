@@ -84,7 +84,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         # The scoring server calls predict from several threads at once; one volume at a time: each prediction
         # already uses every core, and OpenVINO's compiled model holds one infer request ("Infer Request is busy").
         self.one_at_a_time = threading.Lock()
-        log.info(f"{path.name}: {self.predictor.precision}; backend {self.predictor.backend}")
+        log.info(f"{path.name}: {self.predictor}")
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would derive a signature from them
         """A frame of base64 NIfTI (column `nifti`) -> a frame of base64 .nii.gz label maps (column `label_map`),
