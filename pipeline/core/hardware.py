@@ -96,7 +96,7 @@ def requested(amp) -> str:
 
 def resolve(amp, device: torch.device, *, inference: bool = False) -> Precision:
     """The precision for `amp` (auto | false | bf16 | fp16) on `device`, with its reason. `inference`: whole-volume
-    prediction, where `auto` keeps fp32 on a CPU (bf16 label maps differ from fp32's: Dice 0.997, bench/infer.py).
+    prediction, where `auto` keeps fp32 on a CPU (bf16's label maps against fp32's: bench/precision.py).
     An explicit bf16 or fp16 where the hardware only emulates it is kept, after a one-line warning."""
     want = requested(amp)
     if want == "fp32":
@@ -117,7 +117,9 @@ def resolve(amp, device: torch.device, *, inference: bool = False) -> Precision:
         if not native:
             return Precision(None, why)
         if inference:
-            return Precision(None, f"{why}; inference keeps fp32, whose label maps bf16 changes (amp=bf16 opts in)")
+            # the label check (bench/precision.py) keeps a precision as a default only where it held on every task
+            return Precision(None, f"{why}; inference keeps fp32: bf16 has not held the label check on every task "
+                                   "(docs/results/precision.md; amp=bf16 opts in)")
         return Precision(torch.bfloat16, why)
     if want == "bf16":
         if not native:
