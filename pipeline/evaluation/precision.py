@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from tqdm.auto import tqdm
 
 from pipeline.inference.predictor import Predictor
 
@@ -24,7 +25,7 @@ def label_check(bundles: dict[Path, dict], cases: list[tuple[Path, Path | None]]
     overlap = np.zeros((len(names), 3))  # per class: voxels both label, fp32's, the reduced precision's
     truth_dice = {p: [] for p in paths}
     seconds = {p: 0.0 for p in paths}
-    for image, truth in cases:
+    for image, truth in tqdm(cases, desc=f"label check fp32 vs {amp}", unit="case"):
         labels = {}
         for p, predictor in paths.items():
             start = time.perf_counter()
