@@ -9,6 +9,11 @@ machine, into docs/results/auto.md and .json.
     .venv/bin/python bench/auto.py brats --minutes 10       # BRATS subset: 4 folds (leave one out), tumour regions
     .venv/bin/python bench/auto.py hippocampus              # experiment=hippocampus: its test split, mirror TTA
     .venv/bin/python bench/auto.py ct --minutes 5           # TotalSegmentator's CTs: the final model, a DICOM-SEG
+    .venv/bin/python bench/auto.py acdc --ensemble --minutes 5   # 5 folds of 5 min against one 25-min final model
+
+--ensemble compares nnU-Net's way of predicting (the ensemble of the k fold models) with the single final model
+trained on every case for as many minutes as the k folds together, both scored with mirror TTA on the same held-out
+test cases (a grouped 20% held out for it where the recipe holds none), into docs/results/ensemble.{md,json}.
 
 A fold whose run folder holds a finished last.pt is not trained again, and a stopped one goes on from it, so that
 `--folds 0` one day and `--folds 1 2 3 4` another make one cross-validation; the table scores every fold present.
@@ -238,6 +243,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="OVERRIDE", help="training overrides (levers)")
     parser.add_argument("--out", type=Path, default=project_root() / "outputs" / "bench" / "auto")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where auto.json and auto.md go")
+    parser.add_argument("--ensemble", action="store_true", help="the folds' ensemble against the final model at "
+                                                                    "equal total minutes (docs/results/ensemble.md)")
     parser.add_argument("--pages-only", action="store_true", help="only rewrite auto.md and the README's table from "
                                                                       "auto.json (no training, no scoring)")
     parser.add_argument("--readme", type=Path, help="whose table between the marks it rewrites (default: the "
@@ -252,6 +259,8 @@ def main() -> None:
     if task.convert is not None:
         root = task.convert(source, out / "dataset")
     print(f"CPU: {hardware.cpu_class()}")
+    if args.ensemble:
+        return ensemble(args.task, task, root, args.minutes or 30, out / "ensemble", args.set, args.results)
     for k in args.folds if args.folds is not None else range(task.folds) if task.folds else ["all"]:
         train_fold(task, root, k, args.minutes, out / "folds", args.set)
     folds = [record(last, int(n) if (n := run.root.name).isdigit() else n)
@@ -271,6 +280,41 @@ def main() -> None:
         rows[args.task]["dicom"] = dicom_seg(RunDir(out / "folds" / "all").last, series, truth, out / "dicom")
     publish(rows, args)
     print(markdown({args.task: rows[args.task]}))
+
+
+def ensemble(name: str, task: Task, root: Path, minutes: float, out: Path, extra: list[str], results: Path) -> None:
+    """The k folds' ensemble against the final model at equal total minutes, on the same held-out test cases."""
+    held = [] if task.scored == "test" else ["data.split.test=0.2"]  # every model holds the same cases out
+    k = task.folds or 5
+    for fold in range(k):
+        train_fold(task, root, fold, minutes, out / "folds", [*held, *extra])
+    train_fold(task, root, "all", minutes * k, out / "final", [*held, *extra])
+    scores = {}
+    for model, ckpt in (("ensemble", out / "folds"), ("final", RunDir(out / "final" / "all").last)):
+        summary = evaluate(compose("evaluate", [f"ckpt={ckpt}", "split=test", "tta=true", "tracking=none",
+                                                f"output={out / model}", f"paths.run_dir={out / model}"]))
+        scores[model] = {"cases": summary["cases"], "mean": round(summary["mean"]["dice"], 4),
+                         "dice": {c: round(m["dice"]["mean"], 4) for c, m in summary["classes"].items()}}
+    path = results / "ensemble.json"
+    rows = json.loads(path.read_text()) if path.is_file() else {}
+    rows[name] = {"task": name, "folds": k, "fold_minutes": minutes, "final_minutes": minutes * k,
+                  "held_out": "the recipe's test split" if not held else "20% of the subjects", **scores,
+                  "machine": machine()}
+    lines = ["# The folds' ensemble against the final model", "",
+             "Written by `bench/auto.py --ensemble` (do not edit by hand): the k fold models of `make cv` predicting "
+             "together (`make infer ckpt=<cv folder>`) against the one model trained on every case for as many "
+             "minutes as the k folds together, both with mirror TTA, scored on the same held-out test cases.", "",
+             "| task | held out | cases | ensemble: k x minutes, mean Dice (per class) | final: minutes, mean Dice "
+             "(per class) | CPU class (precision) |", "| --- | --- | --- | --- | --- | --- |"]
+    def scored(s: dict) -> str:
+        return f"{s['mean']:.4f} ({', '.join(f'{c} {v:.3f}' for c, v in s['dice'].items())})"
+
+    for r in rows.values():
+        lines.append(f"| {r['task']} | {r['held_out']} | {r['ensemble']['cases']} | {r['folds']} x "
+                     f"{r['fold_minutes']:g}: {scored(r['ensemble'])} | {r['final_minutes']:g}: {scored(r['final'])} "
+                     f"| {r['machine']['cpu'].split(': ', 1)[-1]}, {r['machine']['threads']} threads |")
+    lines += ["", *sorted({machine_line(r["machine"]) for r in rows.values()})]
+    print(f"wrote {write('ensemble', rows, chr(10).join(lines), results)}")
 
 
 def publish(rows: dict, args: argparse.Namespace) -> None:

@@ -1,12 +1,13 @@
 """Whole-volume inference at clinical size: MONAI's plain call against the project's paths, in one run.
 
     .venv/bin/python bench/infer.py [--tasks brats ibsr] [--large]       # about 10 minutes on a 2-core CPU
+    .venv/bin/python bench/infer.py --tasks ibsr --tta --model ibsr=<run>/checkpoints/last.pt
 
 Two volumes, each with the model experiment=auto trains for its task: bench/auto.py's fold 0 where it ran, else one
 trained here for a few minutes (seed 0, kept in outputs/bench/infer/<task>/):
-  brats  one 240x240x155 FLAIR+T1c volume of ../shared/data/brats2015_subset
-  ibsr   one 256x128x256 T1 brain of ../shared/data/ibsr18_brain_tissue (4D as distributed; the plan crops it to the
-         brain and resamples it to the median spacing)
+  brats  a 240x240x155 FLAIR+T1c validation volume of ../shared/data/brats2015_subset
+  ibsr   a 256x128x256 T1 validation brain of ../shared/data/ibsr18_brain_tissue (4D as distributed; the plan crops
+         it to the brain and resamples it to the median spacing)
 Each is segmented several ways, each in a fresh process so peak RSS is its own, each timed on a first and a second
 (warm) call, as in a folder run:
   baseline            `monai.inferers.sliding_window_inference` with MONAI's defaults (fp32, sw_batch_size 1,
@@ -20,7 +21,8 @@ Each is segmented several ways, each in a fresh process so peak RSS is its own, 
   project-bf16        the same with `amp=bf16` on torch (30-90x slower where the CPU has no native bf16: skipped there)
 All share the window size, overlap and blending (only speed may differ). With --tta, mirror test-time augmentation,
 each timed on one volume (its first, an export included), scored against the truth as well:
-  baseline-tta        the obvious way: the baseline on each of the 8 mirrored volumes, softmax averaged
+  baseline-tta        the obvious way: the baseline on each mirrored volume (every subset of the axes the model's
+                      training mirrored: 8 for experiment=auto), softmax averaged
   project-tta         `tta=true` (each window's mirrors averaged inside one sliding window) with the baseline's windows
   project-tta-recipe  `tta=true` as shipped: the checkpoint's windows (overlap 0.5, Gaussian weights)
   project-tta-0.25    the same at overlap 0.25 (about 2.4x fewer windows on a brain)
@@ -63,12 +65,11 @@ PROJECT = {
 }
 # With --tta (timed once each: eight passes a volume); "recipe": the checkpoint's own windows, else the baseline's.
 TTA = {
-    "project-tta": {"tta": True},
+    "project-tta": {"tta": True, "sw_batch_size": 2},
     "project-tta-recipe": {"tta": True, "recipe": True},
     "project-tta-0.25": {"tta": True, "recipe": True, "overlap": 0.25},
     "project-recipe": {"recipe": True},
 }
-MIRRORS = [list(c) for r in range(4) for c in itertools.combinations(range(3), r)]  # the baseline-tta's 8
 
 
 def trained(task: str, overrides: list[str]) -> Path:
@@ -116,7 +117,7 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
     from omegaconf import OmegaConf
 
     from pipeline.data.transforms import preprocess
-    from pipeline.inference.predictor import Predictor
+    from pipeline.inference.predictor import Predictor, mirrored_axes
     from pipeline.models import checkpoint
     from pipeline.models.export import build_model
 
@@ -124,7 +125,9 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
     cfg = OmegaConf.create(bundle["config"])
     if mode.startswith("baseline"):
         model, pre = build_model(bundle), Compose(preprocess(cfg))
-        flips = MIRRORS if mode == "baseline-tta" else [[]]
+        axes = mirrored_axes([bundle["config"]])  # the axes the project mirrors: the same passes
+        flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] \
+            if mode == "baseline-tta" else [[]]
 
         def segment():
             data = pre({"image": str(volume)})
@@ -142,15 +145,15 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
         if not options.pop("recipe", False):  # the baseline's windows and blending: only speed may differ
             bundle["config"]["trainer"]["inferer"]["mode"] = "constant"
             options.setdefault("overlap", 0.25)
-        predictor = None
+        # built inside the first call (an export or a compile counts there), but before a TTA path's one timed call
+        predictor = Predictor({ckpt: bundle}, **options) if mode in TTA else None
 
         def segment():
             nonlocal predictor
-            if predictor is None:  # built inside the first call: an export or a compile counts there
-                predictor = Predictor({ckpt: bundle}, **options)
+            predictor = predictor or Predictor({ckpt: bundle}, **options)
             return predictor(volume)[0]
     times = []
-    once = "512" in volume.name or "tta" in mode or mode in TTA  # a large volume, eight passes: one timed call
+    once = "512" in volume.name or mode in ("baseline-tta", *TTA)  # a large volume, eight passes: one timed call
     for _ in range(1 if once else 2):  # a fresh process, then warm (kernels chosen, memory mapped)
         start = time.perf_counter()
         labels = segment()
@@ -169,6 +172,7 @@ def peak_rss_mb() -> float:
 
 def run(mode: str, ckpt: Path, volume: Path) -> tuple[dict, np.ndarray]:
     out = OUT / f"{mode}-{volume.stem}.npy"
+    out.parent.mkdir(parents=True, exist_ok=True)
     done = subprocess.run([sys.executable, __file__, "--worker", mode, "--ckpt", str(ckpt), "--volume", str(volume),
                            "--out", str(out)], capture_output=True, text=True)
     if done.returncode:
@@ -210,7 +214,9 @@ def measure(task: str, ckpt: Path, volume: Path, native_bf16: bool, why: str, tt
             rows[mode] = r
             print(f"  {mode:36s} {line(r)}  speed ratio x{r['speedup_warm']:.2f} warm (x{r['speedup_first']:.2f} "
                   f"first)  Dice to {baseline} {r['dice_to_baseline']:.4f}, to truth {r['dice_to_truth']:.4f}")
-    return {"volume": volume.name, "shape": list(shape), "model": str(ckpt.relative_to(project_root())),
+    model = ckpt.resolve()
+    return {"volume": volume.name, "shape": list(shape),
+            "model": str(model.relative_to(project_root()) if model.is_relative_to(project_root()) else model),
             "paths": rows}
 
 
@@ -219,41 +225,52 @@ NAMES = {"baseline": "MONAI `sliding_window_inference`, fp32 (the baseline)",
          "project-torch": "`backend=torch`: eager fp32, channels_last_3d weights",
          "project-ncdhw": "`backend=torch`, NCDHW weights", "project-compile": "`compile=true` (torch)",
          "project-onnxruntime": "`backend=onnxruntime`", "project-bf16": "`amp=bf16` (torch)",
-         "baseline-tta": "MONAI `sliding_window_inference` on 8 mirrored volumes, fp32 (the TTA baseline)",
-         "project-tta": "`tta=true`: 8 mirrors per window, the baseline's windows",
+         "baseline-tta": "MONAI `sliding_window_inference` on each mirrored volume, fp32 (the TTA baseline)",
+         "project-tta": "`tta=true`: the mirrors inside each window, the baseline's windows",
          "project-tta-recipe": "`tta=true` as shipped: the checkpoint's windows (overlap 0.5, Gaussian)",
          "project-tta-0.25": "`tta=true overlap=0.25`, Gaussian", "project-recipe": "no TTA, as shipped (overlap "
          "0.5, Gaussian)"}
 
 
-def page(results: dict) -> str:
-    """The results page: one table per volume."""
+def page(classes: dict) -> str:
+    """The results page: a section per CPU class measured (the latest run of each), one table per volume."""
     lines = ["# Whole-volume inference", "",
              "Written by `bench/infer.py` (do not edit by hand). Each path in a fresh process: *first* is its first "
              "volume (an export or compile included), *warm* a second volume in the same process; peak RSS is the "
-             "process's; a TTA path (eight passes) is timed once, on its first volume. Speed-ups are against the "
-             "baseline's time in the same run (a TTA path's: the TTA baseline's); Dice is each label map's mean "
-             "foreground Dice to that baseline's, and to the volume's truth.", "", machine_line(results["machine"]),
+             "process's; a TTA path (a pass per mirror) is timed once, after its model is loaded. Speed-ups are "
+             "against the baseline's time in the same run (a TTA path's: the TTA baseline's); Dice is each label "
+             "map's mean foreground Dice to that baseline's, and to the volume's truth. One section per CPU class.",
              ""]
-    for task, r in results["tasks"].items():
-        lines += [f"## {task}: {r['volume']} {'x'.join(map(str, r['shape']))}", "", f"Model: `{r['model']}`.", "",
-                  "| path | warm s | first s | M voxels/s | peak RSS MB | speed-up warm / first | Dice to baseline | "
-                  "Dice to truth |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for mode, m in r["paths"].items():
-            if "skipped" in m:
-                lines.append(f"| {NAMES[mode]} | skipped: {m['skipped']} | | | | | | |")
-                continue
-            ratio = f"x{m['speedup_warm']:.2f} / x{m['speedup_first']:.2f}" if "speedup_warm" in m else "1"
-            agree = f"{m['dice_to_baseline']:.4f}" if "dice_to_baseline" in m else ""
-            truth = f"{m['dice_to_truth']:.4f}" if "dice_to_truth" in m else ""
-            lines.append(f"| {NAMES[mode]} | {m['seconds']:.2f} | {m['first']:.2f} | "
-                         f"{m['voxels'] / m['seconds'] / 1e6:.2f} | {m['rss_mb']:.0f} | {ratio} | {agree} | {truth} |")
-        lines.append("")
-    if "large" in results:
-        g = results["large"]
-        lines += [f"Synthetic 512x512x400 volume (2 channels), the project path with the BRATS model: "
-                  f"{g['seconds']:.0f} s, peak RSS {g['rss_mb'] / 1024:.2f} GiB.", ""]
+    for cpu, results in classes.items():
+        lines += [f"## {cpu.split(': ', 1)[-1]}", "", machine_line(results["machine"]), ""]
+        for task, r in results["tasks"].items():
+            lines += [f"### {task}: {r['volume']} {'x'.join(map(str, r['shape']))}", "", f"Model: `{r['model']}`.",
+                      "", "| path | warm s | first s | M voxels/s | peak RSS MB | speed-up warm / first | Dice to "
+                      "baseline | Dice to truth |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for mode, m in r["paths"].items():
+                if "skipped" in m:
+                    lines.append(f"| {NAMES[mode]} | skipped: {m['skipped']} | | | | | | |")
+                    continue
+                ratio = f"x{m['speedup_warm']:.2f} / x{m['speedup_first']:.2f}" if "speedup_warm" in m else "1"
+                agree = f"{m['dice_to_baseline']:.4f}" if "dice_to_baseline" in m else ""
+                truth = f"{m['dice_to_truth']:.4f}" if "dice_to_truth" in m else ""
+                lines.append(f"| {NAMES[mode]} | {m['seconds']:.2f} | {m['first']:.2f} | "
+                             f"{m['voxels'] / m['seconds'] / 1e6:.2f} | {m['rss_mb']:.0f} | {ratio} | {agree} | "
+                             f"{truth} |")
+            lines.append("")
+        if "large" in results:
+            g = results["large"]
+            lines += [f"Synthetic 512x512x400 volume (2 channels), the project path with the BRATS model: "
+                      f"{g['seconds']:.0f} s, peak RSS {g['rss_mb'] / 1024:.2f} GiB.", ""]
     return "\n".join(lines)
+
+
+def merged(results: dict, path: Path) -> dict:
+    """This run's results beside the other CPU classes' in the results file (one written before the classes were
+    kept apart is one class's)."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = {old["machine"]["cpu"]: old} if "machine" in old else old
+    return old | {results["machine"]["cpu"]: results}
 
 
 def main() -> None:
@@ -289,7 +306,8 @@ def main() -> None:
         results["large"], _ = run("project", brats(args.data)[0], big)
         print(f"synthetic 512x512x400 (2 channels): {results['large']['seconds']:.0f} s, "
               f"peak RSS {results['large']['rss_mb'] / 1024:.2f} GiB")
-    print(f"wrote {write('infer', results, page(results), args.results)}")
+    classes = merged(results, args.results / "infer.json")
+    print(f"wrote {write('infer', classes, page(classes), args.results)}")
 
 
 if __name__ == "__main__":
