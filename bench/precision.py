@@ -9,17 +9,14 @@ every class, and the task's mean Dice against the truth lower by 0.001 at most. 
 only) oneDNN emulates it: the labels are checked, its seconds say nothing of a CPU with AMX.
 """
 
-import argparse
 import json
-from pathlib import Path
-
-from tta import TASKS, default_ckpt, unseen
 
 from pipeline.core import hardware
 from pipeline.evaluation.precision import AGREES, TRUTH_DROP, label_check
 from pipeline.models import checkpoint
 
-from common import RESULTS, machine, machine_line, write
+from common import machine, machine_line, write
+from tta import task_parser, unseen
 
 
 def page(rows: dict) -> str:
@@ -43,15 +40,10 @@ def page(rows: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=TASKS)
+    parser = task_parser(__doc__.splitlines()[0], "precision")
     parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16"])
-    parser.add_argument("--ckpt", type=Path, help="the model (default: bench/auto.py's of the task)")
-    parser.add_argument("--cases", type=int, default=10, help="at most this many unseen cases")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where precision.md and .json go")
     args = parser.parse_args()
-    ckpt = args.ckpt or default_ckpt(args.task)
-    root, cases = unseen(ckpt, args.cases)
+    ckpt, root, cases, _ = unseen(args)
     device = hardware.pick_device("auto")
     emulated = device.type == "cpu" and args.amp == "bf16" and not hardware.cpu_bf16()[0]
     print(f"{args.task}: {ckpt}, {len(cases)} cases, {args.amp}{' (emulated: slow)' if emulated else ''}")

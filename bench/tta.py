@@ -37,11 +37,24 @@ def default_ckpt(task: str) -> Path:
     return final if final.is_file() else folds / "0" / "checkpoints" / "last.pt"
 
 
-def unseen(ckpt: Path, limit: int) -> tuple[Path, list[str]]:
-    """The data root and up to `limit` cases the checkpoint never trained on: its run's test split, else validation."""
+def task_parser(description: str, page: str) -> argparse.ArgumentParser:
+    """The arguments bench/tta.py and bench/precision.py share: a task, its model, how many unseen cases, where."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("--ckpt", type=Path, help="the model (default: bench/auto.py's of the task)")
+    parser.add_argument("--cases", type=int, default=10, help="at most this many unseen cases")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"where {page}.md and {page}.json go")
+    return parser
+
+
+def unseen(args: argparse.Namespace) -> tuple[Path, Path, list[str], str]:
+    """The model, its data root, up to --cases cases it never trained on (its run's test split, else its validation
+    fold) and which of the two they are."""
+    ckpt = args.ckpt or default_ckpt(args.task)
     splits = json.loads((ckpt.parent.parent / "splits.json").read_text())
     root = Path(checkpoint.load(ckpt)["config"]["data"]["root"])
-    return root, (splits.get("test") or splits["val"])[:limit]
+    split = "test split" if splits.get("test") else "validation fold"
+    return ckpt, root, (splits.get("test") or splits["val"])[: args.cases], split
 
 
 def dice(pred: np.ndarray, truth: np.ndarray, classes: int) -> dict[int, float]:
@@ -126,19 +139,11 @@ def page(rows: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=TASKS)
-    parser.add_argument("--ckpt", type=Path, help="the model (default: bench/auto.py's of the task)")
-    parser.add_argument("--cases", type=int, default=10, help="at most this many unseen cases")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where tta.md and tta.json go")
-    args = parser.parse_args()
-    ckpt = args.ckpt or default_ckpt(args.task)
-    root, cases = unseen(ckpt, args.cases)
-    splits = json.loads((ckpt.parent.parent / "splits.json").read_text())
+    args = task_parser(__doc__.splitlines()[0], "tta").parse_args()
+    ckpt, root, cases, split = unseen(args)
     print(f"{args.task}: {ckpt}, {len(cases)} cases")
     r = measure(ckpt, cases, root)
-    r |= {"model": str(ckpt), "split": "test split" if splits.get("test") else "validation fold",
-          "machine": machine()}
+    r |= {"model": str(ckpt), "split": split, "machine": machine()}
     r["holds"] = cheapest(r)
     path = args.results / "tta.json"
     rows = json.loads(path.read_text()) if path.is_file() else {}
