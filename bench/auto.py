@@ -251,6 +251,9 @@ def main() -> None:
                                                      "project's README, with the default --results only)")
     args = parser.parse_args()
     if args.pages_only:
+        if (ensembles := args.results / "ensemble.json").is_file():
+            rows = json.loads(ensembles.read_text())
+            write("ensemble", rows, ensemble_page(rows), args.results)
         rows = json.loads((args.results / "auto.json").read_text())
         return publish(rows, args)
     task = TASKS[args.task]
@@ -300,12 +303,18 @@ def ensemble(name: str, task: Task, root: Path, minutes: float, out: Path, extra
     rows[name] = {"task": name, "folds": k, "fold_minutes": minutes, "final_minutes": minutes * k,
                   "held_out": "the recipe's test split" if not held else "20% of the subjects", **scores,
                   "machine": machine()}
+    print(f"wrote {write('ensemble', rows, ensemble_page(rows), results)}")
+
+
+def ensemble_page(rows: dict) -> str:
+    """docs/results/ensemble.md: a row per task."""
     lines = ["# The folds' ensemble against the final model", "",
              "Written by `bench/auto.py --ensemble` (do not edit by hand): the k fold models of `make cv` predicting "
              "together (`make infer ckpt=<cv folder>`) against the one model trained on every case for as many "
              "minutes as the k folds together, both with mirror TTA, scored on the same held-out test cases.", "",
              "| task | held out | cases | ensemble: k x minutes, mean Dice (per class) | final: minutes, mean Dice "
-             "(per class) | CPU class (precision) |", "| --- | --- | --- | --- | --- | --- |"]
+             "(per class) | CPU class, threads |", "| --- | --- | --- | --- | --- | --- |"]
+
     def scored(s: dict) -> str:
         return f"{s['mean']:.4f} ({', '.join(f'{c} {v:.3f}' for c, v in s['dice'].items())})"
 
@@ -314,7 +323,7 @@ def ensemble(name: str, task: Task, root: Path, minutes: float, out: Path, extra
                      f"{r['fold_minutes']:g}: {scored(r['ensemble'])} | {r['final_minutes']:g}: {scored(r['final'])} "
                      f"| {r['machine']['cpu'].split(': ', 1)[-1]}, {r['machine']['threads']} threads |")
     lines += ["", *sorted({machine_line(r["machine"]) for r in rows.values()})]
-    print(f"wrote {write('ensemble', rows, chr(10).join(lines), results)}")
+    return "\n".join(lines)
 
 
 def publish(rows: dict, args: argparse.Namespace) -> None:
