@@ -310,7 +310,7 @@ def ensemble_page(rows: dict) -> str:
     """docs/results/ensemble.md: a row per task."""
     lines = ["# The folds' ensemble against the final model", "",
              "Written by `bench/auto.py --ensemble` (do not edit by hand): the k fold models of `make cv` predicting "
-             "together (`make infer ckpt=<cv folder>`) against the one model trained on every case for as many "
+             "together (`make infer ckpt=outputs/cv/<time>`) against the one model trained on every case for as many "
              "minutes as the k folds together, both with mirror TTA, scored on the same held-out test cases.", "",
              "| task | held out | cases | ensemble: k x minutes, mean Dice (per class) | final: minutes, mean Dice "
              "(per class) | CPU class, threads |", "| --- | --- | --- | --- | --- | --- |"]
