@@ -23,6 +23,7 @@ All share the window size, overlap and blending (only speed may differ). With --
 each timed on one volume (its first, an export included), scored against the truth as well:
   baseline-tta        the obvious way: the baseline on each mirrored volume (every subset of the axes the model's
                       training mirrored: 8 for experiment=auto), softmax averaged
+  project-tta-volumes the project's network (OpenVINO) and the baseline's windows, mirrored the baseline's way
   project-tta         `tta=true` (each window's mirrors averaged inside one sliding window) with the baseline's windows
   project-tta-recipe  `tta=true` as shipped: the checkpoint's windows (overlap 0.5, Gaussian weights)
   project-tta-0.25    the same at overlap 0.25 (about 2.4x fewer windows on a brain)
@@ -65,6 +66,7 @@ PROJECT = {
 }
 # With --tta (timed once each: eight passes a volume); "recipe": the checkpoint's own windows, else the baseline's.
 TTA = {
+    "project-tta-volumes": {},  # the project's network and windows, mirrored as whole volumes (worker)
     "project-tta": {"tta": True, "sw_batch_size": 2},
     "project-tta-recipe": {"tta": True, "recipe": True},
     "project-tta-0.25": {"tta": True, "recipe": True, "overlap": 0.25},
@@ -107,6 +109,7 @@ def ibsr(data: Path) -> tuple[Path, Path]:
 
 TASKS = {"brats": brats, "ibsr": ibsr}
 MODELS = {}  # task -> checkpoint, from --model
+VOLUME_TTA = ("baseline-tta", "project-tta-volumes")  # mirrored as whole volumes, one sliding window each
 
 
 def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
@@ -117,17 +120,28 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
     from omegaconf import OmegaConf
 
     from pipeline.data.transforms import preprocess
-    from pipeline.inference.predictor import Predictor, mirrored_axes
+    from pipeline.inference.predictor import Predictor, mirrored_axes, predict
     from pipeline.models import checkpoint
     from pipeline.models.export import build_model
 
     bundle = checkpoint.load(ckpt)
     cfg = OmegaConf.create(bundle["config"])
-    if mode.startswith("baseline"):
-        model, pre = build_model(bundle), Compose(preprocess(cfg))
+    if mode in ("baseline", *VOLUME_TTA):
         axes = mirrored_axes([bundle["config"]])  # the axes the project mirrors: the same passes
         flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] \
-            if mode == "baseline-tta" else [[]]
+            if mode in VOLUME_TTA else [[]]
+        if mode == "project-tta-volumes":  # the project's network and windows, the baseline's way of mirroring
+            bundle["config"]["trainer"]["inferer"]["mode"] = "constant"
+            predictor = Predictor({ckpt: bundle}, overlap=0.25, sw_batch_size=2)
+            (network, inferer), pre = predictor.members[0], predictor.preprocess
+
+            def logits_of(image):
+                return predict(network, image, inferer, predictor.device, predictor.dtype)
+        else:
+            model, pre = build_model(bundle), Compose(preprocess(cfg))
+
+            def logits_of(image):
+                return sliding_window_inference(image, list(cfg.data.patch_size), 1, model)
 
         def segment():
             data = pre({"image": str(volume)})
@@ -135,8 +149,7 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
             with torch.no_grad():
                 for f in flips:  # the whole volume mirrored, predicted, mirrored back
                     dims = [d + 2 for d in f]
-                    logits = sliding_window_inference(torch.flip(data["image"][None], dims),
-                                                      list(cfg.data.patch_size), 1, model)
+                    logits = logits_of(torch.flip(data["image"][None], dims))
                     probs = probs + torch.flip(torch.softmax(logits, 1), dims)
             data["pred"] = probs[0].argmax(0, keepdim=True).to(torch.uint8)
             return Invertd(keys="pred", transform=pre, orig_keys="image")(data)["pred"].numpy()[0]
@@ -153,7 +166,7 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
             predictor = predictor or Predictor({ckpt: bundle}, **options)
             return predictor(volume)[0]
     times = []
-    once = "512" in volume.name or mode in ("baseline-tta", *TTA)  # a large volume, eight passes: one timed call
+    once = "512" in volume.name or mode in (*VOLUME_TTA, *TTA)  # a large volume, eight passes: one timed call
     for _ in range(1 if once else 2):  # a fresh process, then warm (kernels chosen, memory mapped)
         start = time.perf_counter()
         labels = segment()
@@ -226,6 +239,7 @@ NAMES = {"baseline": "MONAI `sliding_window_inference`, fp32 (the baseline)",
          "project-ncdhw": "`backend=torch`, NCDHW weights", "project-compile": "`compile=true` (torch)",
          "project-onnxruntime": "`backend=onnxruntime`", "project-bf16": "`amp=bf16` (torch)",
          "baseline-tta": "MONAI `sliding_window_inference` on each mirrored volume, fp32 (the TTA baseline)",
+         "project-tta-volumes": "the default network (OpenVINO), the baseline's windows, whole volumes mirrored",
          "project-tta": "`tta=true`: the mirrors inside each window, the baseline's windows",
          "project-tta-recipe": "`tta=true` as shipped: the checkpoint's windows (overlap 0.5, Gaussian)",
          "project-tta-0.25": "`tta=true overlap=0.25`, Gaussian", "project-recipe": "no TTA, as shipped (overlap "
@@ -282,7 +296,7 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=[], metavar="TASK=CKPT", help="a task's model (default: "
                         "bench/auto.py's fold 0, else one trained here)")
     parser.add_argument("--tta", action="store_true", help="also mirror TTA: the obvious way against the project's")
-    parser.add_argument("--worker", choices=["baseline", "baseline-tta", *PROJECT, *TTA])
+    parser.add_argument("--worker", choices=["baseline", *PROJECT, *VOLUME_TTA, *TTA])
     parser.add_argument("--ckpt", type=Path)
     parser.add_argument("--volume", type=Path)
     parser.add_argument("--out", type=Path)
