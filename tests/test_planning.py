@@ -199,6 +199,8 @@ def test_the_low_resolution_grid_coarsens_until_the_patch_covers_a_quarter_of_th
     fp = fake_fingerprint([[512, 512, 60]] * 4, [[0.7, 0.7, 5.0]] * 4)
     low = plan(fp, ["CT"], 2**19, max_batch_3d=2, grid="low")
     assert low["spacing"][2] / low["spacing"][0] <= 2 and low["spacing"][0] / 0.7 > 3 * low["spacing"][2] / 5.0
+    with pytest.raises(InputError, match=r"^plan.grid=lo: must be full or low$"):
+        plan(fp, ["CT"], 2**19, grid="lo")
     # a patch that covers the case already (hippocampus crops; a 2D slice whole): the grid stays full
     for shape, spacing, dims in (([36, 50, 35], [1.0, 1.0, 1.0], 3), ([216, 256, 9], [1.5625, 1.5625, 10.0], 2)):
         p = plan(fake_fingerprint([shape] * 10, [spacing] * 10), ["MRI"], 2**19, dims=dims, grid="low")

@@ -130,6 +130,8 @@ def plan(fp: dict, modalities: list[str], budget_voxels: int, min_batch: int = 2
     grid: full (the target spacing) or low (nnU-Net's low-resolution grid where the patch covers under LOWRES_COVER
     of the median case; predictions are resampled back to each case's own grid).
     """
+    if grid not in ("full", "low"):
+        raise InputError(f"plan.grid={grid}: must be full or low")
     spacings = np.array(fp["spacings"])
     target = np.median(spacings, axis=0)
     anisotropic = target.max() / target.min() > 3
