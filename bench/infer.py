@@ -33,7 +33,6 @@ each label map and the baseline's. `--large` adds the peak RSS of the project pa
 """
 
 import argparse
-import itertools
 import json
 import resource
 import subprocess
@@ -120,7 +119,7 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
     from omegaconf import OmegaConf
 
     from pipeline.data.transforms import preprocess
-    from pipeline.inference.predictor import Predictor, mirrored_axes, predict
+    from pipeline.inference.predictor import Predictor, mirrored_axes, mirrors, predict
     from pipeline.models import checkpoint
     from pipeline.models.export import build_model
 
@@ -128,8 +127,7 @@ def worker(mode: str, ckpt: Path, volume: Path, out: Path) -> None:
     cfg = OmegaConf.create(bundle["config"])
     if mode in ("baseline", *VOLUME_TTA):
         axes = mirrored_axes([bundle["config"]])  # the axes the project mirrors: the same passes
-        flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] \
-            if mode in VOLUME_TTA else [[]]
+        flips = mirrors(axes) if mode in VOLUME_TTA else [[]]
         if mode == "project-tta-volumes":  # the project's network and windows, the baseline's way of mirroring
             bundle["config"]["trainer"]["inferer"]["mode"] = "constant"
             predictor = Predictor({ckpt: bundle}, overlap=0.25, sw_batch_size=2)

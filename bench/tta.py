@@ -11,7 +11,6 @@ scored from the same passes. Its cost is its number of passes, each timed here (
 """
 
 import argparse
-import itertools
 import json
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ import nibabel as nib
 import numpy as np
 
 from pipeline import project_root
-from pipeline.inference.predictor import Predictor, mirrored_axes
+from pipeline.evaluation.precision import dice as mask_dice
+from pipeline.inference.predictor import Predictor, mirrored_axes, mirrors
 from pipeline.models import checkpoint
 
 from common import RESULTS, machine, machine_line, write
@@ -58,13 +58,9 @@ def unseen(args: argparse.Namespace) -> tuple[Path, Path, list[str], str]:
 
 
 def dice(pred: np.ndarray, truth: np.ndarray, classes: int) -> dict[int, float]:
-    """Dice per foreground class present in the truth or the prediction."""
-    out = {}
-    for c in range(1, classes):
-        p, t = pred == c, truth == c
-        if p.any() or t.any():
-            out[c] = float(2 * (p & t).sum() / (p.sum() + t.sum()))
-    return out
+    """Dice per foreground class present in the truth or the prediction (the label check's)."""
+    scores = {c: mask_dice(pred == c, truth == c) for c in range(1, classes)}
+    return {c: d for c, d in scores.items() if not np.isnan(d)}
 
 
 def measure(ckpt: Path, cases: list[str], root: Path) -> dict:
@@ -72,15 +68,14 @@ def measure(ckpt: Path, cases: list[str], root: Path) -> dict:
     bundle = checkpoint.load(ckpt)
     names = list(bundle["config"]["data"]["class_names"])
     axes = mirrored_axes([bundle["config"]])
-    sets = [list(a) for r in range(len(axes) + 1) for a in itertools.combinations(axes, r)]
-    mirrors = sets  # a mirror flips a subset of the axes; the mirrors `tta_axes=<set>` averages: the set's subsets
+    sets = mirrors(axes)  # a mirror flips a subset of the axes; the mirrors `tta_axes=<set>` averages: its subsets
     result = {"axes": list(axes), "cases": cases, "overlaps": {}}
     for overlap in OVERLAPS:
         predictor = Predictor({ckpt: bundle}, overlap=overlap)
         scores, seconds = {tuple(s): [] for s in sets}, []
         for case in cases:
             probs = {}
-            for m in mirrors:
+            for m in sets:
                 predictor.flips = [m]  # one mirror a pass (tta=true would average them all in one sliding window)
                 start = time.perf_counter()
                 _, p, _ = predictor(root / "imagesTr" / f"{case}.nii.gz", probabilities=True)
@@ -88,7 +83,7 @@ def measure(ckpt: Path, cases: list[str], root: Path) -> dict:
                 probs[tuple(m)] = p.astype(np.float16)  # half the memory of a brain's 8 maps; argmax unchanged
             truth = np.asarray(nib.load(root / "labelsTr" / f"{case}.nii.gz").dataobj).reshape(p.shape[1:])
             for s in sets:
-                members = [probs[tuple(m)] for m in mirrors if set(m) <= set(s)]
+                members = [probs[tuple(m)] for m in sets if set(m) <= set(s)]
                 mean = np.mean([m.astype(np.float32) for m in members], axis=0)
                 scores[tuple(s)].append(dice(mean.argmax(0), truth, len(names)))
             print(f"  overlap {overlap}: {case} done ({np.mean(seconds):.2f} s a pass)", flush=True)

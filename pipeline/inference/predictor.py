@@ -128,6 +128,11 @@ class MirrorAveraged(ForInference):
         return torch.cat([total, squares / len(self.flips)], 1) if squares is not None else total
 
 
+def mirrors(axes) -> list[list[int]]:
+    """Every subset of `axes`, the empty one (no mirror) first: the mirrors test-time augmentation averages."""
+    return [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
 def mirrored_axes(configs) -> tuple[int, ...]:
     """The spatial axes that every one of these training configs mirrors (a RandFlipd with prob > 0): test-time
     augmentation mirrors only these, as nnU-Net keeps its training's mirror axes for inference. A network never shown
@@ -171,7 +176,7 @@ class Predictor:
         self.members, self.paths = self.load_members(bundles), list(bundles)
         # nnU-Net-style mirroring: every subset of the chosen axes, the unflipped pass included
         axes = self.tta_axes(bundles) if o.tta else ()
-        self.flips = [list(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+        self.flips = mirrors(axes)
         self.uncertainty = o.uncertainty
         self.preprocess = Compose(preprocess(cfg))
         self.resampled = cfg.data.spacing is not None
